@@ -1,0 +1,313 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The vhost-user device: feature and protocol negotiation, config space, the shared
+//! memory region, and the request queue's events.
+//!
+//! Owns: one connection's device state, and the moment the backing file is handed to
+//! the VMM (SHMEM_MAP). Never decides durability (that is `durability`) and never
+//! parses requests itself (that is `virtio_pmem` and `queue`).
+
+use std::{io, os::unix::fs::MetadataExt, sync::Arc};
+
+use log::{debug, error, info, warn};
+use vhost::vhost_user::{
+    message::{
+        VhostUserMMap, VhostUserMMapFlags, VhostUserProtocolFeatures, VhostUserShMemConfig,
+        VhostUserVirtioFeatures,
+    },
+    Backend, VhostUserFrontendReqHandler,
+};
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
+use virtio_bindings::{
+    virtio_config::VIRTIO_F_VERSION_1,
+    virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC},
+};
+use vm_memory::{
+    ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, Le64,
+};
+use vmm_sys_util::{
+    epoll::EventSet,
+    event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier},
+};
+
+use crate::{
+    queue::{process_queue, LogOnce},
+    status::DeviceStatus,
+    virtio_pmem::{PmemConfig, VIRTIO_PMEM_F_SHMEM_REGION, VIRTIO_PMEM_SHMEM_REGION_ID},
+    Region,
+};
+
+/// Queue size offered to the driver.
+pub const QUEUE_SIZE: usize = 256;
+const NUM_QUEUES: usize = 1;
+const REQUEST_QUEUE_EVENT: u16 = 0;
+
+/// State of one vhost-user connection. A new one is made for every connection, so
+/// nothing a previous VMM negotiated leaks into the next.
+pub struct PmemBackend {
+    region: Arc<Region>,
+    status: Arc<DeviceStatus>,
+    mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    event_idx: bool,
+    acked_features: u64,
+    unsupported: LogOnce,
+    frontend: Option<Backend>,
+    /// Set once this connection asked the VMM to map the region.
+    map_requested: bool,
+    exit_consumer: EventConsumer,
+    exit_notifier: EventNotifier,
+    config_write_logged: bool,
+}
+
+impl PmemBackend {
+    pub fn new(region: Arc<Region>, status: Arc<DeviceStatus>) -> io::Result<Self> {
+        let (exit_consumer, exit_notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+        Ok(Self {
+            region,
+            status,
+            mem: None,
+            event_idx: false,
+            acked_features: 0,
+            unsupported: LogOnce::default(),
+            frontend: None,
+            map_requested: false,
+            exit_consumer,
+            exit_notifier,
+            config_write_logged: false,
+        })
+    }
+
+    fn config(&self) -> PmemConfig {
+        // `start` is a guest-physical address only the VMM knows (it places the
+        // shared-memory BAR). Drivers that take VIRTIO_PMEM_F_SHMEM_REGION ignore it;
+        // older drivers try to claim [0, size), which the guest's own RAM already
+        // holds, so their probe fails cleanly instead of mapping the wrong memory.
+        PmemConfig {
+            start: Le64::from(0),
+            size: Le64::from(self.region.size),
+        }
+    }
+
+    /// Asks the VMM to map the backing file into shared memory region 0.
+    ///
+    /// Called while the VMM starts the device (QEMU binds the device to this
+    /// connection before its first start message, and mapping earlier crashes QEMU
+    /// 11.1). The request is written before we answer the start message that
+    /// triggered it, so it is in the VMM's socket before the guest's DRIVER_OK write
+    /// completes; the guest driver creates the region only after that write. The
+    /// request goes without NEED_REPLY: the VMM's answer would only come from its main
+    /// loop, which cannot run while its vCPU waits for us. The map is known to be live
+    /// when the VMM's next memory table contains the file (see [`Self::note_memory`]).
+    fn request_map(&mut self) {
+        if self.map_requested {
+            return;
+        }
+        let Some(frontend) = self.frontend.as_ref() else {
+            error!("cannot map the region: the VMM gave no backend request channel (BACKEND_REQ not negotiated)");
+            return;
+        };
+        let flags = if self.region.readonly {
+            VhostUserMMapFlags::empty()
+        } else {
+            VhostUserMMapFlags::WRITABLE
+        };
+        let req = VhostUserMMap {
+            shmid: VIRTIO_PMEM_SHMEM_REGION_ID,
+            fd_offset: 0,
+            shm_offset: 0,
+            len: self.region.size,
+            flags: flags.bits(),
+            ..Default::default()
+        };
+        match frontend.shmem_map(&req, &self.region.file) {
+            Ok(_) => {
+                self.map_requested = true;
+                info!(
+                    "asked the VMM to map {} bytes of {} ({})",
+                    self.region.size,
+                    self.region.path.display(),
+                    if self.region.readonly {
+                        "read-only"
+                    } else {
+                        "writable"
+                    }
+                );
+            }
+            Err(e) => error!("cannot send the map request to the VMM: {e}"),
+        }
+    }
+
+    /// Records whether the VMM's memory table contains the backing file, which it
+    /// does once the mapping is in the guest's address space.
+    fn note_memory(&self, mem: &GuestMemoryMmap) {
+        let Ok(ours) = self.region.file.metadata() else {
+            return;
+        };
+        let live = mem.iter().any(|r| {
+            r.file_offset()
+                .and_then(|fo| fo.file().metadata().ok())
+                .is_some_and(|m| m.dev() == ours.dev() && m.ino() == ours.ino())
+        });
+        if live && !self.status.region_mapped() {
+            info!("the region is live in the guest's address space");
+        }
+        self.status.set_region_mapped(live);
+    }
+
+    fn process(&mut self, vring: &VringRwLock) -> io::Result<()> {
+        let Some(mem) = self.mem.as_ref().map(GuestMemoryAtomic::memory) else {
+            warn!("queue kicked before the VMM sent its memory table; ignored");
+            return Ok(());
+        };
+        loop {
+            if self.event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            let pass = {
+                let mut state = vring.get_mut();
+                process_queue(
+                    state.get_queue_mut(),
+                    &*mem,
+                    &self.region.flusher,
+                    &mut self.unsupported,
+                )
+                .map_err(io::Error::other)?
+            };
+            if pass.completed > 0
+                && (!self.event_idx || vring.needs_notification().map_err(io::Error::other)?)
+            {
+                vring.signal_used_queue()?;
+            }
+            if !self.event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackendMut for PmemBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VIRTIO_PMEM_F_SHMEM_REGION
+    }
+
+    fn acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+        self.status.set_features(features);
+        if features & VIRTIO_PMEM_F_SHMEM_REGION == 0 {
+            error!("the guest driver did not accept VIRTIO_PMEM_F_SHMEM_REGION: it will look for the region at config.start, which a vhost-user backend cannot provide; this guest cannot use the device");
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::BACKEND_SEND_FD
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::SHMEM
+    }
+
+    fn reset_device(&mut self) {
+        info!("device reset by the VMM");
+        self.acked_features = 0;
+        self.event_idx = false;
+        self.map_requested = false;
+        self.status.set_region_mapped(false);
+    }
+
+    fn set_event_idx(&mut self, enabled: bool) {
+        self.event_idx = enabled;
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let cfg = self.config();
+        let bytes = cfg.as_slice();
+        let start = (offset as usize).min(bytes.len());
+        let end = start.saturating_add(size as usize).min(bytes.len());
+        let mut out = bytes[start..end].to_vec();
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn set_config(&mut self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        if !self.config_write_logged {
+            warn!(
+                "the guest wrote {} byte(s) at offset {offset} of the read-only virtio-pmem config space; refused (logged once)",
+                buf.len()
+            );
+            self.config_write_logged = true;
+        }
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "virtio-pmem config space is read-only",
+        ))
+    }
+
+    fn update_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        debug!("memory table updated");
+        self.note_memory(&mem.memory());
+        self.mem = Some(mem);
+        // The VMM sends its memory table while starting the device, after it bound
+        // the device to this connection: the earliest moment a map request is safe.
+        self.request_map();
+        Ok(())
+    }
+
+    fn set_backend_req_fd(&mut self, frontend: Backend) {
+        // See `request_map`: map requests must not wait for the VMM's answer.
+        frontend.set_reply_ack_flag(false);
+        self.frontend = Some(frontend);
+    }
+
+    fn stop_vring(&mut self, _queue_index: u32) -> io::Result<()> {
+        // The VMM stops the device (guest reset, reboot, pause). A reset drops the
+        // mapping on the VMM side, so the next start maps again.
+        debug!("device stopped by the VMM");
+        self.map_requested = false;
+        self.status.set_region_mapped(false);
+        Ok(())
+    }
+
+    fn get_shmem_config(&self) -> io::Result<VhostUserShMemConfig> {
+        Ok(VhostUserShMemConfig::new(1, &[self.region.size]))
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        Some((
+            self.exit_consumer.try_clone().ok()?,
+            self.exit_notifier.try_clone().ok()?,
+        ))
+    }
+
+    fn handle_event(
+        &mut self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        match device_event {
+            REQUEST_QUEUE_EVENT => self.process(&vrings[0]),
+            other => Err(io::Error::other(format!("unknown device event {other}"))),
+        }
+    }
+}

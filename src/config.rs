@@ -1,0 +1,201 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The daemon's configuration: command-line flags and an optional TOML file with the
+//! same keys; a flag given on the command line wins over the file.
+//!
+//! Owns: turning user input into a validated [`Config`]. Never opens the backing file.
+
+use std::{fs, path::PathBuf};
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::durability::Mode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("missing {0}: give --{0} or set `{0}` in the config file")]
+    Missing(&'static str),
+}
+
+/// `vhost-device-pmem serve` flags.
+#[derive(Args, Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// vhost-user unix socket to listen on (the VMM connects to it).
+    #[arg(long, value_name = "SOCK")]
+    pub socket_path: Option<PathBuf>,
+    /// Backing file exported as the pmem region (a positive multiple of 2 MiB).
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Durability mode; `auto` picks the strongest one the file qualifies for.
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// Map the region read-only; flushes are answered without syscalls.
+    #[arg(long)]
+    pub readonly: bool,
+    /// JSON control socket for `status` and `stats`.
+    #[arg(long, value_name = "SOCK")]
+    pub control_socket: Option<PathBuf>,
+    /// Group that may connect to the sockets (mode 0660); default: owner only (0600).
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+    /// Serve a backing file that group or others may write.
+    #[arg(long)]
+    pub allow_shared_permissions: bool,
+    /// TOML file with any of the keys above (kebab-case, e.g. `socket-path`).
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+}
+
+/// The same keys, as read from a TOML file.
+#[derive(Deserialize, Debug, Default, PartialEq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct FileConfig {
+    socket_path: Option<PathBuf>,
+    file: Option<PathBuf>,
+    mode: Option<Mode>,
+    readonly: Option<bool>,
+    control_socket: Option<PathBuf>,
+    socket_group: Option<String>,
+    allow_shared_permissions: Option<bool>,
+}
+
+/// A complete, validated daemon configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub socket_path: PathBuf,
+    pub file: PathBuf,
+    pub mode: Mode,
+    pub readonly: bool,
+    pub control_socket: Option<PathBuf>,
+    pub socket_group: Option<String>,
+    pub allow_shared_permissions: bool,
+}
+
+impl TryFrom<ServeArgs> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: ServeArgs) -> Result<Self, ConfigError> {
+        let file_cfg = match &args.config {
+            Some(path) => {
+                let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.clone(),
+                    source: Box::new(source),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        Ok(Config {
+            socket_path: args
+                .socket_path
+                .or(file_cfg.socket_path)
+                .ok_or(ConfigError::Missing("socket-path"))?,
+            file: args
+                .file
+                .or(file_cfg.file)
+                .ok_or(ConfigError::Missing("file"))?,
+            mode: args.mode.or(file_cfg.mode).unwrap_or_default(),
+            readonly: args.readonly || file_cfg.readonly.unwrap_or(false),
+            control_socket: args.control_socket.or(file_cfg.control_socket),
+            socket_group: args.socket_group.or(file_cfg.socket_group),
+            allow_shared_permissions: args.allow_shared_permissions
+                || file_cfg.allow_shared_permissions.unwrap_or(false),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn toml_file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn command_line_alone() {
+        let c = Config::try_from(ServeArgs {
+            socket_path: Some("/run/p.sock".into()),
+            file: Some("/var/lib/p.img".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            c,
+            Config {
+                socket_path: "/run/p.sock".into(),
+                file: "/var/lib/p.img".into(),
+                mode: Mode::Auto,
+                readonly: false,
+                control_socket: None,
+                socket_group: None,
+                allow_shared_permissions: false,
+            }
+        );
+    }
+
+    #[test]
+    fn file_supplies_what_the_command_line_leaves_out_and_flags_win() {
+        let f = toml_file(
+            "socket-path = \"/run/a.sock\"\nfile = \"/img\"\nmode = \"datasync\"\ncontrol-socket = \"/run/c\"\n",
+        );
+        let c = Config::try_from(ServeArgs {
+            mode: Some(Mode::Fsync),
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.socket_path, PathBuf::from("/run/a.sock"));
+        assert_eq!(c.mode, Mode::Fsync);
+        assert_eq!(c.control_socket, Some("/run/c".into()));
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_values_are_clear_errors() {
+        let f = toml_file("sockett-path = \"/x\"\n");
+        let e = Config::try_from(ServeArgs {
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("sockett-path"), "{e}");
+        let e = Config::try_from(ServeArgs::default()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "missing socket-path: give --socket-path or set `socket-path` in the config file"
+        );
+    }
+
+    #[test]
+    fn shipped_example_configs_parse() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/configs");
+        let mut n = 0;
+        for entry in fs::read_dir(dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_some_and(|e| e == "toml") {
+                let text = fs::read_to_string(&p).unwrap();
+                let parsed: Result<FileConfig, _> = toml::from_str(&text);
+                assert!(parsed.is_ok(), "{}: {:?}", p.display(), parsed.err());
+                n += 1;
+            }
+        }
+        assert!(n > 0, "no example configs in {dir}");
+    }
+}

@@ -1,0 +1,325 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! vhost-device-pmem: a vhost-user virtio-pmem backend that serves a host file whose
+//! block map is immutable, so guest flushes need little or no host work.
+//!
+//! The data path: socket (vhost-user, [`backend`]) → vring ([`queue`]) → request
+//! ([`virtio_pmem`]) → durability policy ([`durability`]) → status. The block-map
+//! verdict that chooses the policy comes from [`blockmap`].
+
+pub mod backend;
+pub mod backing;
+pub mod blockmap;
+pub mod config;
+pub mod control;
+pub mod durability;
+pub mod queue;
+pub mod socket;
+pub mod status;
+pub mod virtio_pmem;
+
+use std::{
+    fs::File,
+    io,
+    os::fd::AsRawFd,
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    thread,
+};
+
+use log::{error, info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::{
+    backend::PmemBackend,
+    backing::{BackingError, BackingFile},
+    config::Config,
+    durability::{choose_policy, Flusher, Mode, ModeError, Policy},
+    socket::SocketError,
+    status::{DeviceStatus, StatusReport},
+    virtio_pmem::VIRTIO_PMEM_F_SHMEM_REGION,
+};
+
+/// Everything that can stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Backing(#[from] BackingError),
+    #[error(transparent)]
+    Mode(#[from] ModeError),
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    #[error("vhost-user: {0}")]
+    VhostUser(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: io::Error,
+    },
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+/// The exported region: the backing file and how flushes of it are made durable.
+pub struct Region {
+    pub path: PathBuf,
+    /// Handed to the VMM with SHMEM_MAP.
+    pub file: File,
+    pub size: u64,
+    pub readonly: bool,
+    pub flusher: Flusher,
+}
+
+/// State shared by the vhost-user connections, the control socket and the logs.
+pub struct Daemon {
+    pub region: Arc<Region>,
+    pub status: Arc<DeviceStatus>,
+    pub mode_requested: Mode,
+    pub policy_reason: String,
+    pub socket_path: PathBuf,
+}
+
+impl Daemon {
+    pub fn status_report(&self) -> StatusReport {
+        let policy = self.region.flusher.policy();
+        let features = self.status.features();
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            file: self.region.path.display().to_string(),
+            size: self.region.size,
+            readonly: self.region.readonly,
+            mode_requested: self.mode_requested,
+            policy,
+            policy_reason: self.policy_reason.clone(),
+            promise: policy.promise().into(),
+            downgraded: self.region.flusher.downgrade_reason(),
+            socket: self.socket_path.display().to_string(),
+            connected: self.status.connected(),
+            connections: self.status.connections(),
+            last_disconnect: self.status.last_disconnect(),
+            features_acked: format!("{features:#x}"),
+            shmem_region_feature: features & VIRTIO_PMEM_F_SHMEM_REGION != 0,
+            region_mapped: self.status.region_mapped(),
+        }
+    }
+}
+
+/// Opens and judges the backing file and picks the durability policy.
+pub fn open_region(config: &Config) -> Result<(Region, String), Error> {
+    let backing = BackingFile::open(
+        &config.file,
+        config.readonly,
+        config.allow_shared_permissions,
+    )?;
+    let verdict = match blockmap::inspect(&backing.file) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            warn!(
+                "cannot read the block map of {}: {e}; it is treated as not immutable",
+                config.file.display()
+            );
+            None
+        }
+    };
+    if let Some(v) = &verdict {
+        info!(
+            "{}: {} bytes on {}, {} extent(s), dax={}, map_sync={}, immutable={}",
+            config.file.display(),
+            v.size,
+            v.filesystem,
+            v.extents,
+            v.dax,
+            v.map_sync,
+            v.immutable()
+        );
+        for p in v.problems.iter().take(8) {
+            warn!("block map problem: {p}");
+        }
+    }
+    let (policy, reason) = choose_policy(
+        config.mode,
+        config.readonly,
+        verdict.as_ref(),
+        &config.file.display().to_string(),
+    )?;
+    if policy == Policy::Volatile {
+        warn!("**************************************************************");
+        warn!("* VOLATILE MODE: {}", policy.promise());
+        warn!("**************************************************************");
+    }
+    info!("durability: {policy} ({reason}); {}", policy.promise());
+    let flusher = Flusher::new(
+        backing.file.try_clone().map_err(io_err("dup backing fd"))?,
+        policy,
+    );
+    Ok((
+        Region {
+            path: backing.path,
+            file: backing.file,
+            size: backing.size,
+            readonly: backing.readonly,
+            flusher,
+        },
+        reason,
+    ))
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and every thread it starts later) so a
+/// dedicated thread can take them with sigwait.
+fn block_shutdown_signals() -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers to a local sigset_t.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+    }
+    // SAFETY: valid set pointer, null old-set pointer.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(set)
+}
+
+/// Runs the daemon until SIGINT/SIGTERM: serves one VMM connection after another on
+/// the same socket, resetting the device between them.
+pub fn serve(config: Config) -> Result<(), Error> {
+    let sigset = block_shutdown_signals().map_err(io_err("block signals"))?;
+    let (region, policy_reason) = open_region(&config)?;
+    let daemon = Arc::new(Daemon {
+        region: Arc::new(region),
+        status: Arc::new(DeviceStatus::default()),
+        mode_requested: config.mode,
+        policy_reason,
+        socket_path: config.socket_path.clone(),
+    });
+
+    let vsock = socket::bind(&config.socket_path, config.socket_group.as_deref())?;
+    if let Some(path) = &config.control_socket {
+        let csock = socket::bind(path, config.socket_group.as_deref())?;
+        control::spawn(csock, daemon.clone()).map_err(io_err("start control socket"))?;
+        info!("control socket: {}", path.display());
+    }
+
+    let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?);
+    let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::default();
+    {
+        let stop = stop.clone();
+        let current = current.clone();
+        thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: valid set and out-pointer; the signals are blocked in all threads.
+                while unsafe { libc::sigwait(&sigset, &mut sig) } != 0 {}
+                info!("signal {sig}: finishing in-flight requests and shutting down");
+                let _ = stop.write(1);
+                if let Some(h) = current.lock().unwrap().as_ref() {
+                    h.shutdown();
+                }
+            })
+            .map_err(io_err("start signal thread"))?;
+    }
+
+    let mut listener = Listener::from(vsock.listener.try_clone().map_err(io_err("dup listener"))?);
+    info!(
+        "listening on {} for a VMM ({} bytes of {})",
+        config.socket_path.display(),
+        daemon.region.size,
+        daemon.region.path.display()
+    );
+    while wait_for_connection(listener.as_raw_fd(), &stop).map_err(io_err("poll"))? {
+        serve_connection(&daemon, &mut listener, &current, &stop)?;
+    }
+
+    match daemon.region.flusher.final_sync() {
+        Ok(()) => info!(
+            "data is durable per policy {}; exiting",
+            daemon.region.flusher.policy()
+        ),
+        Err(e) => error!("final sync of {} failed: {e}", daemon.region.path.display()),
+    }
+    drop(vsock);
+    Ok(())
+}
+
+/// Waits until a VMM connects (true) or shutdown was requested (false).
+fn wait_for_connection(listen_fd: i32, stop: &EventFd) -> io::Result<bool> {
+    let mut fds = [
+        libc::pollfd {
+            fd: listen_fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: valid array of two pollfds for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[1].revents != 0 {
+            return Ok(false);
+        }
+        if fds[0].revents != 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Serves one VMM connection to its end, with a fresh device state.
+fn serve_connection(
+    daemon: &Arc<Daemon>,
+    listener: &mut Listener,
+    current: &Mutex<Option<ShutdownHandle>>,
+    stop: &EventFd,
+) -> Result<(), Error> {
+    let backend = Arc::new(RwLock::new(
+        PmemBackend::new(daemon.region.clone(), daemon.status.clone())
+            .map_err(io_err("create device"))?,
+    ));
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut vud = VhostUserDaemon::new("vhost-device-pmem".into(), backend, mem)
+        .map_err(|e| Error::VhostUser(e.to_string()))?;
+    vud.start(listener)
+        .map_err(|e| Error::VhostUser(e.to_string()))?;
+    daemon.status.set_connected(true);
+    info!("VMM connected");
+    *current.lock().unwrap() = vud.shutdown_handle();
+    if stop.read().is_ok() {
+        // A signal arrived between accept and now: honour it.
+        let _ = stop.write(1);
+        vud.request_shutdown();
+    }
+    let result = vud.wait();
+    *current.lock().unwrap() = None;
+    let why = match &result {
+        Ok(()) => "the VMM disconnected".to_string(),
+        Err(e) => format!("the connection ended with an error: {e}"),
+    };
+    drop(vud); // stops and joins the vring worker after its current batch
+    daemon.status.set_connected(false);
+    daemon.status.set_last_disconnect(why.clone());
+    // Whatever the guest wrote before it went away is made durable now.
+    if let Err(e) = daemon.region.flusher.final_sync() {
+        error!("sync after disconnect failed: {e}");
+    }
+    info!("{why}; device reset, waiting for the next connection");
+    Ok(())
+}
