@@ -1,0 +1,470 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Boots real guests against the real daemon: the environment made by
+//! `guest-tests/setup.sh`, the daemon process, QEMU (>= 11.1, from the setup's trixie
+//! tree) and host-side image tools. Owns process lifetimes (everything is killed on
+//! drop) and timeouts; never decides what a test asserts.
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::{
+    collections::HashMap,
+    fs,
+    io::{BufRead, BufReader, Write},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        mpsc::{channel, Receiver, RecvTimeoutError},
+        Mutex, MutexGuard,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const DAEMON: &str = env!("CARGO_BIN_EXE_vhost-device-pmem");
+
+/// Guests are booted one at a time: the machine has two cores and TCG uses them.
+static BOOT_LOCK: Mutex<()> = Mutex::new(());
+
+/// What setup.sh installed.
+pub struct GuestEnv {
+    pub qemu_root: PathBuf,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub accel: String,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl GuestEnv {
+    /// Loads the environment, or explains loudly why the test cannot run. With
+    /// VDP_REQUIRE_GUEST=1 (set by CI) a missing environment fails the test.
+    pub fn load(test: &str) -> Option<Self> {
+        let cache = std::env::var("VDP_GUEST_CACHE")
+            .unwrap_or_else(|_| "/var/tmp/vhost-device-pmem-guest".into());
+        let env_file = Path::new(&cache).join("env.sh");
+        let vars = match fs::read_to_string(&env_file) {
+            Ok(text) => parse_env(&text),
+            Err(e) => {
+                let msg = format!(
+                    "guest test {test} SKIPPED: {} missing ({e}); run `sudo guest-tests/setup.sh` first",
+                    env_file.display()
+                );
+                if std::env::var("VDP_REQUIRE_GUEST").as_deref() == Ok("1") {
+                    panic!("{msg} (VDP_REQUIRE_GUEST=1)");
+                }
+                eprintln!("\n*** {msg} ***\n");
+                return None;
+            }
+        };
+        let get = |k: &str| -> PathBuf {
+            PathBuf::from(
+                vars.get(k)
+                    .unwrap_or_else(|| panic!("{k} missing in {}", env_file.display())),
+            )
+        };
+        let serial = BOOT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        Some(Self {
+            qemu_root: get("VDP_QEMU_ROOT"),
+            kernel: get("VDP_KERNEL"),
+            initramfs: get("VDP_INITRAMFS"),
+            accel: std::env::var("VDP_ACCEL")
+                .ok()
+                .or_else(|| vars.get("VDP_ACCEL").cloned())
+                .unwrap_or_else(|| "tcg".into()),
+            _serial: serial,
+        })
+    }
+
+    /// The initramfs for one boot: the base archive plus `/test.sh` (and any extra
+    /// files), appended as a second cpio archive.
+    pub fn initrd_with(&self, dir: &Path, script: &str, extra: &[(&str, &[u8])]) -> PathBuf {
+        let stage = dir.join("initrd-extra");
+        let _ = fs::remove_dir_all(&stage);
+        fs::create_dir_all(&stage).unwrap();
+        let mut names = vec!["test.sh".to_string()];
+        fs::write(stage.join("test.sh"), format!("#!/bin/sh\n{script}")).unwrap();
+        fs::set_permissions(stage.join("test.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+        for (name, data) in extra {
+            fs::write(stage.join(name), data).unwrap();
+            fs::set_permissions(stage.join(name), fs::Permissions::from_mode(0o755)).unwrap();
+            names.push(name.to_string());
+        }
+        let mut cpio = Command::new("cpio")
+            .args(["-o", "-H", "newc", "--quiet"])
+            .current_dir(&stage)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("cpio (installed by setup.sh)");
+        cpio.stdin
+            .take()
+            .unwrap()
+            .write_all(names.join("\n").as_bytes())
+            .unwrap();
+        let out = cpio.wait_with_output().unwrap();
+        assert!(out.status.success(), "cpio failed");
+        let mut initrd = fs::read(&self.initramfs).unwrap();
+        initrd.extend_from_slice(&out.stdout);
+        let path = dir.join("initrd");
+        fs::write(&path, initrd).unwrap();
+        path
+    }
+
+    /// Starts QEMU with the daemon's socket as a virtio-pmem device. The guest runs
+    /// `script` as /test.sh after the modules are loaded.
+    pub fn boot(&self, dir: &Path, socket: &Path, script: &str) -> Guest {
+        let initrd = self.initrd_with(dir, script, &[]);
+        let root = &self.qemu_root;
+        let mut cmd = Command::new(root.join("lib64/ld-linux-x86-64.so.2"));
+        cmd.arg("--library-path")
+            .arg(format!(
+                "{}:{}",
+                root.join("lib/x86_64-linux-gnu").display(),
+                root.join("usr/lib/x86_64-linux-gnu").display()
+            ))
+            .arg(root.join("usr/bin/qemu-system-x86_64"))
+            .arg("-L")
+            .arg(root.join("usr/share/qemu"))
+            .arg("-L")
+            .arg(root.join("usr/share/seabios"))
+            .args([
+                "-machine",
+                &format!("q35,accel={},memory-backend=mem", self.accel),
+                "-object",
+                "memory-backend-memfd,id=mem,size=512M,share=on",
+                "-m",
+                "512M",
+                "-smp",
+                "2",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+                "-kernel",
+            ])
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", "console=ttyS0 quiet panic=-1 loglevel=4"])
+            .arg("-chardev")
+            .arg(format!("socket,id=vu0,path={}", socket.display()))
+            .args([
+                "-device",
+                "vhost-user-test-device-pci,chardev=vu0,virtio-id=27,num_vqs=1,config_size=16",
+            ]);
+        if self.accel == "kvm" {
+            cmd.args(["-cpu", "host"]);
+        }
+        Guest::spawn(cmd, dir.join("console.log"))
+    }
+}
+
+fn parse_env(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        .collect()
+}
+
+/// A running QEMU whose console lines are collected as they come.
+pub struct Guest {
+    child: Child,
+    lines: Receiver<String>,
+    pub console: Vec<String>,
+    log_path: PathBuf,
+}
+
+impl Guest {
+    fn spawn(mut cmd: Command, log_path: PathBuf) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start QEMU");
+        let (tx, rx) = channel();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let tx2 = tx.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx2.send(format!("[qemu stderr] {line}"));
+            }
+        });
+        Self {
+            child,
+            lines: rx,
+            console: Vec::new(),
+            log_path,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a console line containing `needle`; panics with the console so far
+    /// if it does not come within `timeout`.
+    pub fn expect(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        if let Some(l) = self.console.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = line.contains(needle);
+                    self.console.push(line.clone());
+                    if hit {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    self.dump();
+                    panic!("no console line with {needle:?} within {timeout:?}");
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.dump();
+                    panic!("QEMU exited before printing {needle:?}");
+                }
+            }
+        }
+    }
+
+    /// Waits for the guest's /test.sh to finish and QEMU to exit; returns the
+    /// script's exit status.
+    pub fn finish(&mut self, timeout: Duration) -> i32 {
+        let line = self.expect("VDP-RESULT ", timeout);
+        let rc = line
+            .rsplit(' ')
+            .next()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(-1);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        // Drain what is left.
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.console.push(l);
+        }
+        self.save_log();
+        rc
+    }
+
+    /// SIGKILL, as a crashing VMM would die.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(100)) {
+            self.console.push(l);
+        }
+        self.save_log();
+    }
+
+    pub fn lines_with(&self, prefix: &str) -> Vec<String> {
+        self.console
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
+    fn save_log(&self) {
+        let _ = fs::write(&self.log_path, self.console.join("\n"));
+    }
+
+    pub fn dump(&self) {
+        self.save_log();
+        eprintln!("---- guest console ({}) ----", self.log_path.display());
+        for l in &self.console {
+            eprintln!("{l}");
+        }
+        eprintln!("---- end of console ----");
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The daemon under test, run as its real binary.
+pub struct DaemonProc {
+    child: Child,
+    pub socket: PathBuf,
+    pub control: PathBuf,
+    pub log: PathBuf,
+}
+
+impl DaemonProc {
+    pub fn start(dir: &Path, file: &Path, extra: &[&str]) -> Self {
+        let socket = dir.join("vu.sock");
+        let control = dir.join("ctl.sock");
+        let log = dir.join("daemon.log");
+        let child = Command::new(DAEMON)
+            .arg("serve")
+            .arg("--socket-path")
+            .arg(&socket)
+            .arg("--file")
+            .arg(file)
+            .arg("--control-socket")
+            .arg(&control)
+            .args(extra)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start daemon");
+        let d = Self {
+            child,
+            socket,
+            control,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(d.socket.exists() && d.control.exists()) {
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not listen within 20 s:\n{}",
+                d.log_text()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn call(&self, command: &str) -> Value {
+        let req = serde_json::json!({ "command": command });
+        let stream = std::os::unix::net::UnixStream::connect(&self.control).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        writeln!(&stream, "{req}").unwrap();
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["ok"], true, "{v}");
+        v
+    }
+
+    pub fn status(&self) -> Value {
+        self.call("status")["status"].clone()
+    }
+
+    pub fn stats(&self) -> Value {
+        self.call("stats")["stats"].clone()
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(mut self) -> i32 {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "daemon ignored SIGTERM");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for DaemonProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a host command, panicking with its output if it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Makes a fully written ext4 image of `size` bytes seeded with `seed_dir`
+/// (4 KiB blocks, which DAX needs), writable by the owner only.
+pub fn make_ext4_image(path: &Path, size: u64, seed_dir: &Path) {
+    let f = fs::File::create(path).unwrap();
+    // Write every byte so the block map starts out allocated and written.
+    let chunk = vec![0u8; 1 << 20];
+    let mut w = std::io::BufWriter::new(&f);
+    for _ in 0..size / chunk.len() as u64 {
+        w.write_all(&chunk).unwrap();
+    }
+    drop(w);
+    f.sync_all().unwrap();
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-E", "nodiscard", "-d"])
+        .arg(seed_dir)
+        .arg(path));
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Reads a file out of an ext4 image after replaying its journal on a copy (the
+/// image itself is left as it is).
+pub fn ext4_cat(image: &Path, file: &str, scratch: &Path) -> String {
+    let copy = scratch.join("fsck-copy.img");
+    fs::copy(image, &copy).unwrap();
+    let st = Command::new("e2fsck")
+        .args(["-fy"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    // 0: clean, 1: errors corrected (journal replayed); anything else is a failure.
+    let code = st.status.code().unwrap_or(-1);
+    assert!(
+        code == 0 || code == 1,
+        "e2fsck failed ({code}): {}",
+        String::from_utf8_lossy(&st.stdout)
+    );
+    let out = run(Command::new("debugfs")
+        .args(["-R", &format!("cat {file}")])
+        .arg(&copy));
+    let _ = fs::remove_file(&copy);
+    out
+}
+
+/// Hex MD5 of bytes, via md5sum (the guest computes its side with busybox md5sum).
+pub fn md5_hex(data: &[u8]) -> String {
+    let mut child = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
