@@ -8,10 +8,12 @@
 
 pub mod backend;
 pub mod backing;
+pub mod badblocks;
 pub mod blockmap;
 pub mod config;
 pub mod control;
 pub mod durability;
+pub mod media;
 pub mod queue;
 pub mod socket;
 pub mod status;
