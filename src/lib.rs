@@ -13,6 +13,7 @@ pub mod blockmap;
 pub mod config;
 pub mod control;
 pub mod durability;
+pub mod guest_channel;
 pub mod media;
 pub mod queue;
 pub mod socket;

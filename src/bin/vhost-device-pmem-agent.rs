@@ -1,0 +1,305 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! vhost-device-pmem-agent: runs in the guest, reads the daemon's bad ranges from a
+//! virtio-serial port and records them in the guest's `/sys/block/pmemN/badblocks`,
+//! so a read of a bad range fails cleanly (EIO, or SIGBUS on a DAX load) instead of
+//! returning bad data. Built statically so it drops into any guest.
+//!
+//! It finds its device among the guest's pmem disks by region size, and by PCI
+//! address when the daemon was given one (`--guest-pci-address`); several candidates
+//! without a PCI address is an error, never a guess.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    thread,
+    time::Duration,
+};
+
+use vhost_device_pmem::{
+    badblocks::{BadRange, SECTOR},
+    guest_channel::{FromAgent, ToAgent, DEFAULT_PORT_NAME},
+};
+
+struct Device {
+    name: String,
+    badblocks: PathBuf,
+    data_offset: u64,
+    /// Size of the block device in bytes.
+    size: u64,
+}
+
+fn read_trim(p: &Path) -> Option<String> {
+    fs::read_to_string(p).ok().map(|s| s.trim().to_string())
+}
+
+fn read_num(p: &Path) -> Option<u64> {
+    let s = read_trim(p)?;
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+fn is_pci_address(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 12
+        && b[4] == b':'
+        && b[7] == b':'
+        && b[10] == b'.'
+        && s.chars()
+            .enumerate()
+            .all(|(i, c)| matches!(i, 4 | 7 | 10) || c.is_ascii_hexdigit())
+}
+
+/// Every pmem disk whose region is `size` bytes, with its PCI address.
+fn candidates(size: u64) -> Vec<(Device, Option<String>)> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir("/sys/block") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("pmem") {
+            continue;
+        }
+        let Ok(dev) = fs::canonicalize(e.path().join("device")) else {
+            continue;
+        };
+        let Some(region) = dev.parent() else { continue };
+        if !region
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("region"))
+        {
+            continue;
+        }
+        if read_num(&region.join("size")) != Some(size) {
+            continue;
+        }
+        let data_offset = match (
+            read_num(&dev.join("resource")),
+            read_num(&region.join("resource")),
+        ) {
+            (Some(d), Some(r)) if d >= r => d - r,
+            _ => 0,
+        };
+        let pci = dev
+            .components()
+            .filter_map(|c| c.as_os_str().to_str())
+            .rfind(|c| is_pci_address(c))
+            .map(str::to_string);
+        let disk_size = read_num(&e.path().join("size")).unwrap_or(0) * SECTOR;
+        out.push((
+            Device {
+                badblocks: e.path().join("badblocks"),
+                name,
+                data_offset,
+                size: disk_size,
+            },
+            pci,
+        ));
+    }
+    out
+}
+
+fn find(size: u64, pci: Option<&str>) -> Result<Device, String> {
+    let mut c = candidates(size);
+    if let Some(want) = pci {
+        c.retain(|(_, p)| p.as_deref() == Some(want));
+    }
+    match c.len() {
+        1 => Ok(c.pop().unwrap().0),
+        0 => Err(format!(
+            "no pmem disk with a {size}-byte region{}",
+            pci.map(|p| format!(" at PCI {p}")).unwrap_or_default()
+        )),
+        n => Err(format!(
+            "{n} pmem disks have a {size}-byte region ({}); give the daemon --guest-pci-address",
+            c.iter()
+                .map(|(d, p)| format!("{} at {}", d.name, p.as_deref().unwrap_or("?")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// File ranges → guest sectors of the block device (ranges in front of the data
+/// area cannot be expressed and are reported).
+fn to_sectors(dev: &Device, ranges: &[BadRange]) -> (Vec<(u64, u64)>, Vec<BadRange>) {
+    let (mut ok, mut lost) = (Vec::new(), Vec::new());
+    for r in ranges {
+        let start = r.offset.max(dev.data_offset);
+        let end = r.end().min(dev.data_offset + dev.size);
+        if start >= end {
+            lost.push(*r);
+            continue;
+        }
+        if start > r.offset {
+            lost.push(BadRange {
+                offset: r.offset,
+                length: start - r.offset,
+            });
+        }
+        let s = (start - dev.data_offset) / SECTOR;
+        let e = (end - dev.data_offset).div_ceil(SECTOR);
+        ok.push((s, e - s));
+    }
+    (ok, lost)
+}
+
+/// Records `sectors` in the disk's badblocks (entries already there are kept; the
+/// kernel merges) and returns what the attribute lists afterwards.
+fn apply(dev: &Device, sectors: &[(u64, u64)]) -> Result<Vec<(u64, u64)>, String> {
+    for &(s, n) in sectors {
+        // The kernel takes one "SECTOR COUNT" per write; counts above 512 are split.
+        let mut s = s;
+        let mut n = n;
+        while n > 0 {
+            let chunk = n.min(512);
+            let mut f = OpenOptions::new()
+                .write(true)
+                .open(&dev.badblocks)
+                .map_err(|e| format!("{}: {e}", dev.badblocks.display()))?;
+            writeln!(f, "{s} {chunk}")
+                .map_err(|e| format!("{}: writing {s} {chunk}: {e}", dev.badblocks.display()))?;
+            s += chunk;
+            n -= chunk;
+        }
+    }
+    let text = read_trim(&dev.badblocks).unwrap_or_default();
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+        })
+        .collect())
+}
+
+fn send(port: &mut File, msg: &FromAgent) {
+    if let Ok(mut line) = serde_json::to_string(msg) {
+        line.push('\n');
+        let _ = port.write_all(line.as_bytes());
+    }
+    eprintln!("vhost-device-pmem-agent: {msg:?}");
+}
+
+fn usage() -> ! {
+    eprintln!("usage: vhost-device-pmem-agent [--port NAME | --port-path PATH]");
+    std::process::exit(2)
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut port_path = PathBuf::from(format!("/dev/virtio-ports/{DEFAULT_PORT_NAME}"));
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--port" => {
+                port_path =
+                    Path::new("/dev/virtio-ports").join(args.next().unwrap_or_else(|| usage()))
+            }
+            "--port-path" => port_path = PathBuf::from(args.next().unwrap_or_else(|| usage())),
+            "--version" => {
+                println!("vhost-device-pmem-agent {}", env!("CARGO_PKG_VERSION"));
+                return;
+            }
+            _ => usage(),
+        }
+    }
+    let port = loop {
+        match OpenOptions::new().read(true).write(true).open(&port_path) {
+            Ok(f) => break f,
+            Err(e) => {
+                eprintln!(
+                    "vhost-device-pmem-agent: waiting for {}: {e}",
+                    port_path.display()
+                );
+                thread::sleep(Duration::from_secs(1));
+            }
+        }
+    };
+    let mut out = port.try_clone().expect("dup port");
+    let mut reader = BufReader::new(port);
+    let mut device: Option<Device> = None;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            // The host side is not connected (daemon restarting): wait for it.
+            Ok(0) => {
+                thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("vhost-device-pmem-agent: read: {e}");
+                thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        }
+        let msg: ToAgent = match serde_json::from_str(line.trim()) {
+            Ok(m) => m,
+            Err(e) => {
+                send(
+                    &mut out,
+                    &FromAgent::Error {
+                        message: format!("bad message {:?}: {e}", line.trim()),
+                    },
+                );
+                continue;
+            }
+        };
+        match msg {
+            ToAgent::Hello {
+                size, pci_address, ..
+            } => {
+                // The block device may still be probing: retry for a while.
+                let mut found = Err(String::new());
+                for _ in 0..50 {
+                    found = find(size, pci_address.as_deref());
+                    if found.is_ok() {
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(200));
+                }
+                match found {
+                    Ok(d) => {
+                        send(
+                            &mut out,
+                            &FromAgent::Attached {
+                                device: format!("/dev/{}", d.name),
+                                data_offset: d.data_offset,
+                            },
+                        );
+                        device = Some(d);
+                    }
+                    Err(message) => {
+                        device = None;
+                        send(&mut out, &FromAgent::Error { message });
+                    }
+                }
+            }
+            ToAgent::Badblocks { ranges } => {
+                let Some(dev) = &device else {
+                    send(
+                        &mut out,
+                        &FromAgent::Error {
+                            message: "bad ranges received, but no device attached".into(),
+                        },
+                    );
+                    continue;
+                };
+                let (sectors, lost) = to_sectors(dev, &ranges);
+                if !lost.is_empty() {
+                    send(&mut out, &FromAgent::Error {
+                        message: format!("{} bad range(s) lie outside /dev/{}'s data area (fsdax metadata?): {lost:?}", lost.len(), dev.name),
+                    });
+                }
+                match apply(dev, &sectors) {
+                    Ok(listed) => send(&mut out, &FromAgent::Applied { sectors: listed }),
+                    Err(message) => send(&mut out, &FromAgent::Error { message }),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,228 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The channel to the guest agent: a unix socket the VMM connects a virtio-serial
+//! port to, carrying newline-delimited JSON.
+//!
+//! Owns: the message format shared by the daemon and `vhost-device-pmem-agent`, and
+//! the daemon's side of the channel (hello + the full bad-range list on every
+//! connect, the full list again on every change). Never decides which ranges are bad.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    sync::{Arc, Condvar, Mutex},
+    thread,
+};
+
+use log::{info, warn};
+use serde::{Deserialize, Serialize};
+
+use crate::{badblocks::BadRange, socket::BoundSocket};
+
+/// Name of the virtio-serial port the agent looks for by default.
+pub const DEFAULT_PORT_NAME: &str = "org.vhost-device-pmem.0";
+
+/// Daemon → agent.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum ToAgent {
+    /// Which device this channel is about.
+    Hello {
+        version: u32,
+        /// Size of the region in bytes.
+        size: u64,
+        /// PCI address of the virtio-pmem device in the guest, if the operator gave
+        /// one (`--guest-pci-address`); makes the match unambiguous.
+        pci_address: Option<String>,
+    },
+    /// The complete current list of bad ranges of the backing file (file offsets).
+    Badblocks { ranges: Vec<BadRange> },
+}
+
+/// Agent → daemon.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum FromAgent {
+    /// The agent found the guest block device of this region.
+    Attached {
+        device: String,
+        /// Byte offset of the block device's first byte in the region (fsdax/pfn
+        /// metadata in front of the data).
+        data_offset: u64,
+    },
+    /// Ranges now recorded in the guest's badblocks, as guest sectors.
+    Applied { sectors: Vec<(u64, u64)> },
+    /// Something the agent could not do.
+    Error { message: String },
+}
+
+/// What the daemon knows about the agent, for `status`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentState {
+    pub connected: bool,
+    pub device: Option<String>,
+    pub data_offset: Option<u64>,
+    /// Ranges the agent last reported as applied.
+    pub applied: Vec<(u64, u64)>,
+    pub last_error: Option<String>,
+}
+
+/// The daemon's side: serves one agent connection at a time and pushes the list.
+pub struct GuestChannel {
+    hello: ToAgent,
+    /// Current list and a generation counter bumped on each change.
+    list: Mutex<(u64, Vec<BadRange>)>,
+    changed: Condvar,
+    pub state: Mutex<AgentState>,
+}
+
+impl GuestChannel {
+    pub fn new(size: u64, pci_address: Option<String>, ranges: Vec<BadRange>) -> Arc<Self> {
+        Arc::new(Self {
+            hello: ToAgent::Hello {
+                version: 1,
+                size,
+                pci_address,
+            },
+            list: Mutex::new((0, ranges)),
+            changed: Condvar::new(),
+            state: Mutex::default(),
+        })
+    }
+
+    /// Publishes a new complete list; the agent gets it at once if connected.
+    pub fn publish(&self, ranges: Vec<BadRange>) {
+        let mut l = self.list.lock().unwrap();
+        l.0 += 1;
+        l.1 = ranges;
+        self.changed.notify_all();
+    }
+
+    /// Accepts agent connections on `sock` forever (background thread).
+    pub fn spawn(self: &Arc<Self>, sock: BoundSocket) -> std::io::Result<()> {
+        let me = self.clone();
+        thread::Builder::new()
+            .name("guest-channel".into())
+            .spawn(move || {
+                let sock = sock;
+                for conn in sock.listener.incoming() {
+                    match conn {
+                        Ok(stream) => me.serve(stream),
+                        Err(e) => warn!("guest channel accept failed: {e}"),
+                    }
+                }
+            })?;
+        Ok(())
+    }
+
+    fn serve(self: &Arc<Self>, stream: UnixStream) {
+        info!("guest channel connected");
+        self.state.lock().unwrap().connected = true;
+        let reader = match stream.try_clone() {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("guest channel: {e}");
+                return;
+            }
+        };
+        let me = self.clone();
+        let read_thread = thread::spawn(move || {
+            for line in BufReader::new(reader).lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str::<FromAgent>(&line) {
+                    Ok(msg) => me.note(msg),
+                    Err(e) => warn!("guest agent sent {line:?}: {e}"),
+                }
+            }
+            // The peer is gone: wake the pushing side so it stops.
+            me.state.lock().unwrap().connected = false;
+            let _guard = me.list.lock().unwrap();
+            me.changed.notify_all();
+        });
+        if let Err(e) = self.push(&stream) {
+            info!("guest channel: {e}");
+        }
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        let _ = read_thread.join();
+        self.state.lock().unwrap().connected = false;
+        info!("guest channel disconnected");
+    }
+
+    /// Sends hello and the list, then the list again on every change, until the
+    /// peer goes away.
+    fn push(&self, mut stream: &UnixStream) -> std::io::Result<()> {
+        send(&mut stream, &self.hello)?;
+        let mut sent_gen = None;
+        loop {
+            let (generation, ranges) = {
+                let guard = self.list.lock().unwrap();
+                let guard = self
+                    .changed
+                    .wait_while(guard, |l| {
+                        Some(l.0) == sent_gen && self.state.lock().unwrap().connected
+                    })
+                    .unwrap();
+                (guard.0, guard.1.clone())
+            };
+            if !self.state.lock().unwrap().connected {
+                return Ok(());
+            }
+            send(&mut stream, &ToAgent::Badblocks { ranges })?;
+            sent_gen = Some(generation);
+        }
+    }
+
+    fn note(&self, msg: FromAgent) {
+        let mut st = self.state.lock().unwrap();
+        match msg {
+            FromAgent::Attached {
+                device,
+                data_offset,
+            } => {
+                info!("guest agent attached to {device} (data offset {data_offset})");
+                st.device = Some(device);
+                st.data_offset = Some(data_offset);
+            }
+            FromAgent::Applied { sectors } => {
+                info!("guest agent applied {} bad range(s)", sectors.len());
+                st.applied = sectors;
+            }
+            FromAgent::Error { message } => {
+                warn!("guest agent: {message}");
+                st.last_error = Some(message);
+            }
+        }
+    }
+}
+
+fn send<W: Write>(w: &mut W, msg: &ToAgent) -> std::io::Result<()> {
+    let mut line = serde_json::to_string(msg)?;
+    line.push('\n');
+    w.write_all(line.as_bytes())?;
+    w.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_have_a_stable_wire_form() {
+        let m = ToAgent::Badblocks {
+            ranges: vec![BadRange {
+                offset: 4096,
+                length: 512,
+            }],
+        };
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"type":"badblocks","ranges":[{"offset":4096,"length":512}]}"#
+        );
+        let a: FromAgent = serde_json::from_str(r#"{"type":"applied","sectors":[[8,1]]}"#).unwrap();
+        assert_eq!(
+            a,
+            FromAgent::Applied {
+                sectors: vec![(8, 1)]
+            }
+        );
+    }
+}
