@@ -279,6 +279,29 @@ fn an_unknown_request_type_is_answered_with_eio() {
 }
 
 #[test]
+fn a_config_write_is_ignored_and_the_connection_keeps_serving() {
+    let s = Scratch::new();
+    let (d, _) = daemon(&s, &["--mode", "fsync"]);
+    let mut fe = started(&d);
+    assert_eq!(fe.flush(1).unwrap(), vec![0]);
+    // The guest writes `size`. The daemon drops the write but answers it (a failure
+    // answer from vhost-user-backend comes with the connection closed).
+    fe.set_config(8, &(4 * SIZE).to_le_bytes())
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
+    let config = fe
+        .config()
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
+    assert_eq!(config, (0, SIZE));
+    assert_eq!(fe.flush(1).unwrap(), vec![0]);
+    let st = d.status();
+    assert_eq!(
+        (st["connected"].clone(), st["connections"].clone()),
+        (true.into(), 1.into()),
+        "{st:#}"
+    );
+}
+
+#[test]
 fn a_new_connection_negotiates_from_scratch() {
     let s = Scratch::new();
     let (d, _) = daemon(&s, &["--mode", "fsync"]);
