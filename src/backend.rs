@@ -248,15 +248,15 @@ impl VhostUserBackendMut for PmemBackend {
     fn set_config(&mut self, offset: u32, buf: &[u8]) -> io::Result<()> {
         if !self.config_write_logged {
             warn!(
-                "the guest wrote {} byte(s) at offset {offset} of the read-only virtio-pmem config space; refused (logged once)",
+                "the guest wrote {} byte(s) at offset {offset} of the read-only virtio-pmem config space; ignored (logged once)",
                 buf.len()
             );
             self.config_write_logged = true;
         }
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "virtio-pmem config space is read-only",
-        ))
+        // The write is dropped, but answered with success: vhost-user-backend ends the
+        // whole connection when a handler fails, and a guest must not be able to take
+        // its device away by writing a read-only config field.
+        Ok(())
     }
 
     fn update_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {

@@ -128,3 +128,457 @@ pub fn process_queue<M: GuestMemory>(
     }
     Ok(pass)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{fs::File, os::fd::OwnedFd, os::unix::net::UnixStream, sync::atomic::Ordering};
+
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
+    use virtio_queue::{
+        desc::{split::Descriptor as SplitDescriptor, RawDescriptor},
+        mock::MockSplitQueue,
+    };
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::{
+        durability::Policy,
+        virtio_pmem::{MAX_CHAIN_LEN, VIRTIO_PMEM_REQ_TYPE_FLUSH},
+    };
+
+    const QUEUE_LEN: u16 = 64;
+    const MEM_SIZE: usize = 1 << 20;
+    /// Request and status buffers are carved from here up.
+    const DATA_START: u64 = 0x1_0000;
+    /// A status buffer nobody wrote to yet.
+    const UNTOUCHED: u32 = 0xdead_beef;
+    /// Beyond the end of guest memory.
+    const OUTSIDE: u64 = 0x1_0000_0000;
+
+    /// One descriptor as a test writes it: address, length, device-writable.
+    #[derive(Clone, Copy)]
+    struct D(u64, u32, bool);
+
+    /// Plays the driver: writes chains into guest memory and reads the used ring.
+    struct Driver<'a> {
+        mem: &'a GuestMemoryMmap,
+        mock: MockSplitQueue<'a, GuestMemoryMmap>,
+        queue: Queue,
+        next_desc: u16,
+        next_buf: u64,
+        used_seen: u16,
+        flusher: Flusher,
+        log: LogOnce,
+    }
+
+    impl<'a> Driver<'a> {
+        fn new(mem: &'a GuestMemoryMmap, policy: Policy) -> Self {
+            Self::with_file(mem, tempfile::tempfile().unwrap(), policy)
+        }
+
+        fn with_file(mem: &'a GuestMemoryMmap, file: File, policy: Policy) -> Self {
+            let mock = MockSplitQueue::new(mem, QUEUE_LEN);
+            let queue = mock.create_queue::<Queue>().unwrap();
+            Self {
+                mem,
+                mock,
+                queue,
+                next_desc: 0,
+                next_buf: DATA_START,
+                used_seen: 0,
+                flusher: Flusher::new(file, policy),
+                log: LogOnce::default(),
+            }
+        }
+
+        /// A buffer of `len` bytes, each 4-byte word set to `word`.
+        fn buf(&mut self, len: u32, word: u32) -> u64 {
+            let addr = self.next_buf;
+            self.next_buf += u64::from(len).next_multiple_of(16);
+            let bytes: Vec<u8> = word
+                .to_le_bytes()
+                .into_iter()
+                .cycle()
+                .take(len as usize)
+                .collect();
+            self.mem.write_slice(&bytes, GuestAddress(addr)).unwrap();
+            addr
+        }
+
+        /// Puts one chain on the available ring; returns its head index.
+        fn submit(&mut self, descs: &[D]) -> u16 {
+            let head = self.next_desc;
+            let raw: Vec<RawDescriptor> = descs
+                .iter()
+                .enumerate()
+                .map(|(i, &D(addr, len, writable))| {
+                    let mut flags = if writable { VRING_DESC_F_WRITE } else { 0 };
+                    if i + 1 < descs.len() {
+                        flags |= VRING_DESC_F_NEXT;
+                    }
+                    let next = head + i as u16 + 1;
+                    RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
+                })
+                .collect();
+            self.mock.add_desc_chains(&raw, head).unwrap();
+            self.next_desc += descs.len() as u16;
+            head
+        }
+
+        /// A well-formed request of type `ty`; returns the head and the status address.
+        fn request(&mut self, ty: u32) -> (u16, u64) {
+            let req = self.buf(4, ty);
+            let status = self.buf(4, UNTOUCHED);
+            (self.submit(&[D(req, 4, false), D(status, 4, true)]), status)
+        }
+
+        fn run(&mut self) -> Pass {
+            process_queue(&mut self.queue, self.mem, &self.flusher, &mut self.log).unwrap()
+        }
+
+        /// Used ring entries (head, len) added since the last call.
+        fn used(&mut self) -> Vec<(u16, u32)> {
+            let idx = self.mock.used().idx().load();
+            let mut out = Vec::new();
+            while self.used_seen != idx {
+                let e = self
+                    .mock
+                    .used()
+                    .ring()
+                    .ref_at(usize::from(self.used_seen % QUEUE_LEN))
+                    .unwrap()
+                    .load();
+                out.push((e.id() as u16, e.len()));
+                self.used_seen = self.used_seen.wrapping_add(1);
+            }
+            out
+        }
+
+        fn status(&self, addr: u64) -> u32 {
+            self.mem.read_obj(GuestAddress(addr)).unwrap()
+        }
+
+        fn stat(&self, counter: &std::sync::atomic::AtomicU64) -> u64 {
+            counter.load(Ordering::Relaxed)
+        }
+
+        /// A malformed chain is completed with 0 bytes and the queue still serves the
+        /// next request.
+        fn assert_completed_empty_then_usable(&mut self, head: u16, status: Option<u64>) {
+            let pass = self.run();
+            assert_eq!(
+                pass,
+                Pass {
+                    completed: 1,
+                    flushes: 0
+                }
+            );
+            assert_eq!(self.used(), vec![(head, 0)]);
+            if let Some(s) = status {
+                assert_eq!(self.status(s), UNTOUCHED, "a rejected chain got a response");
+            }
+            assert_eq!(self.stat(&self.flusher.stats.malformed), 1);
+            assert_eq!(self.stat(&self.flusher.stats.requests), 0);
+
+            let (good, status) = self.request(VIRTIO_PMEM_REQ_TYPE_FLUSH);
+            assert_eq!(
+                self.run(),
+                Pass {
+                    completed: 1,
+                    flushes: 1
+                }
+            );
+            assert_eq!(self.used(), vec![(good, 4)]);
+            assert_eq!(self.status(status), VIRTIO_PMEM_RESP_OK);
+            assert_eq!(self.stat(&self.flusher.stats.malformed), 1);
+        }
+    }
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    }
+
+    #[test]
+    fn a_flush_is_answered_ok_with_a_four_byte_used_entry() {
+        let mem = memory();
+        let mut d = Driver::new(&mem, Policy::Fsync);
+        let (head, status) = d.request(VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        assert_eq!(
+            d.run(),
+            Pass {
+                completed: 1,
+                flushes: 1
+            }
+        );
+        assert_eq!(d.used(), vec![(head, 4)]);
+        assert_eq!(d.status(status), VIRTIO_PMEM_RESP_OK);
+        let s = d.flusher.stats.snapshot();
+        assert_eq!(
+            (s.flush_requests, s.batches, s.syncs, s.errors),
+            (1, 1, 1, 0)
+        );
+        assert_eq!(s.latency_us.count, 1);
+        // Nothing new on the ring: an empty pass completes nothing and syncs nothing.
+        assert_eq!(d.run(), Pass::default());
+        assert_eq!(d.flusher.stats.snapshot().syncs, 1);
+    }
+
+    #[test]
+    fn flushes_taken_in_one_pass_share_one_sync() {
+        for (policy, syncs) in [
+            (Policy::Fsync, 1),
+            (Policy::Datasync, 1),
+            (Policy::Volatile, 0),
+        ] {
+            let mem = memory();
+            let mut d = Driver::new(&mem, policy);
+            let reqs: Vec<_> = (0..8)
+                .map(|_| d.request(VIRTIO_PMEM_REQ_TYPE_FLUSH))
+                .collect();
+            assert_eq!(
+                d.run(),
+                Pass {
+                    completed: 8,
+                    flushes: 8
+                },
+                "{policy}"
+            );
+            let used = d.used();
+            assert_eq!(used.len(), 8, "{policy}");
+            for ((head, status), entry) in reqs.iter().zip(&used) {
+                assert_eq!(*entry, (*head, 4), "{policy}");
+                assert_eq!(d.status(*status), VIRTIO_PMEM_RESP_OK, "{policy}");
+            }
+            let s = d.flusher.stats.snapshot();
+            assert_eq!(s.flush_requests, 8, "{policy}");
+            assert_eq!(s.batches, 1, "{policy}");
+            assert_eq!(s.syncs, syncs, "{policy}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_request_type_gets_eio_and_no_sync() {
+        let mem = memory();
+        let mut d = Driver::new(&mem, Policy::Fsync);
+        let (head, status) = d.request(7);
+        let (again, status2) = d.request(7);
+        assert_eq!(
+            d.run(),
+            Pass {
+                completed: 2,
+                flushes: 0
+            }
+        );
+        assert_eq!(d.used(), vec![(head, 4), (again, 4)]);
+        assert_eq!(d.status(status), VIRTIO_PMEM_RESP_EIO);
+        assert_eq!(d.status(status2), VIRTIO_PMEM_RESP_EIO);
+        let s = d.flusher.stats.snapshot();
+        assert_eq!(
+            (s.unsupported_requests, s.flush_requests, s.syncs),
+            (2, 0, 0)
+        );
+    }
+
+    #[test]
+    fn a_failed_sync_answers_every_flush_of_the_batch_with_eio() {
+        // fsync(2) on a socket fails with EINVAL: a real failing sync, no mocking.
+        let (sock, _peer) = UnixStream::pair().unwrap();
+        let file = File::from(OwnedFd::from(sock));
+        let mem = memory();
+        let mut d = Driver::with_file(&mem, file, Policy::Fsync);
+        let (a, sa) = d.request(VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        let (b, sb) = d.request(VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        assert_eq!(
+            d.run(),
+            Pass {
+                completed: 2,
+                flushes: 2
+            }
+        );
+        assert_eq!(d.used(), vec![(a, 4), (b, 4)]);
+        assert_eq!(d.status(sa), VIRTIO_PMEM_RESP_EIO);
+        assert_eq!(d.status(sb), VIRTIO_PMEM_RESP_EIO);
+        let s = d.flusher.stats.snapshot();
+        assert_eq!((s.flush_requests, s.errors, s.syncs), (2, 2, 1));
+    }
+
+    #[test]
+    fn a_request_shorter_than_four_bytes_is_completed_empty() {
+        let mem = memory();
+        let mut d = Driver::new(&mem, Policy::Fsync);
+        let req = d.buf(2, VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        let status = d.buf(4, UNTOUCHED);
+        let head = d.submit(&[D(req, 2, false), D(status, 4, true)]);
+        d.assert_completed_empty_then_usable(head, Some(status));
+    }
+
+    #[test]
+    fn a_request_without_a_status_buffer_is_completed_empty() {
+        let mem = memory();
+        let mut d = Driver::new(&mem, Policy::Fsync);
+        let req = d.buf(4, VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        let head = d.submit(&[D(req, 4, false)]);
+        d.assert_completed_empty_then_usable(head, None);
+    }
+
+    #[test]
+    fn a_status_buffer_shorter_than_four_bytes_is_completed_empty() {
+        let mem = memory();
+        let mut d = Driver::new(&mem, Policy::Fsync);
+        let req = d.buf(4, VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        let status = d.buf(4, UNTOUCHED);
+        let head = d.submit(&[D(req, 4, false), D(status, 2, true)]);
+        d.assert_completed_empty_then_usable(head, Some(status));
+    }
+
+    #[test]
+    fn a_request_in_a_device_writable_buffer_is_completed_empty() {
+        let mem = memory();
+        let mut d = Driver::new(&mem, Policy::Fsync);
+        let req = d.buf(8, VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        let head = d.submit(&[D(req, 8, true)]);
+        d.assert_completed_empty_then_usable(head, None);
+        // The device did not write into it either.
+        assert_eq!(d.status(req), VIRTIO_PMEM_REQ_TYPE_FLUSH);
+    }
+
+    #[test]
+    fn a_readable_descriptor_after_a_writable_one_is_completed_empty() {
+        let mem = memory();
+        let mut d = Driver::new(&mem, Policy::Fsync);
+        let req = d.buf(4, VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        let status = d.buf(4, UNTOUCHED);
+        let extra = d.buf(4, 0);
+        let head = d.submit(&[D(req, 4, false), D(status, 4, true), D(extra, 4, false)]);
+        d.assert_completed_empty_then_usable(head, Some(status));
+    }
+
+    #[test]
+    fn a_request_outside_guest_memory_is_completed_empty() {
+        let mem = memory();
+        let mut d = Driver::new(&mem, Policy::Fsync);
+        let status = d.buf(4, UNTOUCHED);
+        let head = d.submit(&[D(OUTSIDE, 4, false), D(status, 4, true)]);
+        d.assert_completed_empty_then_usable(head, Some(status));
+    }
+
+    #[test]
+    fn a_status_buffer_outside_guest_memory_is_completed_empty() {
+        let mem = memory();
+        let mut d = Driver::new(&mem, Policy::Fsync);
+        let req = d.buf(4, VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        let head = d.submit(&[D(req, 4, false), D(OUTSIDE, 4, true)]);
+        d.assert_completed_empty_then_usable(head, None);
+    }
+
+    #[test]
+    fn a_buffer_straddling_the_end_of_guest_memory_is_completed_empty() {
+        let mem = memory();
+        let mut d = Driver::new(&mem, Policy::Fsync);
+        let req = d.buf(4, VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        let head = d.submit(&[D(req, 4, false), D(MEM_SIZE as u64 - 2, 4, true)]);
+        d.assert_completed_empty_then_usable(head, None);
+    }
+
+    /// A request header, then `n - 1` one-byte status descriptors.
+    fn split_status_chain(d: &mut Driver, n: usize) -> (Vec<D>, u64) {
+        let req = d.buf(4, VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        let status = d.buf(n as u32 - 1, UNTOUCHED);
+        let mut descs = vec![D(req, 4, false)];
+        descs.extend((0..n as u64 - 1).map(|i| D(status + i, 1, true)));
+        (descs, status)
+    }
+
+    #[test]
+    fn a_chain_of_max_len_is_served_and_one_more_is_completed_empty() {
+        let mem = memory();
+        let mut d = Driver::new(&mem, Policy::Fsync);
+        let (descs, status) = split_status_chain(&mut d, MAX_CHAIN_LEN);
+        let head = d.submit(&descs);
+        assert_eq!(
+            d.run(),
+            Pass {
+                completed: 1,
+                flushes: 1
+            }
+        );
+        assert_eq!(d.used(), vec![(head, 4)]);
+        assert_eq!(d.status(status), VIRTIO_PMEM_RESP_OK);
+
+        let mut d = Driver::new(&mem, Policy::Fsync);
+        let (descs, status) = split_status_chain(&mut d, MAX_CHAIN_LEN + 1);
+        let head = d.submit(&descs);
+        d.assert_completed_empty_then_usable(head, Some(status));
+    }
+
+    #[test]
+    fn an_indirect_chain_is_served() {
+        let mem = memory();
+        let mut d = Driver::new(&mem, Policy::Fsync);
+        let req = d.buf(4, VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        let status = d.buf(4, UNTOUCHED);
+        let table = d.buf(32, 0);
+        let entries = [
+            SplitDescriptor::new(req, 4, VRING_DESC_F_NEXT as u16, 1),
+            SplitDescriptor::new(status, 4, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        for (i, e) in entries.into_iter().enumerate() {
+            mem.write_obj(RawDescriptor::from(e), GuestAddress(table + 16 * i as u64))
+                .unwrap();
+        }
+        let head = d.next_desc;
+        let indirect = SplitDescriptor::new(table, 32, VRING_DESC_F_INDIRECT as u16, 0);
+        d.mock
+            .add_desc_chains(&[RawDescriptor::from(indirect)], head)
+            .unwrap();
+        d.next_desc += 1;
+        assert_eq!(
+            d.run(),
+            Pass {
+                completed: 1,
+                flushes: 1
+            }
+        );
+        assert_eq!(d.used(), vec![(head, 4)]);
+        assert_eq!(d.status(status), VIRTIO_PMEM_RESP_OK);
+        assert_eq!(d.flusher.stats.snapshot().malformed_chains, 0);
+    }
+
+    #[test]
+    fn good_and_bad_chains_in_one_pass_are_all_completed() {
+        let mem = memory();
+        let mut d = Driver::new(&mem, Policy::Datasync);
+        let (a, sa) = d.request(VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        let req = d.buf(4, VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        let bad = d.submit(&[D(req, 4, false)]);
+        let (u, su) = d.request(3);
+        let (b, sb) = d.request(VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        assert_eq!(
+            d.run(),
+            Pass {
+                completed: 4,
+                flushes: 2
+            }
+        );
+        let mut used = d.used();
+        used.sort();
+        let mut want = vec![(a, 4), (bad, 0), (u, 4), (b, 4)];
+        want.sort();
+        assert_eq!(used, want);
+        assert_eq!(d.status(sa), VIRTIO_PMEM_RESP_OK);
+        assert_eq!(d.status(sb), VIRTIO_PMEM_RESP_OK);
+        assert_eq!(d.status(su), VIRTIO_PMEM_RESP_EIO);
+        let s = d.flusher.stats.snapshot();
+        assert_eq!(
+            (
+                s.flush_requests,
+                s.syncs,
+                s.malformed_chains,
+                s.unsupported_requests
+            ),
+            (2, 1, 1, 1)
+        );
+    }
+}
