@@ -27,7 +27,7 @@ pub enum BackingError {
     NotRegular(PathBuf),
     #[error("backing file {path} is {size} bytes; it must be a positive multiple of 2 MiB (2097152 bytes); `vhost-device-pmem prepare {path} --size N` makes one")]
     BadSize { path: PathBuf, size: u64 },
-    #[error("backing file {0} is already served by another vhost-device-pmem (it holds the file's lock); one daemon per file")]
+    #[error("backing file {0} is locked by another vhost-device-pmem, or by a VMM that still maps it from an earlier daemon; one daemon per file")]
     Locked(PathBuf),
     #[error("cannot lock backing file {path}: {source}")]
     Lock { path: PathBuf, source: io::Error },

@@ -115,7 +115,17 @@ impl GuestEnv {
     /// Starts QEMU with the daemon's socket as a virtio-pmem device. The guest runs
     /// `script` as /test.sh after the modules are loaded.
     pub fn boot(&self, dir: &Path, socket: &Path, script: &str) -> Guest {
-        let initrd = self.initrd_with(dir, script, &[]);
+        self.boot_with(dir, socket, script, &Boot::default())
+    }
+
+    /// [`Self::boot`] with extra files in the initramfs and extra QEMU arguments.
+    pub fn boot_with(&self, dir: &Path, socket: &Path, script: &str, opts: &Boot) -> Guest {
+        let files: Vec<(&str, &[u8])> = opts
+            .files
+            .iter()
+            .map(|(n, d)| (n.as_str(), d.as_slice()))
+            .collect();
+        let initrd = self.initrd_with(dir, script, &files);
         let root = &self.qemu_root;
         let mut cmd = Command::new(root.join("lib64/ld-linux-x86-64.so.2"));
         cmd.arg("--library-path")
@@ -155,12 +165,52 @@ impl GuestEnv {
             .args([
                 "-device",
                 "vhost-user-test-device-pci,chardev=vu0,virtio-id=27,num_vqs=1,config_size=16",
-            ]);
+            ])
+            .args(&opts.qemu_args);
         if self.accel == "kvm" {
             cmd.args(["-cpu", "host"]);
         }
         Guest::spawn(cmd, dir.join("console.log"))
     }
+}
+
+/// Extras for one boot.
+#[derive(Default)]
+pub struct Boot {
+    /// Files put in the guest's root (mode 0755), e.g. a static binary.
+    pub files: Vec<(String, Vec<u8>)>,
+    pub qemu_args: Vec<String>,
+}
+
+impl Boot {
+    /// Adds the static guest agent as /agent and a virtio-serial port whose host side
+    /// is the daemon's agent socket.
+    pub fn with_agent(mut self, agent_socket: &Path) -> Self {
+        let dir = static_binaries();
+        self.files.push((
+            "agent".into(),
+            fs::read(dir.join("vhost-device-pmem-agent")).unwrap(),
+        ));
+        self.qemu_args.extend([
+            "-device".into(),
+            "virtio-serial-pci".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=agent0,path={},reconnect-ms=500",
+                agent_socket.display()
+            ),
+            "-device".into(),
+            "virtserialport,chardev=agent0,name=org.vhost-device-pmem.0".into(),
+        ]);
+        self
+    }
+}
+
+/// Builds (if needed) and returns the directory of the static daemon and agent.
+pub fn static_binaries() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-tests/build-static.sh");
+    let out = run(&mut Command::new(script));
+    PathBuf::from(out.trim())
 }
 
 fn parse_env(text: &str) -> HashMap<String, String> {
@@ -355,7 +405,13 @@ impl DaemonProc {
     }
 
     pub fn call(&self, command: &str) -> Value {
-        let req = serde_json::json!({ "command": command });
+        let v = self.call_with(serde_json::json!({ "command": command }));
+        assert_eq!(v["ok"], true, "{v}");
+        v
+    }
+
+    /// Sends any control request and returns the answer, whatever it says.
+    pub fn call_with(&self, req: Value) -> Value {
         let stream = std::os::unix::net::UnixStream::connect(&self.control).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
@@ -363,9 +419,7 @@ impl DaemonProc {
         writeln!(&stream, "{req}").unwrap();
         let mut line = String::new();
         BufReader::new(&stream).read_line(&mut line).unwrap();
-        let v: Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(v["ok"], true, "{v}");
-        v
+        serde_json::from_str(&line).unwrap()
     }
 
     pub fn status(&self) -> Value {
