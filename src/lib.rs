@@ -12,6 +12,8 @@ pub mod blockmap;
 pub mod config;
 pub mod control;
 pub mod durability;
+pub mod events;
+pub mod hostfile;
 pub mod queue;
 pub mod socket;
 pub mod status;
