@@ -9,11 +9,13 @@
 pub mod backend;
 pub mod backing;
 pub mod blockmap;
+pub mod check;
 pub mod config;
 pub mod control;
 pub mod durability;
 pub mod events;
 pub mod hostfile;
+pub mod prepare;
 pub mod queue;
 pub mod socket;
 pub mod status;
