@@ -36,6 +36,14 @@ enum Command {
         #[arg(long, value_name = "SOCK")]
         control_socket: PathBuf,
     },
+    /// Print the daemon's events (JSON lines) as they happen, until interrupted.
+    Events {
+        #[arg(long, value_name = "SOCK")]
+        control_socket: PathBuf,
+        /// Print the recent events (up to 64) first.
+        #[arg(long)]
+        backlog: bool,
+    },
     /// Make FILE block-map immutable: create or extend it to SIZE (rounded up to
     /// 2 MiB), write zeros into holes and unwritten extents, unshare shared ones,
     /// fsync, verify. Never shrinks the file or changes its data; safe to interrupt
@@ -76,6 +84,14 @@ fn run(cli: Cli) -> Result<(), String> {
             );
             Ok(())
         }
+        Command::Events {
+            control_socket,
+            backlog,
+        } => control::subscribe(&control_socket, backlog, |line| {
+            println!("{line}");
+            true
+        })
+        .map_err(|e| format!("{}: {e}", control_socket.display())),
         Command::Serve(args) => {
             let config = Config::try_from(args).map_err(|e| e.to_string())?;
             vhost_device_pmem::serve(config).map_err(|e| e.to_string())
