@@ -354,14 +354,32 @@ pub fn map_sync_possible(file: &File) -> bool {
     true
 }
 
+/// Problem name for a btrfs file without No_COW (`chattr +C`): its map may look
+/// clean after a sync, but every write puts the data in new extents.
+pub const COPY_ON_WRITE: &str = "copy-on-write";
+
 /// Reads and judges the whole block map of `file`.
 pub fn inspect(file: &File) -> io::Result<Verdict> {
     let size = file.metadata()?.len();
     let extents = read_extents(file, size)?;
-    let problems = find_problems(&extents, size);
+    let mut problems = find_problems(&extents, size);
+    let filesystem = filesystem_of(file)?;
+    if filesystem == Filesystem::Btrfs
+        && size > 0
+        && crate::hostfile::get_flags(file).map_or(true, |f| f & crate::hostfile::FS_NOCOW_FL == 0)
+    {
+        problems.insert(
+            0,
+            Problem {
+                offset: 0,
+                length: size,
+                kind: ProblemKind::Flags(vec![COPY_ON_WRITE]),
+            },
+        );
+    }
     Ok(Verdict {
         size,
-        filesystem: filesystem_of(file)?,
+        filesystem,
         dax: dax_active(file).unwrap_or(false),
         map_sync: size >= 4096 && map_sync_possible(file),
         extents: extents.len(),
