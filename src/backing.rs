@@ -107,7 +107,7 @@ impl BackingFile {
 /// Takes an open-file-description lock on the whole file: it belongs to this open
 /// file (not the process), survives fork/exec hygiene, and is released when the
 /// daemon exits, however it exits.
-fn lock(file: &File, shared: bool) -> io::Result<()> {
+pub(crate) fn lock(file: &File, shared: bool) -> io::Result<()> {
     // SAFETY: zeroed flock is a valid value; the fields we need are set below.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = if shared { libc::F_RDLCK } else { libc::F_WRLCK } as libc::c_short;

@@ -166,12 +166,19 @@ impl Verdict {
     }
 }
 
-/// Reads all extents of `file` covering `[0, size)`, in batches.
+/// Reads all extents of `file` covering `[0, size)`, in batches, after writing back
+/// dirty data (so delayed allocations show up as what they become).
 pub fn read_extents(file: &File, size: u64) -> io::Result<Vec<Extent>> {
+    read_extents_with(file, size, true)
+}
+
+/// As [`read_extents`]; without `sync`, dirty data is not written back first (cheap,
+/// and the same answer for an immutable map, whose extents writeback never changes).
+pub fn read_extents_with(file: &File, size: u64, sync: bool) -> io::Result<Vec<Extent>> {
     let fd = file.as_raw_fd();
     let mut extents = Vec::new();
     let mut start = 0u64;
-    let mut flags = FIEMAP_FLAG_SYNC;
+    let mut flags = if sync { FIEMAP_FLAG_SYNC } else { 0 };
     while start < size {
         let batch = fiemap(fd, start, size - start, flags)?;
         flags = 0; // one sync is enough
@@ -315,17 +322,25 @@ pub fn dax_active(file: &File) -> io::Result<bool> {
 }
 
 /// Whether the kernel grants a MAP_SHARED_VALIDATE|MAP_SYNC mapping of the file (only
-/// DAX files do). Maps and unmaps one page; needs a file at least one page long and
-/// opened read-write.
+/// DAX files do). Maps and unmaps one page; needs a file at least one page long. A
+/// read-only descriptor is probed with a read-only mapping (MAP_SYNC is judged the
+/// same way for both).
 pub fn map_sync_possible(file: &File) -> bool {
     let len = 4096;
+    // SAFETY: plain fcntl on a valid fd.
+    let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    let prot = if fl >= 0 && fl & libc::O_ACCMODE == libc::O_RDONLY {
+        libc::PROT_READ
+    } else {
+        libc::PROT_READ | libc::PROT_WRITE
+    };
     // SAFETY: a fresh mapping at a kernel-chosen address; nothing else refers to it
     // and it is unmapped right below.
     let addr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             len,
-            libc::PROT_READ | libc::PROT_WRITE,
+            prot,
             libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC,
             file.as_raw_fd(),
             0,
@@ -339,14 +354,32 @@ pub fn map_sync_possible(file: &File) -> bool {
     true
 }
 
+/// Problem name for a btrfs file without No_COW (`chattr +C`): its map may look
+/// clean after a sync, but every write puts the data in new extents.
+pub const COPY_ON_WRITE: &str = "copy-on-write";
+
 /// Reads and judges the whole block map of `file`.
 pub fn inspect(file: &File) -> io::Result<Verdict> {
     let size = file.metadata()?.len();
     let extents = read_extents(file, size)?;
-    let problems = find_problems(&extents, size);
+    let mut problems = find_problems(&extents, size);
+    let filesystem = filesystem_of(file)?;
+    if filesystem == Filesystem::Btrfs
+        && size > 0
+        && crate::hostfile::get_flags(file).map_or(true, |f| f & crate::hostfile::FS_NOCOW_FL == 0)
+    {
+        problems.insert(
+            0,
+            Problem {
+                offset: 0,
+                length: size,
+                kind: ProblemKind::Flags(vec![COPY_ON_WRITE]),
+            },
+        );
+    }
     Ok(Verdict {
         size,
-        filesystem: filesystem_of(file)?,
+        filesystem,
         dax: dax_active(file).unwrap_or(false),
         map_sync: size >= 4096 && map_sync_possible(file),
         extents: extents.len(),
@@ -355,10 +388,19 @@ pub fn inspect(file: &File) -> io::Result<Verdict> {
     })
 }
 
-/// Re-reads only the fingerprint (for periodic watching).
+/// Re-reads only the fingerprint.
 pub fn current_fingerprint(file: &File) -> io::Result<u64> {
     let size = file.metadata()?.len();
     Ok(fingerprint(&read_extents(file, size)?))
+}
+
+/// The fingerprint without writing back dirty data first: for periodic watching of a
+/// served file, where forcing writeback of the guest's data every interval would
+/// cost I/O for nothing. Equals [`current_fingerprint`] while the map is immutable;
+/// any hole, delayed or unwritten extent that appears changes it.
+pub fn watch_fingerprint(file: &File) -> io::Result<u64> {
+    let size = file.metadata()?.len();
+    Ok(fingerprint(&read_extents_with(file, size, false)?))
 }
 
 #[cfg(test)]

@@ -51,6 +51,16 @@ pub struct ServeArgs {
     /// Serve a backing file that group or others may write.
     #[arg(long)]
     pub allow_shared_permissions: bool,
+    /// Re-read the block map every SECS seconds (and whenever the file lease breaks);
+    /// a changed map downgrades the policy to fsync. 0: only on lease breaks.
+    /// Default 60.
+    #[arg(long, value_name = "SECS")]
+    pub verify_interval: Option<u64>,
+    /// XFS only: set the immutable attribute (chattr +i) while serving, so no other
+    /// process can open the file for writing, fallocate or dedupe into it; cleared at
+    /// exit. After a crash clear it by hand: `chattr -i FILE`.
+    #[arg(long)]
+    pub seal: bool,
     /// TOML file with any of the keys above (kebab-case, e.g. `socket-path`).
     #[arg(long, value_name = "FILE.toml")]
     pub config: Option<PathBuf>,
@@ -67,7 +77,12 @@ struct FileConfig {
     control_socket: Option<PathBuf>,
     socket_group: Option<String>,
     allow_shared_permissions: Option<bool>,
+    verify_interval: Option<u64>,
+    seal: Option<bool>,
 }
+
+/// Default of `verify-interval`, seconds.
+pub const DEFAULT_VERIFY_INTERVAL: u64 = 60;
 
 /// A complete, validated daemon configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +94,10 @@ pub struct Config {
     pub control_socket: Option<PathBuf>,
     pub socket_group: Option<String>,
     pub allow_shared_permissions: bool,
+    /// Seconds between block-map verifications; 0 disables the periodic ones.
+    pub verify_interval: u64,
+    /// Set the immutable attribute while serving (XFS only).
+    pub seal: bool,
 }
 
 impl TryFrom<ServeArgs> for Config {
@@ -113,6 +132,11 @@ impl TryFrom<ServeArgs> for Config {
             socket_group: args.socket_group.or(file_cfg.socket_group),
             allow_shared_permissions: args.allow_shared_permissions
                 || file_cfg.allow_shared_permissions.unwrap_or(false),
+            verify_interval: args
+                .verify_interval
+                .or(file_cfg.verify_interval)
+                .unwrap_or(DEFAULT_VERIFY_INTERVAL),
+            seal: args.seal || file_cfg.seal.unwrap_or(false),
         })
     }
 }
@@ -147,6 +171,8 @@ mod tests {
                 control_socket: None,
                 socket_group: None,
                 allow_shared_permissions: false,
+                verify_interval: DEFAULT_VERIFY_INTERVAL,
+                seal: false,
             }
         );
     }
@@ -154,7 +180,7 @@ mod tests {
     #[test]
     fn file_supplies_what_the_command_line_leaves_out_and_flags_win() {
         let f = toml_file(
-            "socket-path = \"/run/a.sock\"\nfile = \"/img\"\nmode = \"datasync\"\ncontrol-socket = \"/run/c\"\n",
+            "socket-path = \"/run/a.sock\"\nfile = \"/img\"\nmode = \"datasync\"\ncontrol-socket = \"/run/c\"\nverify-interval = 5\nseal = true\n",
         );
         let c = Config::try_from(ServeArgs {
             mode: Some(Mode::Fsync),
@@ -165,6 +191,14 @@ mod tests {
         assert_eq!(c.socket_path, PathBuf::from("/run/a.sock"));
         assert_eq!(c.mode, Mode::Fsync);
         assert_eq!(c.control_socket, Some("/run/c".into()));
+        assert_eq!((c.verify_interval, c.seal), (5, true));
+        let c = Config::try_from(ServeArgs {
+            verify_interval: Some(1),
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.verify_interval, 1);
     }
 
     #[test]

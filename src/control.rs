@@ -1,15 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The control socket: newline-delimited JSON requests and answers for operators and
-//! orchestration (`{"command":"status"}` → `{"ok":true,"status":{…}}`).
+//! orchestration (`{"command":"status"}` → `{"ok":true,"status":{…}}`), and the
+//! `events` stream (`{"command":"events"}` → an acknowledgement, then one JSON line
+//! per event until the subscriber disconnects).
 //!
 //! Owns: the wire format of control requests and the server thread. Never changes the
 //! device; every command here only reads (commands that act are added with care).
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    os::unix::net::UnixStream,
+    io::{self, BufRead, BufReader, Write},
+    os::{fd::AsRawFd, unix::net::UnixStream},
     path::Path,
-    sync::Arc,
+    sync::{mpsc::RecvTimeoutError, Arc},
     thread,
     time::Duration,
 };
@@ -28,13 +30,25 @@ pub enum Request {
     Status,
     /// Flush counters and latency summary.
     Stats,
+    /// Streams events (JSON lines) until the client disconnects; with `backlog`,
+    /// the recent events (up to 64) come first.
+    Events {
+        #[serde(default)]
+        backlog: bool,
+    },
 }
+
+/// How often a streaming connection checks whether its subscriber left.
+const EVENTS_IDLE_CHECK: Duration = Duration::from_millis(500);
 
 /// Answers one request line.
 pub fn answer(daemon: &Daemon, line: &str) -> Value {
     match serde_json::from_str::<Request>(line) {
         Ok(Request::Status) => json!({"ok": true, "status": daemon.status_report()}),
         Ok(Request::Stats) => json!({"ok": true, "stats": daemon.region.flusher.stats.snapshot()}),
+        Ok(Request::Events { .. }) => {
+            json!({"ok": false, "error": "events is a stream: send it on its own connection"})
+        }
         Err(e) => json!({"ok": false, "error": format!("bad request {line:?}: {e}")}),
     }
 }
@@ -69,6 +83,12 @@ fn serve_client(stream: UnixStream, daemon: &Daemon) {
         if line.trim().is_empty() {
             continue;
         }
+        if let Ok(Request::Events { backlog }) = serde_json::from_str(line.trim()) {
+            if let Err(e) = stream_events(&mut out, daemon, backlog) {
+                debug!("events subscriber left: {e}");
+            }
+            return;
+        }
         let mut reply = answer(daemon, line.trim()).to_string();
         reply.push('\n');
         if out.write_all(reply.as_bytes()).is_err() {
@@ -76,6 +96,75 @@ fn serve_client(stream: UnixStream, daemon: &Daemon) {
         }
     }
     debug!("control client left");
+}
+
+/// Sends events to the subscriber until it disconnects (or a write fails). Whatever
+/// it sends meanwhile is read and ignored.
+fn stream_events(out: &mut UnixStream, daemon: &Daemon, backlog: bool) -> io::Result<()> {
+    let rx = daemon.events.subscribe(backlog);
+    out.write_all(b"{\"ok\":true,\"events\":\"subscribed\"}\n")?;
+    loop {
+        match rx.recv_timeout(EVENTS_IDLE_CHECK) {
+            Ok(event) => {
+                let mut line = event.to_line();
+                line.push('\n');
+                out.write_all(line.as_bytes())?;
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if peer_closed(out)? {
+                    return Ok(());
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+    }
+}
+
+/// Drains what the peer sent without blocking; true once it has closed its side.
+fn peer_closed(stream: &UnixStream) -> io::Result<bool> {
+    let mut buf = [0u8; 512];
+    loop {
+        // SAFETY: valid fd and buffer of the given length.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            0 => return Ok(true),
+            n if n > 0 => continue,
+            _ => {
+                let e = io::Error::last_os_error();
+                return match e.kind() {
+                    io::ErrorKind::WouldBlock => Ok(false),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => Err(e),
+                };
+            }
+        }
+    }
+}
+
+/// Client side: subscribes to events and calls `each` with every line (the
+/// acknowledgement first) until `each` returns false or the daemon goes away.
+pub fn subscribe(
+    path: &Path,
+    backlog: bool,
+    mut each: impl FnMut(&str) -> bool,
+) -> std::io::Result<()> {
+    let stream = UnixStream::connect(path)?;
+    let mut line = serde_json::to_string(&Request::Events { backlog })?;
+    line.push('\n');
+    (&stream).write_all(line.as_bytes())?;
+    for line in BufReader::new(&stream).lines() {
+        if !each(&line?) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Client side: sends one request and returns the answer (used by the CLI and tests).
@@ -105,5 +194,13 @@ mod tests {
             Request::Stats
         );
         assert!(serde_json::from_str::<Request>(r#"{"command":"reboot"}"#).is_err());
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"command":"events"}"#).unwrap(),
+            Request::Events { backlog: false }
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Events { backlog: true }).unwrap(),
+            r#"{"command":"events","backlog":true}"#
+        );
     }
 }

@@ -10,11 +10,16 @@ pub mod backend;
 pub mod backing;
 pub mod badblocks;
 pub mod blockmap;
+pub mod check;
 pub mod config;
 pub mod control;
 pub mod durability;
+pub mod events;
+pub mod guard;
 pub mod guest_channel;
+pub mod hostfile;
 pub mod media;
+pub mod prepare;
 pub mod queue;
 pub mod socket;
 pub mod status;
@@ -40,6 +45,8 @@ use crate::{
     backing::{BackingError, BackingFile},
     config::Config,
     durability::{choose_policy, Flusher, Mode, ModeError, Policy},
+    events::EventHub,
+    guard::{GuardError, GuardState},
     socket::SocketError,
     status::{DeviceStatus, StatusReport},
     virtio_pmem::VIRTIO_PMEM_F_SHMEM_REGION,
@@ -54,6 +61,8 @@ pub enum Error {
     Mode(#[from] ModeError),
     #[error(transparent)]
     Socket(#[from] SocketError),
+    #[error(transparent)]
+    Guard(#[from] GuardError),
     #[error("vhost-user: {0}")]
     VhostUser(String),
     #[error("{what}: {source}")]
@@ -75,6 +84,9 @@ pub struct Region {
     pub size: u64,
     pub readonly: bool,
     pub flusher: Flusher,
+    /// Block-map fingerprint the policy was chosen with, if the map was immutable
+    /// (the guard watches for any change from it).
+    pub baseline: Option<u64>,
 }
 
 /// State shared by the vhost-user connections, the control socket and the logs.
@@ -84,6 +96,10 @@ pub struct Daemon {
     pub mode_requested: Mode,
     pub policy_reason: String,
     pub socket_path: PathBuf,
+    /// Events for `events` subscribers of the control socket.
+    pub events: Arc<EventHub>,
+    /// Lease, seal and verification state of the block-map guard.
+    pub guard: Arc<GuardState>,
 }
 
 impl Daemon {
@@ -108,6 +124,7 @@ impl Daemon {
             features_acked: format!("{features:#x}"),
             shmem_region_feature: features & VIRTIO_PMEM_F_SHMEM_REGION != 0,
             region_mapped: self.status.region_mapped(),
+            guard: Some(self.guard.snapshot()),
         }
     }
 }
@@ -167,6 +184,10 @@ pub fn open_region(config: &Config) -> Result<(Region, String), Error> {
             size: backing.size,
             readonly: backing.readonly,
             flusher,
+            baseline: verdict
+                .as_ref()
+                .filter(|v| v.immutable())
+                .map(|v| v.fingerprint),
         },
         reason,
     ))
@@ -202,7 +223,11 @@ pub fn serve(config: Config) -> Result<(), Error> {
         mode_requested: config.mode,
         policy_reason,
         socket_path: config.socket_path.clone(),
+        events: Arc::default(),
+        guard: Arc::default(),
     });
+    // Lease, seal and block-map watcher; dropped (unsealing) however serve returns.
+    let _guard = guard::start(&daemon, &config)?;
 
     let vsock = socket::bind(&config.socket_path, config.socket_group.as_deref())?;
     if let Some(path) = &config.control_socket {

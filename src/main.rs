@@ -6,8 +6,10 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use log::error;
 use vhost_device_pmem::{
+    check,
     config::{Config, ServeArgs},
     control,
+    prepare::{self, Progress},
 };
 
 #[derive(Parser, Debug)]
@@ -34,10 +36,62 @@ enum Command {
         #[arg(long, value_name = "SOCK")]
         control_socket: PathBuf,
     },
+    /// Print the daemon's events (JSON lines) as they happen, until interrupted.
+    Events {
+        #[arg(long, value_name = "SOCK")]
+        control_socket: PathBuf,
+        /// Print the recent events (up to 64) first.
+        #[arg(long)]
+        backlog: bool,
+    },
+    /// Make FILE block-map immutable: create or extend it to SIZE (rounded up to
+    /// 2 MiB), write zeros into holes and unwritten extents, unshare shared ones,
+    /// fsync, verify. Never shrinks the file or changes its data; safe to interrupt
+    /// and re-run.
+    Prepare {
+        file: PathBuf,
+        /// Size, e.g. 64M or 4G (K, M, G, T are powers of 1024); default: the
+        /// current size. Required to create a file.
+        #[arg(long, value_parser = prepare::parse_size)]
+        size: Option<u64>,
+    },
+    /// Report whether FILE's block map is immutable and which mode `auto` would
+    /// choose. Exit status: 0 immutable, 1 not immutable, 2 error.
+    Check {
+        file: PathBuf,
+        /// Print JSON (stable field names) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
+        Command::Check { .. } => unreachable!("handled in main"),
+        Command::Prepare { file, size } => {
+            let r = prepare::prepare(&file, size, Progress::Auto).map_err(|e| e.to_string())?;
+            let v = &r.verdict;
+            println!(
+                "{}: immutable, {} bytes on {}, {} extent(s); zero-filled {} bytes{}, unshared {} bytes, in {:.1}s",
+                r.file,
+                r.size,
+                v.filesystem,
+                v.extents,
+                r.zeroed,
+                if r.write_zeroes { " (FALLOC_FL_WRITE_ZEROES)" } else { "" },
+                r.unshared,
+                r.seconds
+            );
+            Ok(())
+        }
+        Command::Events {
+            control_socket,
+            backlog,
+        } => control::subscribe(&control_socket, backlog, |line| {
+            println!("{line}");
+            true
+        })
+        .map_err(|e| format!("{}: {e}", control_socket.display())),
         Command::Serve(args) => {
             let config = Config::try_from(args).map_err(|e| e.to_string())?;
             vhost_device_pmem::serve(config).map_err(|e| e.to_string())
@@ -63,9 +117,38 @@ fn print_call(sock: &std::path::Path, req: control::Request) -> Result<(), Strin
     }
 }
 
+/// `check` has its own exit statuses: 0 immutable, 1 not immutable, 2 error.
+fn run_check(file: &std::path::Path, json: bool) -> ExitCode {
+    match check::check(file) {
+        Ok(r) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                print!("{}", check::render_text(&r));
+            }
+            ExitCode::from(r.exit_code())
+        }
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"file": file.display().to_string(), "error": e.to_string()})
+                );
+            } else {
+                error!("{}: {e}", file.display());
+            }
+            ExitCode::from(check::EXIT_ERROR)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Command::Check { file, json } = &cli.command {
+        return run_check(file, *json);
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");

@@ -11,7 +11,10 @@ use std::sync::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::durability::{Mode, Policy};
+use crate::{
+    durability::{Mode, Policy},
+    guard::GuardStatus,
+};
 
 /// Live, cheaply updated device state.
 #[derive(Default)]
@@ -89,4 +92,7 @@ pub struct StatusReport {
     pub features_acked: String,
     pub shmem_region_feature: bool,
     pub region_mapped: bool,
+    /// Lease, seal and block-map verification state.
+    #[serde(default)]
+    pub guard: Option<GuardStatus>,
 }

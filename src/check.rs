@@ -1,0 +1,243 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! `check`: the block-map verdict of a file, the problems, and the durability policy
+//! `--mode auto` would choose, as text for people or JSON for orchestration.
+//!
+//! Owns: the `check` report and its stable JSON field names. Never writes, locks or
+//! changes the file (it opens it read-only; on a served file that open breaks the
+//! daemon's lease, which the daemon reports and then re-takes).
+
+use std::{
+    fmt::Write as _,
+    fs::{File, OpenOptions},
+    io,
+    os::unix::fs::OpenOptionsExt,
+    path::Path,
+};
+
+use serde::Serialize;
+
+use crate::{
+    backing::REGION_ALIGN,
+    blockmap::{self, Filesystem, ProblemKind, Verdict},
+    durability::{choose_policy, Mode, Policy},
+    hostfile,
+};
+
+/// Exit status of `check`: immutable.
+pub const EXIT_IMMUTABLE: u8 = 0;
+/// Exit status of `check`: readable, but not immutable.
+pub const EXIT_NOT_IMMUTABLE: u8 = 1;
+/// Exit status of `check`: the file could not be checked.
+pub const EXIT_ERROR: u8 = 2;
+
+/// One problem range in the JSON report.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ProblemReport {
+    pub offset: u64,
+    pub length: u64,
+    /// "hole", or the FIEMAP flag names: "unwritten", "delalloc", "shared", ...
+    pub kinds: Vec<String>,
+}
+
+/// The `check` report. Field names are stable: orchestration parses them.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckReport {
+    pub file: String,
+    pub immutable: bool,
+    pub size: u64,
+    /// The size is a positive multiple of 2 MiB (`serve` refuses others).
+    pub size_ok: bool,
+    pub filesystem: String,
+    pub dax: bool,
+    pub map_sync: bool,
+    pub extents: usize,
+    /// Hex string of the layout hash (compare two checks: equal means unchanged).
+    pub fingerprint: String,
+    /// btrfs: the file is No_COW (`chattr +C`); null elsewhere.
+    pub nocow: Option<bool>,
+    /// The immutable attribute (`chattr +i`, e.g. left by a crashed `--seal`).
+    pub immutable_attr: Option<bool>,
+    pub problem_bytes: u64,
+    pub problems: Vec<ProblemReport>,
+    /// What `serve --mode auto` would choose for this file now.
+    pub auto_policy: Policy,
+    pub auto_reason: String,
+    /// What to do next, if anything.
+    pub advice: Option<String>,
+}
+
+impl CheckReport {
+    pub fn exit_code(&self) -> u8 {
+        if self.immutable {
+            EXIT_IMMUTABLE
+        } else {
+            EXIT_NOT_IMMUTABLE
+        }
+    }
+}
+
+/// Checks `path` (opened read-only; nothing is written).
+pub fn check(path: &Path) -> io::Result<CheckReport> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)?;
+    if !file.metadata()?.file_type().is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let verdict = blockmap::inspect(&file)?;
+    Ok(report(path, &file, &verdict))
+}
+
+fn report(path: &Path, file: &File, v: &Verdict) -> CheckReport {
+    let name = path.display().to_string();
+    let (auto_policy, auto_reason) = match choose_policy(Mode::Auto, false, Some(v), &name) {
+        Ok(x) => x,
+        Err(e) => (Policy::Fsync, e.to_string()),
+    };
+    let flags = hostfile::get_flags(file).ok();
+    let nocow = (v.filesystem == Filesystem::Btrfs)
+        .then(|| flags.map(|f| f & hostfile::FS_NOCOW_FL != 0))
+        .flatten();
+    let immutable_attr = flags.map(|f| f & hostfile::FS_IMMUTABLE_FL != 0);
+    let problems: Vec<ProblemReport> = v
+        .problems
+        .iter()
+        .map(|p| ProblemReport {
+            offset: p.offset,
+            length: p.length,
+            kinds: match &p.kind {
+                ProblemKind::Hole => vec!["hole".into()],
+                ProblemKind::Flags(names) => names.iter().map(|s| s.to_string()).collect(),
+            },
+        })
+        .collect();
+    let size_ok = v.size > 0 && v.size % REGION_ALIGN == 0;
+    let advice = if nocow == Some(false) {
+        Some(format!("{name} is copy-on-write on btrfs and can never be immutable: copy it into an empty file made No_COW first (`touch NEW && chattr +C NEW && cp --reflink=never {name} NEW`), then `vhost-device-pmem prepare NEW`"))
+    } else if !v.immutable() || !size_ok {
+        Some(format!("run `vhost-device-pmem prepare {name}`"))
+    } else if immutable_attr == Some(true) {
+        Some(format!("the immutable attribute is set (a `serve --seal` that did not exit cleanly?): if no daemon serves it, clear it with `chattr -i {name}`"))
+    } else {
+        None
+    };
+    CheckReport {
+        file: name,
+        immutable: v.immutable(),
+        size: v.size,
+        size_ok,
+        filesystem: v.filesystem.to_string(),
+        dax: v.dax,
+        map_sync: v.map_sync,
+        extents: v.extents,
+        fingerprint: format!("{:016x}", v.fingerprint),
+        nocow,
+        immutable_attr,
+        problem_bytes: v.problems.iter().map(|p| p.length).sum(),
+        problems,
+        auto_policy,
+        auto_reason,
+        advice,
+    }
+}
+
+/// The report for people.
+pub fn render_text(r: &CheckReport) -> String {
+    let mut s = String::new();
+    let yn = |b: bool| if b { "yes" } else { "no" };
+    let _ = writeln!(
+        s,
+        "{}: {} bytes on {}, {} extent(s), dax={}, map_sync={}",
+        r.file,
+        r.size,
+        r.filesystem,
+        r.extents,
+        yn(r.dax),
+        yn(r.map_sync)
+    );
+    if r.immutable {
+        let _ = writeln!(
+            s,
+            "verdict: IMMUTABLE (every byte is in an allocated, written, unshared extent)"
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "verdict: NOT IMMUTABLE ({} problem range(s), {} bytes)",
+            r.problems.len(),
+            r.problem_bytes
+        );
+        for p in r.problems.iter().take(20) {
+            let _ = writeln!(
+                s,
+                "  [{:#x}, {:#x}) {}",
+                p.offset,
+                p.offset + p.length,
+                p.kinds.join("+")
+            );
+        }
+        if r.problems.len() > 20 {
+            let _ = writeln!(s, "  ... and {} more", r.problems.len() - 20);
+        }
+    }
+    if !r.size_ok {
+        let _ = writeln!(
+            s,
+            "size: not a positive multiple of 2 MiB; serve refuses it"
+        );
+    }
+    let _ = writeln!(
+        s,
+        "mode auto would choose: {} ({})",
+        r.auto_policy, r.auto_reason
+    );
+    if let Some(a) = &r.advice {
+        let _ = writeln!(s, "next: {a}");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sparse_file_is_not_immutable_and_says_what_to_do() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(2 << 20).unwrap();
+        let r = check(f.path()).unwrap();
+        assert!(!r.immutable);
+        assert_eq!(r.exit_code(), EXIT_NOT_IMMUTABLE);
+        assert_eq!(r.problems[0].kinds, vec!["hole".to_string()]);
+        assert_eq!(r.auto_policy, Policy::Fsync);
+        let text = render_text(&r);
+        assert!(text.contains("NOT IMMUTABLE"), "{text}");
+        assert!(text.contains("prepare"), "{text}");
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        for key in [
+            "file",
+            "immutable",
+            "size",
+            "size_ok",
+            "filesystem",
+            "extents",
+            "fingerprint",
+            "problems",
+            "problem_bytes",
+            "auto_policy",
+            "auto_reason",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key}: {v}");
+        }
+        assert_eq!(v["auto_policy"], "fsync");
+    }
+
+    #[test]
+    fn missing_files_are_errors() {
+        assert!(check(Path::new("/nonexistent/vdp-check")).is_err());
+    }
+}

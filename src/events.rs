@@ -1,0 +1,230 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Daemon events: a small broadcast hub that the control socket's `events` command
+//! streams to subscribers as JSON lines.
+//!
+//! Owns: the event kinds and their wire form, and the fan-out. Never blocks the
+//! publisher: a subscriber that does not keep up loses events (and is told so), it
+//! never slows the watcher or the data path.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        mpsc::{self, Receiver, SyncSender, TrySendError},
+        Mutex,
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::Serialize;
+
+/// Events kept for subscribers that ask for the backlog.
+const BACKLOG: usize = 64;
+/// Events queued per subscriber before it starts losing them.
+const SUBSCRIBER_QUEUE: usize = 256;
+
+/// What happened. Serialized with an `"event"` tag in kebab-case; new kinds (e.g.
+/// media errors) are new variants, and existing field names never change.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum EventKind {
+    /// The durability policy was weakened while serving (one way).
+    PolicyDowngraded {
+        from: String,
+        to: String,
+        reason: String,
+    },
+    /// The block map differs from the one the policy was chosen for.
+    BlockMapChanged {
+        reason: String,
+        problems: Vec<String>,
+    },
+    /// The write lease on the backing file was broken: another process opened or
+    /// truncated the file.
+    LeaseBroken {
+        reason: String,
+        /// Other processes seen holding the file open, as "pid N (comm)".
+        openers: Vec<String>,
+    },
+    /// The lease is held (again): no other process has the file open.
+    LeaseTaken { lease: String },
+    /// The filesystem or the situation does not allow a lease.
+    LeaseUnavailable { reason: String },
+    /// The immutable attribute was set (`--seal`) or cleared.
+    Sealed { sealed: bool },
+    /// Re-reading the block map failed.
+    VerifyFailed { error: String },
+}
+
+/// One event as sent: its kind and fields, a sequence number and the time.
+#[derive(Clone, Debug, Serialize)]
+pub struct Event {
+    #[serde(flatten)]
+    pub kind: EventKind,
+    /// 1, 2, 3... in publication order; a gap tells a subscriber it lost events.
+    pub seq: u64,
+    /// RFC 3339, UTC, milliseconds.
+    pub time: String,
+}
+
+impl Event {
+    /// The wire form: one JSON object, no newline.
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self)
+            .unwrap_or_else(|e| format!(r#"{{"event":"error","error":"{e}"}}"#))
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    seq: u64,
+    backlog: VecDeque<Event>,
+    subscribers: Vec<SyncSender<Event>>,
+}
+
+/// Fan-out of events to any number of subscribers.
+#[derive(Default)]
+pub struct EventHub {
+    inner: Mutex<Inner>,
+}
+
+impl EventHub {
+    /// Publishes an event to every subscriber (dropping those that left) and keeps
+    /// it in the backlog. Returns the event as published.
+    pub fn publish(&self, kind: EventKind) -> Event {
+        let mut inner = self.inner.lock().unwrap();
+        inner.seq += 1;
+        let event = Event {
+            kind,
+            seq: inner.seq,
+            time: rfc3339_now(),
+        };
+        if inner.backlog.len() == BACKLOG {
+            inner.backlog.pop_front();
+        }
+        inner.backlog.push_back(event.clone());
+        inner
+            .subscribers
+            .retain(|tx| match tx.try_send(event.clone()) {
+                Ok(()) | Err(TrySendError::Full(_)) => true,
+                Err(TrySendError::Disconnected(_)) => false,
+            });
+        event
+    }
+
+    /// A new subscription; with `backlog`, the recent events come first.
+    pub fn subscribe(&self, backlog: bool) -> Receiver<Event> {
+        let (tx, rx) = mpsc::sync_channel(SUBSCRIBER_QUEUE);
+        let mut inner = self.inner.lock().unwrap();
+        if backlog {
+            for e in &inner.backlog {
+                let _ = tx.try_send(e.clone());
+            }
+        }
+        inner.subscribers.push(tx);
+        rx
+    }
+
+    /// Events published so far that are still in the backlog.
+    pub fn recent(&self) -> Vec<Event> {
+        self.inner.lock().unwrap().backlog.iter().cloned().collect()
+    }
+
+    /// Live subscriptions (those that left are noticed at the next publish).
+    pub fn subscribers(&self) -> usize {
+        self.inner.lock().unwrap().subscribers.len()
+    }
+}
+
+/// The current time as RFC 3339 UTC with milliseconds.
+pub fn rfc3339_now() -> String {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339(d.as_secs(), d.subsec_millis())
+}
+
+fn rfc3339(secs: u64, millis: u32) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_have_a_stable_wire_form() {
+        let hub = EventHub::default();
+        let e = hub.publish(EventKind::PolicyDowngraded {
+            from: "datasync".into(),
+            to: "fsync".into(),
+            reason: "map changed".into(),
+        });
+        let v: serde_json::Value = serde_json::from_str(&e.to_line()).unwrap();
+        assert_eq!(v["event"], "policy-downgraded");
+        assert_eq!(v["reason"], "map changed");
+        assert_eq!(v["from"], "datasync");
+        assert_eq!(v["seq"], 1);
+        assert!(v["time"].as_str().unwrap().ends_with('Z'));
+        let e = hub.publish(EventKind::LeaseBroken {
+            reason: "r".into(),
+            openers: vec!["pid 1 (init)".into()],
+        });
+        assert!(
+            e.to_line().starts_with(r#"{"event":"lease-broken","#),
+            "{}",
+            e.to_line()
+        );
+    }
+
+    #[test]
+    fn subscribers_get_what_is_published_after_they_join_and_leavers_are_dropped() {
+        let hub = EventHub::default();
+        hub.publish(EventKind::Sealed { sealed: true });
+        let late = hub.subscribe(false);
+        let replay = hub.subscribe(true);
+        hub.publish(EventKind::Sealed { sealed: false });
+        assert_eq!(late.try_recv().unwrap().seq, 2);
+        assert!(late.try_recv().is_err());
+        assert_eq!(replay.try_recv().unwrap().seq, 1);
+        assert_eq!(replay.try_recv().unwrap().seq, 2);
+        drop(late);
+        hub.publish(EventKind::Sealed { sealed: true });
+        assert_eq!(hub.subscribers(), 1);
+        assert_eq!(hub.recent().len(), 3);
+    }
+
+    #[test]
+    fn a_slow_subscriber_never_blocks_the_publisher() {
+        let hub = EventHub::default();
+        let rx = hub.subscribe(false);
+        for _ in 0..(SUBSCRIBER_QUEUE + 10) {
+            hub.publish(EventKind::Sealed { sealed: true });
+        }
+        assert_eq!(rx.try_iter().count(), SUBSCRIBER_QUEUE);
+        assert_eq!(hub.recent().len(), BACKLOG);
+    }
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.005Z");
+        assert_eq!(rfc3339(1_763_722_261, 123), "2025-11-21T10:51:01.123Z");
+    }
+}

@@ -1,0 +1,442 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The block-map guard of a served file: a file lease that tells us when another
+//! process opens or truncates it, an optional immutable attribute (`--seal`, XFS),
+//! and periodic re-verification of the block-map fingerprint.
+//!
+//! Owns: the watcher thread, the lease and the seal. Never writes file data and never
+//! strengthens the policy: when the map changed it only calls the one-way
+//! [`Flusher::downgrade_to_fsync`](crate::durability::Flusher::downgrade_to_fsync).
+
+use std::{
+    fs::File,
+    io,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use log::{error, info, warn};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    blockmap::{self, Filesystem},
+    config::Config,
+    events::{rfc3339_now, EventKind},
+    hostfile::{self, LeaseKind},
+    Daemon,
+};
+
+/// Longest the watcher sleeps before looking at its stop flag.
+const TICK: Duration = Duration::from_millis(200);
+/// While the lease is not held (someone else has the file open), the map is
+/// re-verified and the lease retried this often.
+const LEASE_RETRY: Duration = Duration::from_secs(1);
+/// After a break, how long to wait before looking for the opener in /proc (it is
+/// blocked in open(2) until we release, so its descriptor appears only after).
+const OPENER_SETTLE: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    #[error("--seal sets the immutable attribute, which is only safe on XFS; {file} is on {fs} (on ext4 it write-protects the daemon's own mapping)")]
+    SealNotXfs { file: String, fs: Filesystem },
+    #[error("--seal: cannot set the immutable attribute on {file}: {source}")]
+    Seal { file: String, source: io::Error },
+    #[error("cannot start the block-map watcher: {0}")]
+    Start(io::Error),
+}
+
+/// The guard's part of `status`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct GuardStatus {
+    /// "write lease held", "read lease held", "broken: ...", "unavailable: ...".
+    pub lease: String,
+    pub lease_breaks: u64,
+    /// The immutable attribute is set by this daemon.
+    pub sealed: bool,
+    /// 0: only on lease breaks.
+    pub verify_interval_secs: u64,
+    pub verifications: u64,
+    pub last_verified: Option<String>,
+    /// Whether the map is watched at all (only an immutable map is).
+    pub watching: bool,
+    /// Set when the map was seen to change.
+    pub map_changed: Option<String>,
+}
+
+/// Shared guard state, read by `status`.
+#[derive(Default)]
+pub struct GuardState {
+    status: Mutex<GuardStatus>,
+}
+
+impl GuardState {
+    pub fn snapshot(&self) -> GuardStatus {
+        self.status.lock().unwrap().clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut GuardStatus)) {
+        f(&mut self.status.lock().unwrap());
+    }
+}
+
+/// A running guard. Dropping it stops the watcher, releases the lease and clears the
+/// seal, so every way out of `serve` (signals, errors, panics) unseals the file.
+pub struct Guard {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    daemon: Arc<Daemon>,
+    sealed: bool,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let region = &self.daemon.region;
+        if self.sealed {
+            match hostfile::set_flag(&region.file, hostfile::FS_IMMUTABLE_FL, false) {
+                Ok(()) => {
+                    info!(
+                        "cleared the immutable attribute of {}",
+                        region.path.display()
+                    );
+                    self.daemon.guard.update(|s| s.sealed = false);
+                    self.daemon
+                        .events
+                        .publish(EventKind::Sealed { sealed: false });
+                }
+                Err(e) => error!(
+                    "cannot clear the immutable attribute of {}: {e}; clear it with `chattr -i {}`",
+                    region.path.display(),
+                    region.path.display()
+                ),
+            }
+        }
+    }
+}
+
+/// Starts guarding the daemon's backing file: seals it if asked, then starts the
+/// watcher thread, which takes the lease and compares the map with `baseline` (the
+/// fingerprint the policy was chosen with; None: the map was not immutable, so it is
+/// not watched, but the lease still reports other openers).
+pub fn start(daemon: &Arc<Daemon>, config: &Config) -> Result<Guard, GuardError> {
+    let region = &daemon.region;
+    let file_name = region.path.display().to_string();
+    let mut guard = Guard {
+        stop: Arc::default(),
+        thread: None,
+        daemon: daemon.clone(),
+        sealed: false,
+    };
+    if config.seal {
+        let fs = blockmap::filesystem_of(&region.file).map_err(|source| GuardError::Seal {
+            file: file_name.clone(),
+            source,
+        })?;
+        if fs != Filesystem::Xfs {
+            return Err(GuardError::SealNotXfs {
+                file: file_name,
+                fs,
+            });
+        }
+        hostfile::set_flag(&region.file, hostfile::FS_IMMUTABLE_FL, true).map_err(|source| {
+            GuardError::Seal {
+                file: file_name.clone(),
+                source,
+            }
+        })?;
+        guard.sealed = true;
+        info!("sealed {file_name} (immutable attribute set; cleared at exit, or by hand with `chattr -i {file_name}` after a crash)");
+        daemon.guard.update(|s| s.sealed = true);
+        daemon.events.publish(EventKind::Sealed { sealed: true });
+    }
+    let interval = Duration::from_secs(config.verify_interval);
+    daemon.guard.update(|s| {
+        s.verify_interval_secs = config.verify_interval;
+        s.watching = region.baseline.is_some();
+    });
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let watcher = Watcher {
+        daemon: daemon.clone(),
+        stop: guard.stop.clone(),
+        interval,
+        baseline: region.baseline,
+        lease_kind: if region.readonly {
+            LeaseKind::Read
+        } else {
+            LeaseKind::Write
+        },
+        lease_held: false,
+        lease_retry: false,
+        change_reported: false,
+    };
+    let handle = thread::Builder::new()
+        .name("guard".into())
+        .spawn(move || watcher.run(ready_tx))
+        .map_err(GuardError::Start)?;
+    guard.thread = Some(handle);
+    // The watcher has routed the lease signal to itself and taken the lease (or
+    // given up on it) before serving starts.
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| GuardError::Start(io::Error::other("watcher did not start")))?
+        .map_err(GuardError::Start)?;
+    Ok(guard)
+}
+
+struct Watcher {
+    daemon: Arc<Daemon>,
+    stop: Arc<AtomicBool>,
+    interval: Duration,
+    baseline: Option<u64>,
+    lease_kind: LeaseKind,
+    lease_held: bool,
+    /// The lease is wanted but not held (another process has the file open).
+    lease_retry: bool,
+    change_reported: bool,
+}
+
+impl Watcher {
+    fn file(&self) -> &File {
+        &self.daemon.region.file
+    }
+
+    fn run(mut self, ready: mpsc::Sender<io::Result<()>>) {
+        let sig = libc::SIGRTMIN() + 2;
+        let set = hostfile::sigset_of(&[sig, libc::SIGIO]);
+        let setup = hostfile::block_signals(&set)
+            .and_then(|()| hostfile::route_lease_signal(self.file(), sig, hostfile::gettid()));
+        if let Err(e) = setup {
+            let _ = ready.send(Err(e));
+            return;
+        }
+        self.try_lease(true);
+        // Anything that happened between the verdict and the lease is caught here.
+        self.verify("at start");
+        let _ = ready.send(Ok(()));
+
+        let mut next_verify = self.next_periodic();
+        while !self.stop.load(Ordering::Acquire) {
+            let now = Instant::now();
+            let wait = next_verify.map_or(TICK, |t| t.saturating_duration_since(now).min(TICK));
+            if let Some((s, _fd)) = hostfile::wait_signal(&set, wait) {
+                if s == sig || s == libc::SIGIO {
+                    self.lease_broken();
+                    next_verify = Some(Instant::now() + LEASE_RETRY);
+                }
+                continue;
+            }
+            if next_verify.is_some_and(|t| Instant::now() >= t) {
+                if self.lease_retry {
+                    self.verify("while another process had the file open");
+                    if self.try_lease(false) {
+                        self.verify("after the other process closed the file");
+                    }
+                } else {
+                    self.verify("periodic");
+                }
+                next_verify = self.next_periodic();
+            }
+        }
+        if self.lease_held {
+            let _ = hostfile::release_lease(self.file());
+        }
+    }
+
+    fn next_periodic(&self) -> Option<Instant> {
+        if self.lease_retry {
+            Some(Instant::now() + LEASE_RETRY)
+        } else if self.interval.is_zero() {
+            None
+        } else {
+            Some(Instant::now() + self.interval)
+        }
+    }
+
+    /// Tries to take the lease; reports why not on the first try.
+    fn try_lease(&mut self, first: bool) -> bool {
+        let kind = self.lease_kind;
+        match hostfile::take_lease(self.file(), kind) {
+            Ok(()) => {
+                let what = format!("{} lease held", kind.name());
+                if first {
+                    info!(
+                        "{what} on {}: other opens and truncates are noticed at once",
+                        self.daemon.region.path.display()
+                    );
+                } else {
+                    info!("{what} again: no other process has the file open");
+                }
+                self.daemon.guard.update(|s| s.lease = what.clone());
+                self.daemon
+                    .events
+                    .publish(EventKind::LeaseTaken { lease: what });
+                self.lease_held = true;
+                self.lease_retry = false;
+                true
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                if first {
+                    let openers = hostfile::other_openers(self.file());
+                    let reason = format!(
+                        "the file is open elsewhere ({}); retrying every {}s, verifying the map meanwhile",
+                        describe(&openers),
+                        LEASE_RETRY.as_secs()
+                    );
+                    warn!(
+                        "no {} lease on {}: {reason}",
+                        kind.name(),
+                        self.daemon.region.path.display()
+                    );
+                    self.daemon
+                        .guard
+                        .update(|s| s.lease = format!("unavailable: {reason}"));
+                    self.daemon
+                        .events
+                        .publish(EventKind::LeaseUnavailable { reason });
+                }
+                self.lease_retry = true;
+                false
+            }
+            Err(e) => {
+                let reason = match e.raw_os_error() {
+                    Some(libc::EINVAL) => format!("the filesystem grants no leases ({e})"),
+                    Some(libc::EACCES) | Some(libc::EPERM) => {
+                        format!("not the file's owner and no CAP_LEASE ({e})")
+                    }
+                    _ => e.to_string(),
+                };
+                warn!(
+                    "no lease on {}: {reason}; only periodic verification guards the map",
+                    self.daemon.region.path.display()
+                );
+                self.daemon
+                    .guard
+                    .update(|s| s.lease = format!("unavailable: {reason}"));
+                self.daemon
+                    .events
+                    .publish(EventKind::LeaseUnavailable { reason });
+                self.lease_retry = false;
+                false
+            }
+        }
+    }
+
+    /// Another process opens (or truncates) the file: let it go on, name it, and
+    /// watch the map closely until the lease can be taken again.
+    fn lease_broken(&mut self) {
+        if !self.lease_held {
+            return;
+        }
+        // Releasing at once lets the opener proceed instead of hanging for
+        // /proc/sys/fs/lease-break-time; the lease is a tripwire, not a lock.
+        if let Err(e) = hostfile::release_lease(self.file()) {
+            warn!("cannot release the broken lease: {e}");
+        }
+        self.lease_held = false;
+        self.lease_retry = true;
+        thread::sleep(OPENER_SETTLE);
+        let openers = hostfile::other_openers(self.file());
+        let reason = format!(
+            "another process opened or truncated the file ({}); the block map is re-verified every {}s until it closes the file",
+            describe(&openers),
+            LEASE_RETRY.as_secs()
+        );
+        warn!(
+            "lease on {} broken: {reason}",
+            self.daemon.region.path.display()
+        );
+        self.daemon.guard.update(|s| {
+            s.lease = format!("broken: {reason}");
+            s.lease_breaks += 1;
+        });
+        self.daemon
+            .events
+            .publish(EventKind::LeaseBroken { reason, openers });
+        self.verify("after the lease broke");
+    }
+
+    /// Compares the map with the baseline; a difference downgrades the policy.
+    fn verify(&mut self, why: &str) {
+        let Some(baseline) = self.baseline else {
+            return;
+        };
+        let result = blockmap::watch_fingerprint(self.file());
+        self.daemon.guard.update(|s| {
+            s.verifications += 1;
+            s.last_verified = Some(rfc3339_now());
+        });
+        match result {
+            Ok(fp) if fp == baseline => {}
+            Ok(fp) => {
+                self.baseline = Some(fp);
+                let problems: Vec<String> = blockmap::inspect(self.file())
+                    .map(|v| {
+                        v.problems
+                            .iter()
+                            .take(16)
+                            .map(ToString::to_string)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let reason = if problems.is_empty() {
+                    format!("the block map changed ({why}): extents moved or were replaced")
+                } else {
+                    format!(
+                        "the block map changed ({why}): {} (first problem: {})",
+                        if problems.len() == 1 {
+                            "1 problem range".to_string()
+                        } else {
+                            format!("{} problem ranges", problems.len())
+                        },
+                        problems[0]
+                    )
+                };
+                self.map_changed(reason, problems);
+            }
+            Err(e) => {
+                let reason = format!("the block map cannot be re-read ({why}): {e}");
+                self.daemon.events.publish(EventKind::VerifyFailed {
+                    error: e.to_string(),
+                });
+                self.map_changed(reason, Vec::new());
+            }
+        }
+    }
+
+    fn map_changed(&mut self, reason: String, problems: Vec<String>) {
+        error!("{}: {reason}", self.daemon.region.path.display());
+        self.daemon
+            .guard
+            .update(|s| s.map_changed = Some(reason.clone()));
+        if !self.change_reported || !problems.is_empty() {
+            self.daemon.events.publish(EventKind::BlockMapChanged {
+                reason: reason.clone(),
+                problems,
+            });
+        }
+        self.change_reported = true;
+        let flusher = &self.daemon.region.flusher;
+        let from = flusher.policy();
+        if flusher.downgrade_to_fsync(&reason) {
+            self.daemon.events.publish(EventKind::PolicyDowngraded {
+                from: from.to_string(),
+                to: flusher.policy().to_string(),
+                reason,
+            });
+        }
+    }
+}
+
+fn describe(openers: &[String]) -> String {
+    if openers.is_empty() {
+        "opener not found in /proc: it already closed the file, or truncated it by path".into()
+    } else {
+        openers.join(", ")
+    }
+}

@@ -1,0 +1,771 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! `prepare`: makes a backing file block-map immutable — every byte in an allocated,
+//! written, unshared extent — by zero-filling only ranges that already read as zeros
+//! (holes, unwritten extents) and unsharing shared extents, then one fsync and a
+//! fresh verdict.
+//!
+//! Owns: creating or extending the file and fixing its map. Never shrinks or
+//! truncates the file and never changes a byte of its content: it writes only zeros,
+//! and only where FIEMAP says a read returns zeros while it holds the file's lock and
+//! (where the filesystem grants one) a write lease proving no one else has it open.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, IsTerminal},
+    os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use log::{info, warn};
+use serde::Serialize;
+
+use crate::{
+    backing::{self, REGION_ALIGN},
+    blockmap::{self, Filesystem, Problem, ProblemKind, Verdict},
+    hostfile::{self, LeaseKind},
+};
+
+/// Unit of work: between two chunks the file is consistent, progress is reported and
+/// Ctrl-C or a lease break is noticed.
+const CHUNK: u64 = 64 << 20;
+/// Zeros written per pwrite.
+const WRITE_SIZE: usize = 4 << 20;
+/// Scan-and-fix passes before giving up (a second pass only finds what the first
+/// could not see, e.g. extents split by a concurrent writeback).
+const MAX_PASSES: usize = 3;
+/// Plain progress lines (no terminal) at most this often.
+const LOG_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("{0}")]
+    BadSize(String),
+    #[error("{path} does not exist; give --size to create it")]
+    SizeMissing { path: PathBuf },
+    #[error("cannot open {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("{0} is not a regular file")]
+    NotRegular(PathBuf),
+    #[error("{path} is {size} bytes, larger than --size {target}: prepare never shrinks a file")]
+    WouldShrink {
+        path: PathBuf,
+        size: u64,
+        target: u64,
+    },
+    #[error("{0} is locked by another process (a vhost-device-pmem serving it, or another prepare); stop it first")]
+    Locked(PathBuf),
+    #[error("{path} is open in other processes ({openers}); prepare needs it to itself (it proves that with a write lease), close them first")]
+    Busy { path: PathBuf, openers: String },
+    #[error("{path} is a copy-on-write file on btrfs: every write to it allocates new extents, so its block map can never be immutable. Fix: give the data a No_COW file, which must be set while the file is empty: `touch NEW && chattr +C NEW && cp --reflink=never {path} NEW`, then `vhost-device-pmem prepare NEW`; or keep images on a btrfs mounted with -o nodatacow, or in a directory with `chattr +C` (new files inherit it). chattr +C on a file that already has data does not help")]
+    BtrfsCow { path: PathBuf },
+    #[error("{path}: {len} bytes at {offset:#x} share their blocks with another file (reflink, dedupe or snapshot), and {fs} cannot unshare in place ({source}). Fix: make an unshared copy, `cp --reflink=never {path} NEW` (on btrfs into an empty file made No_COW first with `chattr +C NEW`), then prepare NEW")]
+    Unshare {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        fs: Filesystem,
+        source: io::Error,
+    },
+    #[error("{path} has extents prepare cannot fix ({count} range(s), first: {first}): compressed, encrypted, inline or tail-packed data cannot be written in place. Fix: copy the data into a new plain file (on btrfs a No_COW one) and prepare that")]
+    Unfixable {
+        path: PathBuf,
+        count: usize,
+        first: String,
+    },
+    #[error("interrupted after {done} of {total} bytes; the file is consistent (every byte reads as before) and its progress is on disk: run prepare again to finish")]
+    Interrupted { done: u64, total: u64 },
+    #[error("another process opened {path} while prepare ran ({openers}); stopped after {done} of {total} bytes, the file is consistent: run prepare again once it has closed the file")]
+    LeaseBroken {
+        path: PathBuf,
+        openers: String,
+        done: u64,
+        total: u64,
+    },
+    #[error("{path}: data appeared at {offset:#x} in a range that was a hole a moment ago: another process is writing the file; stopped without touching it")]
+    ConcurrentWriter { path: PathBuf, offset: u64 },
+    #[error("{path} still has {count} problem range(s) after prepare, first: {first}")]
+    StillNotImmutable {
+        path: PathBuf,
+        count: usize,
+        first: String,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+/// How progress is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// A progress bar when stderr is a terminal, log lines otherwise.
+    Auto,
+    /// Log lines only.
+    Lines,
+    /// Nothing (library use, tests).
+    Quiet,
+}
+
+/// What prepare did.
+#[derive(Debug, Serialize)]
+pub struct PrepareReport {
+    pub file: String,
+    pub created: bool,
+    pub size_before: u64,
+    pub size: u64,
+    /// Bytes of holes and unwritten extents now written with zeros.
+    pub zeroed: u64,
+    /// Bytes of shared extents now unshared.
+    pub unshared: u64,
+    /// FALLOC_FL_WRITE_ZEROES did the zeroing (else fallocate + written zeros).
+    pub write_zeroes: bool,
+    /// A write lease proved that no other process had the file open.
+    pub lease: bool,
+    pub passes: usize,
+    pub seconds: f64,
+    pub verdict: Verdict,
+}
+
+/// Parses a size: bytes, or a number with a binary suffix K, M, G, T (also KiB, MiB,
+/// GiB, TiB). Decimal suffixes (MB, GB) are refused as ambiguous.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad size {s:?}: expected a number with an optional K, M, G or T suffix (powers of 1024), e.g. 64M or 4G"))?;
+    let shift = match suffix.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KIB" => 10,
+        "M" | "MIB" => 20,
+        "G" | "GIB" => 30,
+        "T" | "TIB" => 40,
+        "KB" | "MB" | "GB" | "TB" => {
+            return Err(format!(
+                "bad size {s:?}: {suffix} is ambiguous; use {} (powers of 1024)",
+                &suffix[..1].to_ascii_uppercase()
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "bad size {s:?}: unknown suffix {suffix:?}; use K, M, G or T"
+            ))
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("bad size {s:?}: must be positive and fit in 64 bits"))
+}
+
+/// Rounds up to the 2 MiB region alignment.
+pub fn round_to_region(size: u64) -> u64 {
+    size.div_ceil(REGION_ALIGN) * REGION_ALIGN
+}
+
+/// What to do with one problem range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    /// Reads as zeros (hole, unwritten): write zeros.
+    Zero,
+    /// Shared blocks: unshare.
+    Unshare,
+    /// Dirty data not yet allocated: write it back.
+    Writeback,
+    Unfixable,
+}
+
+fn action_of(p: &Problem) -> Action {
+    match &p.kind {
+        ProblemKind::Hole => Action::Zero,
+        ProblemKind::Flags(names) => {
+            let has = |n: &str| names.contains(&n);
+            if names.iter().any(|n| {
+                matches!(
+                    *n,
+                    "encoded" | "encrypted" | "inline" | "tail-packed" | "not-aligned"
+                )
+            }) {
+                Action::Unfixable
+            } else if has("delalloc") {
+                Action::Writeback
+            } else if has("shared") {
+                Action::Unshare
+            } else if has("unwritten") {
+                Action::Zero
+            } else {
+                // "unknown" without delalloc: data the filesystem cannot place.
+                Action::Unfixable
+            }
+        }
+    }
+}
+
+/// Prepares `path` (creating it if `size` is given), returning what was done.
+pub fn prepare(
+    path: &Path,
+    size: Option<u64>,
+    progress: Progress,
+) -> Result<PrepareReport, PrepareError> {
+    let started = Instant::now();
+    let io_err = |what: &'static str| {
+        let path = path.to_owned();
+        move |source| PrepareError::Io { what, path, source }
+    };
+    // Ctrl-C, SIGTERM and the lease signal are taken between chunks, never mid-chunk.
+    // Blocked before any thread (the progress bar's) starts, so they all inherit it.
+    let lease_sig = libc::SIGRTMIN() + 2;
+    let sigs = hostfile::sigset_of(&[libc::SIGINT, libc::SIGTERM, lease_sig, libc::SIGIO]);
+    hostfile::block_signals(&sigs).map_err(io_err("block signals for"))?;
+
+    let existed = path.exists();
+    if !existed && size.is_none() {
+        return Err(PrepareError::SizeMissing {
+            path: path.to_owned(),
+        });
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|source| PrepareError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+    let meta = file.metadata().map_err(io_err("stat"))?;
+    if !meta.file_type().is_file() {
+        return Err(PrepareError::NotRegular(path.to_owned()));
+    }
+    backing::lock(&file, false).map_err(|e| match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => PrepareError::Locked(path.to_owned()),
+        _ => PrepareError::Io {
+            what: "lock",
+            path: path.to_owned(),
+            source: e,
+        },
+    })?;
+    if meta.permissions().mode() & 0o022 != 0 {
+        warn!("{} is writable by group or others; `serve` will refuse it unless --allow-shared-permissions (chmod go-w it)", path.display());
+    }
+
+    // A write lease is granted only while no other open file description exists, and
+    // any later open breaks it: while it is held, nobody else can write the file.
+    let lease = match hostfile::route_lease_signal(&file, lease_sig, hostfile::gettid())
+        .and_then(|()| hostfile::take_lease(&file, LeaseKind::Write))
+    {
+        Ok(()) => true,
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+            let openers = hostfile::other_openers(&file);
+            return Err(PrepareError::Busy {
+                path: path.to_owned(),
+                openers: if openers.is_empty() {
+                    "not found in /proc".into()
+                } else {
+                    openers.join(", ")
+                },
+            });
+        }
+        Err(e) => {
+            warn!(
+                "no write lease on {} ({e}): checking every range reads as zeros before writing it",
+                path.display()
+            );
+            false
+        }
+    };
+    let result = prepare_locked(
+        path,
+        &file,
+        meta.len(),
+        size,
+        progress,
+        lease,
+        !existed,
+        &sigs,
+        lease_sig,
+        started,
+    );
+    if lease {
+        let _ = hostfile::release_lease(&file);
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prepare_locked(
+    path: &Path,
+    file: &File,
+    size_before: u64,
+    size: Option<u64>,
+    progress: Progress,
+    lease: bool,
+    created: bool,
+    sigs: &libc::sigset_t,
+    lease_sig: libc::c_int,
+    started: Instant,
+) -> Result<PrepareReport, PrepareError> {
+    let io_err = |what: &'static str| {
+        let path = path.to_owned();
+        move |source| PrepareError::Io { what, path, source }
+    };
+    let fs = blockmap::filesystem_of(file).map_err(io_err("statfs"))?;
+    if fs == Filesystem::Btrfs {
+        let flags = hostfile::get_flags(file).map_err(io_err("read attributes of"))?;
+        if flags & hostfile::FS_NOCOW_FL == 0 {
+            if size_before == 0 {
+                hostfile::set_flag(file, hostfile::FS_NOCOW_FL, true)
+                    .map_err(io_err("set No_COW (chattr +C) on"))?;
+                info!(
+                    "{}: empty file on btrfs, set No_COW (chattr +C) before writing",
+                    path.display()
+                );
+            } else {
+                return Err(PrepareError::BtrfsCow {
+                    path: path.to_owned(),
+                });
+            }
+        }
+    }
+
+    let requested = size.unwrap_or(size_before);
+    let target = round_to_region(requested.max(1));
+    if target != requested {
+        info!(
+            "size {requested} rounded up to {target} ({} MiB): guests need a multiple of 2 MiB",
+            target >> 20
+        );
+    }
+    if size_before > target {
+        return Err(PrepareError::WouldShrink {
+            path: path.to_owned(),
+            size: size_before,
+            target,
+        });
+    }
+
+    // Refuse what cannot be fixed before changing anything.
+    if size_before > 0 {
+        let extents =
+            blockmap::read_extents(file, size_before).map_err(io_err("read the block map of"))?;
+        check_fixable(path, &blockmap::find_problems(&extents, size_before))?;
+    }
+
+    if target > size_before {
+        // Allocation past the end extends the size; the new range reads as zeros
+        // (unwritten extents) and is zero-filled below.
+        match hostfile::fallocate(file, 0, size_before, target - size_before) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                file.set_len(target).map_err(io_err("extend"))?;
+            }
+            Err(e) => {
+                return Err(PrepareError::Io {
+                    what: "allocate space to extend",
+                    path: path.to_owned(),
+                    source: e,
+                })
+            }
+        }
+        info!(
+            "{}: extended from {size_before} to {target} bytes",
+            path.display()
+        );
+    }
+
+    let mut w = Worker {
+        path,
+        file,
+        fs,
+        careful: !lease,
+        write_zeroes: None,
+        zeros: vec![0u8; WRITE_SIZE],
+        sigs,
+        lease_sig,
+        done: 0,
+        total: 0,
+        zeroed: 0,
+        unshared: 0,
+        bar: None,
+        last_log: Instant::now(),
+        progress,
+    };
+    let mut passes = 0;
+    loop {
+        let extents =
+            blockmap::read_extents(file, target).map_err(io_err("read the block map of"))?;
+        let problems = blockmap::find_problems(&extents, target);
+        check_fixable(path, &problems)?;
+        if problems.is_empty() || passes == MAX_PASSES {
+            break;
+        }
+        passes += 1;
+        w.total = w.done + problems.iter().map(|p| p.length).sum::<u64>();
+        if passes == 1 {
+            info!(
+                "{}: {} problem range(s), {} bytes to fix on {fs}",
+                path.display(),
+                problems.len(),
+                w.total
+            );
+            w.start_progress();
+        }
+        for p in &problems {
+            w.fix(p)?;
+        }
+        // Delayed allocations and unwritten conversions settle before the re-scan.
+        hostfile::writeback(file, 0, 0, true).map_err(io_err("write back"))?;
+    }
+    w.finish_progress();
+    file.sync_all().map_err(io_err("fsync"))?;
+    let verdict = blockmap::inspect(file).map_err(io_err("inspect"))?;
+    if !verdict.immutable() {
+        return Err(PrepareError::StillNotImmutable {
+            path: path.to_owned(),
+            count: verdict.problems.len(),
+            first: verdict
+                .problems
+                .first()
+                .map_or("empty file".into(), ToString::to_string),
+        });
+    }
+    Ok(PrepareReport {
+        file: path.display().to_string(),
+        created,
+        size_before,
+        size: verdict.size,
+        zeroed: w.zeroed,
+        unshared: w.unshared,
+        write_zeroes: w.write_zeroes == Some(true),
+        lease,
+        passes,
+        seconds: started.elapsed().as_secs_f64(),
+        verdict,
+    })
+}
+
+fn check_fixable(path: &Path, problems: &[Problem]) -> Result<(), PrepareError> {
+    let bad: Vec<&Problem> = problems
+        .iter()
+        .filter(|p| action_of(p) == Action::Unfixable)
+        .collect();
+    match bad.first() {
+        None => Ok(()),
+        Some(first) => Err(PrepareError::Unfixable {
+            path: path.to_owned(),
+            count: bad.len(),
+            first: first.to_string(),
+        }),
+    }
+}
+
+struct Worker<'a> {
+    path: &'a Path,
+    file: &'a File,
+    fs: Filesystem,
+    /// No lease: verify a range still reads as zeros right before zero-filling it.
+    careful: bool,
+    /// Whether FALLOC_FL_WRITE_ZEROES works here (None: not tried yet).
+    write_zeroes: Option<bool>,
+    zeros: Vec<u8>,
+    sigs: &'a libc::sigset_t,
+    lease_sig: libc::c_int,
+    done: u64,
+    total: u64,
+    zeroed: u64,
+    unshared: u64,
+    bar: Option<indicatif::ProgressBar>,
+    last_log: Instant,
+    progress: Progress,
+}
+
+impl Worker<'_> {
+    fn io_err(&self, what: &'static str) -> impl FnOnce(io::Error) -> PrepareError {
+        let path = self.path.to_owned();
+        move |source| PrepareError::Io { what, path, source }
+    }
+
+    fn fix(&mut self, p: &Problem) -> Result<(), PrepareError> {
+        let action = action_of(p);
+        let end = p.offset + p.length;
+        let mut off = p.offset;
+        while off < end {
+            // Chunks end on CHUNK boundaries so that runs line up across re-runs.
+            let len = ((off / CHUNK + 1) * CHUNK).min(end) - off;
+            match action {
+                Action::Zero => self.zero(off, len)?,
+                Action::Unshare => self.unshare(off, len)?,
+                Action::Writeback => hostfile::writeback(self.file, off, len, true)
+                    .map_err(self.io_err("write back"))?,
+                Action::Unfixable => unreachable!("refused before any work"),
+            }
+            off += len;
+            self.done += len;
+            self.report();
+            self.between_chunks()?;
+        }
+        Ok(())
+    }
+
+    fn zero(&mut self, off: u64, len: u64) -> Result<(), PrepareError> {
+        if self.careful {
+            self.verify_zeros(off, len)?;
+        }
+        if self.write_zeroes != Some(false) {
+            match hostfile::fallocate(self.file, hostfile::FALLOC_FL_WRITE_ZEROES, off, len) {
+                Ok(()) => {
+                    self.write_zeroes = Some(true);
+                    self.zeroed += len;
+                    return Ok(());
+                }
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+                    ) =>
+                {
+                    if self.write_zeroes.is_none() {
+                        info!("FALLOC_FL_WRITE_ZEROES not supported here ({e}); allocating and writing zeros");
+                    }
+                    self.write_zeroes = Some(false);
+                }
+                Err(e) => return Err(self.io_err("zero (FALLOC_FL_WRITE_ZEROES)")(e)),
+            }
+        }
+        // Allocate first (one contiguous request, early ENOSPC); then write zeros,
+        // which turns the unwritten extents into written ones at writeback.
+        if let Err(e) = hostfile::fallocate(self.file, hostfile::FALLOC_FL_KEEP_SIZE, off, len) {
+            if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                return Err(self.io_err("allocate")(e));
+            }
+        }
+        let mut pos = off;
+        while pos < off + len {
+            let n = (off + len - pos).min(WRITE_SIZE as u64) as usize;
+            self.file
+                .write_all_at(&self.zeros[..n], pos)
+                .map_err(self.io_err("write zeros to"))?;
+            pos += n as u64;
+        }
+        // Start writeback of this chunk and wait for the previous one: bounded dirty
+        // memory, and the disk is kept busy while the next chunk is written.
+        hostfile::writeback(self.file, off, len, false).map_err(self.io_err("write back"))?;
+        if off >= CHUNK {
+            hostfile::writeback(self.file, off - CHUNK, CHUNK, true)
+                .map_err(self.io_err("write back"))?;
+        }
+        self.zeroed += len;
+        Ok(())
+    }
+
+    /// Without a lease: a range FIEMAP called a hole must still read as zeros.
+    fn verify_zeros(&mut self, off: u64, len: u64) -> Result<(), PrepareError> {
+        let mut buf = vec![0u8; WRITE_SIZE];
+        let mut pos = off;
+        while pos < off + len {
+            let n = (off + len - pos).min(WRITE_SIZE as u64) as usize;
+            self.file
+                .read_exact_at(&mut buf[..n], pos)
+                .map_err(self.io_err("read"))?;
+            if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+                return Err(PrepareError::ConcurrentWriter {
+                    path: self.path.to_owned(),
+                    offset: pos + i as u64,
+                });
+            }
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    fn unshare(&mut self, off: u64, len: u64) -> Result<(), PrepareError> {
+        hostfile::fallocate(
+            self.file,
+            hostfile::FALLOC_FL_UNSHARE_RANGE | hostfile::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        )
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => PrepareError::Unshare {
+                path: self.path.to_owned(),
+                offset: off,
+                len,
+                fs: self.fs,
+                source,
+            },
+            _ => PrepareError::Io {
+                what: "unshare (FALLOC_FL_UNSHARE_RANGE)",
+                path: self.path.to_owned(),
+                source,
+            },
+        })?;
+        self.unshared += len;
+        Ok(())
+    }
+
+    /// Takes a pending Ctrl-C/SIGTERM or lease break: makes the progress durable and
+    /// stops with an error that says how to resume.
+    fn between_chunks(&mut self) -> Result<(), PrepareError> {
+        let Some((sig, _)) = hostfile::wait_signal(self.sigs, Duration::ZERO) else {
+            return Ok(());
+        };
+        self.finish_progress();
+        let _ = self.file.sync_all();
+        if sig == self.lease_sig || sig == libc::SIGIO {
+            let _ = hostfile::release_lease(self.file);
+            std::thread::sleep(Duration::from_millis(100));
+            let openers = hostfile::other_openers(self.file);
+            return Err(PrepareError::LeaseBroken {
+                path: self.path.to_owned(),
+                openers: if openers.is_empty() {
+                    "it already closed it".into()
+                } else {
+                    openers.join(", ")
+                },
+                done: self.done,
+                total: self.total,
+            });
+        }
+        Err(PrepareError::Interrupted {
+            done: self.done,
+            total: self.total,
+        })
+    }
+
+    fn start_progress(&mut self) {
+        let bar = match self.progress {
+            Progress::Auto if io::stderr().is_terminal() => indicatif::ProgressBar::new(self.total),
+            _ => return,
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message("prepare");
+        self.bar = Some(bar);
+    }
+
+    fn report(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(self.total);
+            bar.set_position(self.done);
+        } else if self.progress != Progress::Quiet && self.last_log.elapsed() >= LOG_EVERY {
+            self.last_log = Instant::now();
+            info!(
+                "{}: {} of {} MiB done ({}%)",
+                self.path.display(),
+                self.done >> 20,
+                self.total >> 20,
+                self.done * 100 / self.total.max(1)
+            );
+        }
+    }
+
+    fn finish_progress(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes_and_refuse_ambiguity() {
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("4G").unwrap(), 4 << 30);
+        assert_eq!(parse_size("4GiB").unwrap(), 4 << 30);
+        assert_eq!(parse_size("2097152").unwrap(), 2 << 20);
+        assert_eq!(parse_size("1t").unwrap(), 1 << 40);
+        assert!(parse_size("4GB").unwrap_err().contains("ambiguous"));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(round_to_region(1), 2 << 20);
+        assert_eq!(round_to_region(2 << 20), 2 << 20);
+        assert_eq!(round_to_region((2 << 20) + 1), 4 << 20);
+    }
+
+    #[test]
+    fn problems_map_to_the_right_action() {
+        let p = |kind| Problem {
+            offset: 0,
+            length: 4096,
+            kind,
+        };
+        assert_eq!(action_of(&p(ProblemKind::Hole)), Action::Zero);
+        assert_eq!(
+            action_of(&p(ProblemKind::Flags(vec!["unwritten"]))),
+            Action::Zero
+        );
+        assert_eq!(
+            action_of(&p(ProblemKind::Flags(vec!["shared"]))),
+            Action::Unshare
+        );
+        assert_eq!(
+            action_of(&p(ProblemKind::Flags(vec!["unknown", "delalloc"]))),
+            Action::Writeback
+        );
+        assert_eq!(
+            action_of(&p(ProblemKind::Flags(vec!["encoded", "shared"]))),
+            Action::Unfixable
+        );
+        assert_eq!(
+            action_of(&p(ProblemKind::Flags(vec!["unknown"]))),
+            Action::Unfixable
+        );
+    }
+
+    /// On whatever filesystem holds the temp dir: data survives, holes are filled,
+    /// the size is rounded up, and shrinking is refused.
+    #[test]
+    fn prepare_fills_holes_keeps_data_and_never_shrinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        {
+            let mut f = File::create(&path).unwrap();
+            f.write_all(b"hello").unwrap();
+            f.write_all_at(b"world", 3 << 20).unwrap();
+        }
+        let before = std::fs::read(&path).unwrap();
+        let r = prepare(&path, Some(5 << 20), Progress::Quiet).unwrap();
+        assert_eq!(r.size, 6 << 20);
+        assert!(r.verdict.immutable(), "{:?}", r.verdict.problems);
+        let after = std::fs::read(&path).unwrap();
+        assert_eq!(&after[..before.len()], &before[..]);
+        assert!(after[before.len()..].iter().all(|&b| b == 0));
+        // Again: nothing to do.
+        let r = prepare(&path, None, Progress::Quiet).unwrap();
+        assert_eq!((r.zeroed, r.passes), (0, 0));
+        let e = prepare(&path, Some(2 << 20), Progress::Quiet).unwrap_err();
+        assert!(matches!(e, PrepareError::WouldShrink { .. }), "{e}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 6 << 20);
+        // A size that rounds to the current one is fine.
+        prepare(&path, Some((4 << 20) + 1), Progress::Quiet).unwrap();
+        let e = prepare(&dir.path().join("new"), None, Progress::Quiet).unwrap_err();
+        assert!(matches!(e, PrepareError::SizeMissing { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_file_open_elsewhere_is_refused_and_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let other = File::create(&path).unwrap();
+        other.set_len(2 << 20).unwrap();
+        let e = prepare(&path, None, Progress::Quiet).unwrap_err();
+        assert!(matches!(e, PrepareError::Busy { .. }), "{e}");
+        assert!(!blockmap::inspect(&other).unwrap().immutable());
+    }
+}
