@@ -83,7 +83,11 @@ fn a_bad_range_reaches_the_guest_and_survives_restarts() {
         "bad range visible in the guest's badblocks {:?} after injection",
         injected.elapsed()
     );
-    assert_eq!(seen.trim(), format!("VDP-BB {} 1;", bad / 512), "wrong sector");
+    assert_eq!(
+        seen.trim(),
+        format!("VDP-BB {} 1;", bad / 512),
+        "wrong sector"
+    );
     let rc = guest.finish(BOOT);
     assert_eq!(rc, 0, "guest script failed");
     guest.expect("VDP-READ 4 ok E", Duration::ZERO);

@@ -61,6 +61,24 @@ pub struct ServeArgs {
     /// exit. After a crash clear it by hand: `chattr -i FILE`.
     #[arg(long)]
     pub seal: bool,
+    /// Unix socket for the guest agent's virtio-serial port (QEMU connects to it);
+    /// bad ranges are pushed to the agent, which records them in the guest.
+    #[arg(long, value_name = "SOCK")]
+    pub agent_socket: Option<PathBuf>,
+    /// PCI address of the virtio-pmem device in the guest (e.g. 0000:00:05.0), so
+    /// the agent picks the right /dev/pmemN when the guest has several.
+    #[arg(long, value_name = "ADDR")]
+    pub guest_pci_address: Option<String>,
+    /// Directory of the bad-range state file; default: the backing file's directory.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Read the whole file every SECS seconds and record sectors that fail with EIO.
+    /// 0 (default): no scrub.
+    #[arg(long, value_name = "SECS")]
+    pub scrub_interval: Option<u64>,
+    /// Scrub at most this many bytes per second (suffixes K, M, G). Default 64M.
+    #[arg(long, value_name = "BYTES", value_parser = crate::prepare::parse_size)]
+    pub scrub_rate: Option<u64>,
     /// TOML file with any of the keys above (kebab-case, e.g. `socket-path`).
     #[arg(long, value_name = "FILE.toml")]
     pub config: Option<PathBuf>,
@@ -79,7 +97,15 @@ struct FileConfig {
     allow_shared_permissions: Option<bool>,
     verify_interval: Option<u64>,
     seal: Option<bool>,
+    agent_socket: Option<PathBuf>,
+    guest_pci_address: Option<String>,
+    state_dir: Option<PathBuf>,
+    scrub_interval: Option<u64>,
+    scrub_rate: Option<u64>,
 }
+
+/// Default of `scrub-rate`, bytes per second.
+pub const DEFAULT_SCRUB_RATE: u64 = 64 << 20;
 
 /// Default of `verify-interval`, seconds.
 pub const DEFAULT_VERIFY_INTERVAL: u64 = 60;
@@ -98,6 +124,13 @@ pub struct Config {
     pub verify_interval: u64,
     /// Set the immutable attribute while serving (XFS only).
     pub seal: bool,
+    pub agent_socket: Option<PathBuf>,
+    pub guest_pci_address: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    /// Seconds between scrubs; 0: no scrub.
+    pub scrub_interval: u64,
+    /// Bytes per second a scrub may read.
+    pub scrub_rate: u64,
 }
 
 impl TryFrom<ServeArgs> for Config {
@@ -137,6 +170,14 @@ impl TryFrom<ServeArgs> for Config {
                 .or(file_cfg.verify_interval)
                 .unwrap_or(DEFAULT_VERIFY_INTERVAL),
             seal: args.seal || file_cfg.seal.unwrap_or(false),
+            agent_socket: args.agent_socket.or(file_cfg.agent_socket),
+            guest_pci_address: args.guest_pci_address.or(file_cfg.guest_pci_address),
+            state_dir: args.state_dir.or(file_cfg.state_dir),
+            scrub_interval: args.scrub_interval.or(file_cfg.scrub_interval).unwrap_or(0),
+            scrub_rate: args
+                .scrub_rate
+                .or(file_cfg.scrub_rate)
+                .unwrap_or(DEFAULT_SCRUB_RATE),
         })
     }
 }
@@ -173,6 +214,11 @@ mod tests {
                 allow_shared_permissions: false,
                 verify_interval: DEFAULT_VERIFY_INTERVAL,
                 seal: false,
+                agent_socket: None,
+                guest_pci_address: None,
+                state_dir: None,
+                scrub_interval: 0,
+                scrub_rate: DEFAULT_SCRUB_RATE,
             }
         );
     }

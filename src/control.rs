@@ -20,7 +20,7 @@ use log::{debug, warn};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::{socket::BoundSocket, Daemon};
+use crate::{badblocks::BadRange, media_errors::Source, socket::BoundSocket, Daemon};
 
 /// A control request.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -36,6 +36,12 @@ pub enum Request {
         #[serde(default)]
         backlog: bool,
     },
+    /// The known bad ranges of the backing file (file offsets, bytes).
+    BadblocksList,
+    /// Records a bad range, as a media-error source would (sector-aligned outward).
+    BadblocksInject { offset: u64, length: u64 },
+    /// Forgets a bad range (sector-aligned inward).
+    BadblocksClear { offset: u64, length: u64 },
 }
 
 /// How often a streaming connection checks whether its subscriber left.
@@ -46,6 +52,22 @@ pub fn answer(daemon: &Daemon, line: &str) -> Value {
     match serde_json::from_str::<Request>(line) {
         Ok(Request::Status) => json!({"ok": true, "status": daemon.status_report()}),
         Ok(Request::Stats) => json!({"ok": true, "stats": daemon.region.flusher.stats.snapshot()}),
+        Ok(Request::BadblocksList) => json!({"ok": true, "ranges": daemon.media.list()}),
+        Ok(Request::BadblocksInject { offset, length }) => {
+            let range = BadRange { offset, length };
+            match daemon.media.report(Source::Operator, &[range]) {
+                Ok(added) => json!({"ok": true, "added": added, "ranges": daemon.media.list()}),
+                Err(e) => json!({"ok": false, "error": format!("cannot record the range: {e}")}),
+            }
+        }
+        Ok(Request::BadblocksClear { offset, length }) => {
+            match daemon.media.clear(BadRange { offset, length }) {
+                Ok(changed) => {
+                    json!({"ok": true, "changed": changed, "ranges": daemon.media.list()})
+                }
+                Err(e) => json!({"ok": false, "error": format!("cannot clear the range: {e}")}),
+            }
+        }
         Ok(Request::Events { .. }) => {
             json!({"ok": false, "error": "events is a stream: send it on its own connection"})
         }

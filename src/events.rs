@@ -53,6 +53,15 @@ pub enum EventKind {
     Sealed { sealed: bool },
     /// Re-reading the block map failed.
     VerifyFailed { error: String },
+    /// The set of bad ranges of the backing file changed (media errors).
+    BadRangesChanged {
+        /// host-device, memory-failure, scrub or operator.
+        source: String,
+        added: Vec<crate::badblocks::BadRange>,
+        cleared: Vec<crate::badblocks::BadRange>,
+        /// Ranges in the set now.
+        total: usize,
+    },
 }
 
 /// One event as sent: its kind and fields, a sequence number and the time.

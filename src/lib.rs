@@ -19,6 +19,7 @@ pub mod guard;
 pub mod guest_channel;
 pub mod hostfile;
 pub mod media;
+pub mod media_errors;
 pub mod prepare;
 pub mod queue;
 pub mod socket;
@@ -47,6 +48,8 @@ use crate::{
     durability::{choose_policy, Flusher, Mode, ModeError, Policy},
     events::EventHub,
     guard::{GuardError, GuardState},
+    guest_channel::GuestChannel,
+    media_errors::MediaErrors,
     socket::SocketError,
     status::{DeviceStatus, StatusReport},
     virtio_pmem::VIRTIO_PMEM_F_SHMEM_REGION,
@@ -100,6 +103,10 @@ pub struct Daemon {
     pub events: Arc<EventHub>,
     /// Lease, seal and verification state of the block-map guard.
     pub guard: Arc<GuardState>,
+    /// Known bad ranges, their sources and sinks.
+    pub media: Arc<MediaErrors>,
+    /// The guest agent's channel, if configured.
+    pub agent: Option<Arc<GuestChannel>>,
 }
 
 impl Daemon {
@@ -125,6 +132,8 @@ impl Daemon {
             shmem_region_feature: features & VIRTIO_PMEM_F_SHMEM_REGION != 0,
             region_mapped: self.status.region_mapped(),
             guard: Some(self.guard.snapshot()),
+            bad_ranges: self.media.list(),
+            agent: self.agent.as_ref().map(|a| a.state.lock().unwrap().clone()),
         }
     }
 }
@@ -217,15 +226,30 @@ fn block_shutdown_signals() -> io::Result<libc::sigset_t> {
 pub fn serve(config: Config) -> Result<(), Error> {
     let sigset = block_shutdown_signals().map_err(io_err("block signals"))?;
     let (region, policy_reason) = open_region(&config)?;
+    let events: Arc<EventHub> = Arc::default();
+    let media = MediaErrors::load(
+        &region.path,
+        region.size,
+        config.state_dir.as_deref(),
+        events.clone(),
+    )
+    .map_err(io_err("load the bad-range state file"))?;
+    let agent = config
+        .agent_socket
+        .as_ref()
+        .map(|_| GuestChannel::new(region.size, config.guest_pci_address.clone(), media.list()));
     let daemon = Arc::new(Daemon {
         region: Arc::new(region),
         status: Arc::new(DeviceStatus::default()),
         mode_requested: config.mode,
         policy_reason,
         socket_path: config.socket_path.clone(),
-        events: Arc::default(),
+        events,
         guard: Arc::default(),
+        media,
+        agent,
     });
+    start_media_errors(&daemon, &config)?;
     // Lease, seal and block-map watcher; dropped (unsealing) however serve returns.
     let _guard = guard::start(&daemon, &config)?;
 
@@ -277,6 +301,42 @@ pub fn serve(config: Config) -> Result<(), Error> {
     drop(vsock);
     Ok(())
 }
+
+/// Starts the media-error sources and the guest channel.
+fn start_media_errors(daemon: &Daemon, config: &Config) -> Result<(), Error> {
+    let media = &daemon.media;
+    if let (Some(path), Some(agent)) = (&config.agent_socket, &daemon.agent) {
+        let sock = socket::bind(path, config.socket_group.as_deref())?;
+        agent
+            .spawn(sock)
+            .map_err(io_err("start the guest channel"))?;
+        media.attach_channel(agent.clone());
+        info!("guest agent channel: {}", path.display());
+    }
+    let file = daemon
+        .region
+        .file
+        .try_clone()
+        .map_err(io_err("dup backing fd"))?;
+    media
+        .watch_host_device(file, BADBLOCKS_REREAD)
+        .map_err(io_err("watch the host device's badblocks"))?;
+    if let Err(e) = media.watch_poison(&daemon.region.file) {
+        warn!("memory-failure notices are off: {e}");
+    }
+    if config.scrub_interval > 0 {
+        media
+            .start_scrub(
+                std::time::Duration::from_secs(config.scrub_interval),
+                config.scrub_rate,
+            )
+            .map_err(io_err("start the scrub"))?;
+    }
+    Ok(())
+}
+
+/// Slow re-read of the device's badblocks, in case a change is not notified.
+const BADBLOCKS_REREAD: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Waits until a VMM connects (true) or shutdown was requested (false).
 fn wait_for_connection(listen_fd: i32, stop: &EventFd) -> io::Result<bool> {

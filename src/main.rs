@@ -55,6 +55,17 @@ enum Command {
         #[arg(long, value_parser = prepare::parse_size)]
         size: Option<u64>,
     },
+    /// List, inject or clear bad ranges of a running daemon's backing file (byte
+    /// offsets in the file; aligned to 512-byte sectors, as ndctl does).
+    Badblocks {
+        #[arg(long, value_name = "SOCK")]
+        control_socket: PathBuf,
+        /// Print the daemon's JSON answer instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: BadblocksAction,
+    },
     /// Report whether FILE's block map is immutable and which mode `auto` would
     /// choose. Exit status: 0 immutable, 1 not immutable, 2 error.
     Check {
@@ -63,6 +74,74 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum BadblocksAction {
+    /// Print the known bad ranges.
+    List,
+    /// Record [OFFSET, OFFSET+LEN) as bad (it reaches the guest through the agent).
+    Inject {
+        #[arg(value_parser = prepare::parse_size)]
+        offset: u64,
+        #[arg(value_parser = prepare::parse_size)]
+        len: u64,
+    },
+    /// Forget [OFFSET, OFFSET+LEN) (after the media was repaired or replaced).
+    Clear {
+        #[arg(value_parser = prepare::parse_size)]
+        offset: u64,
+        #[arg(value_parser = prepare::parse_size)]
+        len: u64,
+    },
+}
+
+fn run_badblocks(
+    sock: &std::path::Path,
+    json: bool,
+    action: BadblocksAction,
+) -> Result<(), String> {
+    let req = match action {
+        BadblocksAction::List => control::Request::BadblocksList,
+        BadblocksAction::Inject { offset, len } => control::Request::BadblocksInject {
+            offset,
+            length: len,
+        },
+        BadblocksAction::Clear { offset, len } => control::Request::BadblocksClear {
+            offset,
+            length: len,
+        },
+    };
+    let answer = control::call(sock, &req).map_err(|e| format!("{}: {e}", sock.display()))?;
+    if answer["ok"] != true {
+        return Err(answer["error"]
+            .as_str()
+            .unwrap_or("request failed")
+            .to_string());
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&answer).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let ranges = answer["ranges"].as_array().cloned().unwrap_or_default();
+    if ranges.is_empty() {
+        println!("no bad ranges");
+    }
+    for r in ranges {
+        let (o, l) = (
+            r["offset"].as_u64().unwrap_or(0),
+            r["length"].as_u64().unwrap_or(0),
+        );
+        println!(
+            "offset {o:#x} length {l:#x} (sectors {} +{})",
+            o / 512,
+            l / 512
+        );
+    }
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<(), String> {
@@ -96,6 +175,11 @@ fn run(cli: Cli) -> Result<(), String> {
             let config = Config::try_from(args).map_err(|e| e.to_string())?;
             vhost_device_pmem::serve(config).map_err(|e| e.to_string())
         }
+        Command::Badblocks {
+            control_socket,
+            json,
+            action,
+        } => run_badblocks(&control_socket, json, action),
         Command::Status { control_socket } => print_call(&control_socket, control::Request::Status),
         Command::Stats { control_socket } => print_call(&control_socket, control::Request::Stats),
     }

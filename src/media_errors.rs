@@ -111,7 +111,10 @@ impl MediaErrors {
         for r in ranges {
             let end = r.end().min(self.size);
             if r.offset >= end {
-                warn!("{source}: bad range {r:?} lies outside the {}-byte file; ignored", self.size);
+                warn!(
+                    "{source}: bad range {r:?} lies outside the {}-byte file; ignored",
+                    self.size
+                );
                 continue;
             }
             let r = BadRange {
@@ -163,7 +166,13 @@ impl MediaErrors {
         Ok(true)
     }
 
-    fn publish(&self, source: Source, added: Vec<BadRange>, cleared: Vec<BadRange>, list: Vec<BadRange>) {
+    fn publish(
+        &self,
+        source: Source,
+        added: Vec<BadRange>,
+        cleared: Vec<BadRange>,
+        list: Vec<BadRange>,
+    ) {
         if let Some(ch) = self.channel.lock().unwrap().as_ref() {
             ch.publish(list.clone());
         }
@@ -177,9 +186,16 @@ impl MediaErrors {
 
     /// Watches the badblocks attribute of the host device under the file, if it has
     /// one; translates new entries through the file's current extent map.
-    pub fn watch_host_device(self: &Arc<Self>, file: std::fs::File, period: Duration) -> std::io::Result<bool> {
+    pub fn watch_host_device(
+        self: &Arc<Self>,
+        file: std::fs::File,
+        period: Duration,
+    ) -> std::io::Result<bool> {
         let Some(dev) = HostDevice::of(&file)? else {
-            info!("media errors: {} is not on a block device; no device badblocks to watch", self.backing.display());
+            info!(
+                "media errors: {} is not on a block device; no device badblocks to watch",
+                self.backing.display()
+            );
             return Ok(false);
         };
         let Some(path) = dev.badblocks_path() else {
@@ -201,7 +217,11 @@ impl MediaErrors {
                         if !bad.is_empty() {
                             match blockmap::read_extents(&file, me.size) {
                                 Ok(extents) => {
-                                    let ranges = media::disk_sectors_to_file(&bad, dev.partition_start, &extents);
+                                    let ranges = media::disk_sectors_to_file(
+                                        &bad,
+                                        dev.partition_start,
+                                        &extents,
+                                    );
                                     if let Err(e) = me.report(Source::HostDevice, &ranges) {
                                         error!("cannot record media errors: {e}");
                                     }

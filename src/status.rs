@@ -95,4 +95,10 @@ pub struct StatusReport {
     /// Lease, seal and block-map verification state.
     #[serde(default)]
     pub guard: Option<GuardStatus>,
+    /// Known bad ranges of the backing file (file offsets, bytes).
+    #[serde(default)]
+    pub bad_ranges: Vec<crate::badblocks::BadRange>,
+    /// The guest agent, if a guest channel is configured.
+    #[serde(default)]
+    pub agent: Option<crate::guest_channel::AgentState>,
 }

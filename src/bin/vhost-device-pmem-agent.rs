@@ -160,7 +160,8 @@ fn apply(dev: &Device, sectors: &[(u64, u64)]) -> Result<Vec<(u64, u64)>, String
                 .write(true)
                 .open(&dev.badblocks)
                 .map_err(|e| format!("{}: {e}", dev.badblocks.display()))?;
-            writeln!(f, "{s} {chunk}")
+            // One write(2): sysfs parses each write on its own.
+            f.write_all(format!("{s} {chunk}\n").as_bytes())
                 .map_err(|e| format!("{}: writing {s} {chunk}: {e}", dev.badblocks.display()))?;
             s += chunk;
             n -= chunk;
@@ -184,6 +185,21 @@ fn send(port: &mut File, msg: &FromAgent) {
     eprintln!("vhost-device-pmem-agent: {msg:?}");
 }
 
+/// The device node of the virtio-serial port called `name`: udev's
+/// /dev/virtio-ports/NAME link where there is one, otherwise the /dev/vportNpM whose
+/// sysfs `name` matches (guests without udev, e.g. busybox mdev).
+fn port_node(name: &str) -> Option<PathBuf> {
+    let link = Path::new("/dev/virtio-ports").join(name);
+    if link.exists() {
+        return Some(link);
+    }
+    fs::read_dir("/sys/class/virtio-ports")
+        .ok()?
+        .flatten()
+        .find(|e| read_trim(&e.path().join("name")).as_deref() == Some(name))
+        .map(|e| Path::new("/dev").join(e.file_name()))
+}
+
 fn usage() -> ! {
     eprintln!("usage: vhost-device-pmem-agent [--port NAME | --port-path PATH]");
     std::process::exit(2)
@@ -191,14 +207,14 @@ fn usage() -> ! {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let mut port_path = PathBuf::from(format!("/dev/virtio-ports/{DEFAULT_PORT_NAME}"));
+    let mut port_name = DEFAULT_PORT_NAME.to_string();
+    let mut port_path: Option<PathBuf> = None;
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--port" => {
-                port_path =
-                    Path::new("/dev/virtio-ports").join(args.next().unwrap_or_else(|| usage()))
+            "--port" => port_name = args.next().unwrap_or_else(|| usage()),
+            "--port-path" => {
+                port_path = Some(PathBuf::from(args.next().unwrap_or_else(|| usage())))
             }
-            "--port-path" => port_path = PathBuf::from(args.next().unwrap_or_else(|| usage())),
             "--version" => {
                 println!("vhost-device-pmem-agent {}", env!("CARGO_PKG_VERSION"));
                 return;
@@ -207,12 +223,17 @@ fn main() {
         }
     }
     let port = loop {
-        match OpenOptions::new().read(true).write(true).open(&port_path) {
+        let Some(path) = port_path.clone().or_else(|| port_node(&port_name)) else {
+            eprintln!("vhost-device-pmem-agent: waiting for virtio-serial port {port_name}");
+            thread::sleep(Duration::from_secs(1));
+            continue;
+        };
+        match OpenOptions::new().read(true).write(true).open(&path) {
             Ok(f) => break f,
             Err(e) => {
                 eprintln!(
                     "vhost-device-pmem-agent: waiting for {}: {e}",
-                    port_path.display()
+                    path.display()
                 );
                 thread::sleep(Duration::from_secs(1));
             }
