@@ -325,8 +325,14 @@ fn start_media_errors(daemon: &Daemon, config: &Config) -> Result<(), Error> {
         warn!("memory-failure notices are off: {e}");
     }
     if config.scrub_interval > 0 {
+        let file = daemon
+            .region
+            .file
+            .try_clone()
+            .map_err(io_err("dup backing fd"))?;
         media
             .start_scrub(
+                file,
                 std::time::Duration::from_secs(config.scrub_interval),
                 config.scrub_rate,
             )

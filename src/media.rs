@@ -158,27 +158,24 @@ impl SysfsWatch {
 }
 
 /// Reads `[offset, offset + len)` of the file and reports every 512-byte sector that
-/// fails with EIO. Reads in large blocks first and narrows a failing block down with
-/// O_DIRECT sector reads (buffered reads fail a whole page).
+/// fails with EIO. Reads in large blocks through the daemon's own descriptor (a new
+/// open would break the daemon's file lease) and narrows a failing block down with
+/// O_DIRECT sector reads (buffered reads fail a whole page), opening the file with
+/// O_DIRECT only then.
 pub struct Scrubber {
     buffered: File,
-    direct: Option<File>,
+    path: PathBuf,
     block: usize,
 }
 
 impl Scrubber {
-    pub fn new(path: &Path) -> io::Result<Self> {
-        let buffered = File::open(path)?;
-        let direct = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .ok();
-        Ok(Self {
-            buffered,
-            direct,
+    /// `file` is (a duplicate of) the daemon's descriptor of `path`.
+    pub fn new(file: File, path: &Path) -> Self {
+        Self {
+            buffered: file,
+            path: path.to_owned(),
             block: 1 << 20,
-        })
+        }
     }
 
     /// Scrubs `[offset, offset + len)`, sleeping as needed to stay under
@@ -211,7 +208,12 @@ impl Scrubber {
 
     fn narrow(&self, start: u64, len: u64) -> io::Result<Vec<BadRange>> {
         let mut bad = Vec::new();
-        let Some(direct) = &self.direct else {
+        let direct = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&self.path)
+            .ok();
+        let Some(direct) = &direct else {
             // No O_DIRECT (e.g. tmpfs): report the whole failing block.
             bad.push(BadRange {
                 offset: start,
@@ -460,7 +462,7 @@ mod tests {
     fn scrub_of_a_healthy_file_finds_nothing() {
         let f = tempfile::NamedTempFile::new().unwrap();
         f.as_file().set_len(3 << 20).unwrap();
-        let s = Scrubber::new(f.path()).unwrap();
+        let s = Scrubber::new(f.reopen().unwrap(), f.path());
         assert!(s.scrub(0, 3 << 20, 0).unwrap().is_empty());
     }
 }

@@ -266,8 +266,13 @@ impl MediaErrors {
 
     /// Reads the whole file every `interval`, at most `rate` bytes/s, and reports
     /// sectors that fail with EIO.
-    pub fn start_scrub(self: &Arc<Self>, interval: Duration, rate: u64) -> std::io::Result<()> {
-        let scrubber = Scrubber::new(&self.backing)?;
+    pub fn start_scrub(
+        self: &Arc<Self>,
+        file: std::fs::File,
+        interval: Duration,
+        rate: u64,
+    ) -> std::io::Result<()> {
+        let scrubber = Scrubber::new(file, &self.backing);
         let me = self.clone();
         thread::Builder::new()
             .name("scrub".into())
