@@ -26,6 +26,9 @@ img=$DEMO_DIR/pmem.img
 dd if=/dev/zero of="$img" bs=1M count=64 status=none conv=fsync
 mkfs.ext4 -q -F -b 4096 -E nodiscard -d "$DEMO_DIR/seed" "$img"
 chmod 600 "$img"
+# mkfs leaves unwritten extents: make the block map immutable, then show the verdict.
+"$bin" prepare "$img"
+"$bin" check "$img" || true
 
 "$bin" serve --socket-path "$DEMO_DIR/vu.sock" --file "$img" \
   --control-socket "$DEMO_DIR/ctl.sock" 2>"$DEMO_DIR/daemon.log" &

@@ -36,6 +36,11 @@ fn guest_mounts_with_dax_reads_seed_and_its_fsync_reaches_the_file() {
     let img = seeded_image(dir.path());
     let head = md5_hex(&fs::read(&img).unwrap()[..8192]);
     let daemon = DaemonProc::start(dir.path(), &img, &[]);
+    let status = daemon.status();
+    assert_eq!(
+        status["policy"], "datasync",
+        "a prepared image on this host: {status}"
+    );
 
     let mut guest = env.boot(
         dir.path(),
@@ -75,6 +80,10 @@ umount /mnt/p || exit 12
     assert!(
         stats["flush_requests"].as_u64().unwrap() > 0,
         "no flush reached the daemon: {stats}"
+    );
+    assert!(
+        stats["syncs"].as_u64().unwrap() <= stats["flush_requests"].as_u64().unwrap(),
+        "{stats}"
     );
     let log = daemon.log_text();
     assert!(

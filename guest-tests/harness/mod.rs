@@ -464,8 +464,10 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Makes a fully written ext4 image of `size` bytes seeded with `seed_dir`
-/// (4 KiB blocks, which DAX needs), writable by the owner only.
+/// Makes an ext4 image of `size` bytes seeded with `seed_dir` (4 KiB blocks, which
+/// DAX needs), writable by the owner only, and makes its block map immutable with
+/// `vhost-device-pmem prepare` (mkfs leaves unwritten extents), so `auto` serves it
+/// in `datasync` mode on this page-cache host.
 pub fn make_ext4_image(path: &Path, size: u64, seed_dir: &Path) {
     let f = fs::File::create(path).unwrap();
     // Write every byte so the block map starts out allocated and written.
@@ -476,11 +478,13 @@ pub fn make_ext4_image(path: &Path, size: u64, seed_dir: &Path) {
     }
     drop(w);
     f.sync_all().unwrap();
+    drop(f);
     run(Command::new("mkfs.ext4")
         .args(["-q", "-F", "-b", "4096", "-E", "nodiscard", "-d"])
         .arg(seed_dir)
         .arg(path));
     fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+    run(Command::new(DAEMON).arg("prepare").arg(path));
 }
 
 /// Reads a file out of an ext4 image after replaying its journal on a copy (the
