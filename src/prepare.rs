@@ -73,6 +73,12 @@ pub enum PrepareError {
         count: usize,
         first: String,
     },
+    #[error("cannot read the block map (FIEMAP) of {path} on {fs}: {source}; without one nothing can be made or proven immutable (tmpfs keeps data in memory only: serve it with --mode fsync or --mode volatile)")]
+    NoBlockMap {
+        path: PathBuf,
+        fs: Filesystem,
+        source: io::Error,
+    },
     #[error("interrupted after {done} of {total} bytes; the file is consistent (every byte reads as before) and its progress is on disk: run prepare again to finish")]
     Interrupted { done: u64, total: u64 },
     #[error("another process opened {path} while prepare ran ({openers}); stopped after {done} of {total} bytes, the file is consistent: run prepare again once it has closed the file")]
@@ -294,6 +300,10 @@ pub fn prepare(
     if lease {
         let _ = hostfile::release_lease(&file);
     }
+    // A file this call created and could not prepare at all is not left behind.
+    if result.is_err() && !existed && file.metadata().is_ok_and(|m| m.len() == 0) {
+        let _ = std::fs::remove_file(path);
+    }
     result
 }
 
@@ -349,12 +359,17 @@ fn prepare_locked(
         });
     }
 
-    // Refuse what cannot be fixed before changing anything.
-    if size_before > 0 {
-        let extents =
-            blockmap::read_extents(file, size_before).map_err(io_err("read the block map of"))?;
-        check_fixable(path, &blockmap::find_problems(&extents, size_before))?;
-    }
+    // Refuse what cannot be fixed, or a filesystem without FIEMAP (tmpfs), before
+    // changing anything (an empty file is probed with a one-byte request).
+    let extents =
+        blockmap::read_extents_with(file, size_before.max(1), true).map_err(|source| {
+            PrepareError::NoBlockMap {
+                path: path.to_owned(),
+                fs,
+                source,
+            }
+        })?;
+    check_fixable(path, &blockmap::find_problems(&extents, size_before))?;
 
     if target > size_before {
         // The new range is a hole (reads as zeros) and is zero-filled below like any
@@ -758,6 +773,22 @@ mod tests {
         prepare(&path, Some((4 << 20) + 1), Progress::Quiet).unwrap();
         let e = prepare(&dir.path().join("new"), None, Progress::Quiet).unwrap_err();
         assert!(matches!(e, PrepareError::SizeMissing { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_filesystem_without_fiemap_is_refused_before_any_change() {
+        let dir = Path::new("/dev/shm");
+        let Ok(probe) = tempfile::tempfile_in(dir) else {
+            return;
+        };
+        if blockmap::filesystem_of(&probe).ok() != Some(Filesystem::Tmpfs) {
+            return;
+        }
+        let path = dir.join(format!("vdp-prepare-test-{}", std::process::id()));
+        let e = prepare(&path, Some(4 << 20), Progress::Quiet).unwrap_err();
+        assert!(matches!(e, PrepareError::NoBlockMap { .. }), "{e}");
+        assert!(e.to_string().contains("tmpfs"), "{e}");
+        assert!(!path.exists(), "the file prepare created was left behind");
     }
 
     #[test]
