@@ -88,7 +88,14 @@ pub fn check(path: &Path) -> io::Result<CheckReport> {
             "not a regular file",
         ));
     }
-    let verdict = blockmap::inspect(&file)?;
+    let verdict = blockmap::inspect(&file).map_err(|e| {
+        let fs = blockmap::filesystem_of(&file)
+            .map_or_else(|_| "an unknown filesystem".to_string(), |f| f.to_string());
+        io::Error::new(
+            e.kind(),
+            format!("cannot read the block map (FIEMAP) on {fs}: {e}; serve --mode auto would fall back to fsync"),
+        )
+    })?;
     Ok(report(path, &file, &verdict))
 }
 

@@ -203,7 +203,83 @@ pub fn call(path: &Path, request: &Request) -> std::io::Result<Value> {
 
 #[cfg(test)]
 mod tests {
+    use std::{path::PathBuf, sync::mpsc};
+
     use super::*;
+    use crate::{
+        durability::{Flusher, Mode, Policy},
+        events::EventKind,
+        status::DeviceStatus,
+        Region,
+    };
+
+    fn daemon() -> Arc<Daemon> {
+        let f = tempfile::tempfile().unwrap();
+        Arc::new(Daemon {
+            region: Arc::new(Region {
+                path: PathBuf::from("/img"),
+                file: f.try_clone().unwrap(),
+                size: 2 << 20,
+                readonly: false,
+                flusher: Flusher::new(f, Policy::Fsync),
+                baseline: None,
+            }),
+            status: Arc::new(DeviceStatus::default()),
+            mode_requested: Mode::Auto,
+            policy_reason: "test".into(),
+            socket_path: PathBuf::from("/s"),
+            events: Arc::default(),
+            guard: Arc::default(),
+        })
+    }
+
+    #[test]
+    fn events_stream_until_the_subscriber_leaves() {
+        let d = daemon();
+        d.events.publish(EventKind::Sealed { sealed: true });
+        let (client, server) = UnixStream::pair().unwrap();
+        let (done_tx, done_rx) = mpsc::channel();
+        let d2 = d.clone();
+        thread::spawn(move || {
+            serve_client(server, &d2);
+            done_tx.send(()).unwrap();
+        });
+        (&client)
+            .write_all(b"{\"command\":\"events\",\"backlog\":true}\n")
+            .unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut lines = BufReader::new(client.try_clone().unwrap()).lines();
+        let mut next =
+            || -> Value { serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap() };
+        assert_eq!(next()["events"], "subscribed");
+        assert_eq!(next()["event"], "sealed", "backlog first");
+        d.events.publish(EventKind::LeaseTaken {
+            lease: "write lease held".into(),
+        });
+        let v = next();
+        assert_eq!(
+            (v["event"].as_str(), v["seq"].as_u64()),
+            (Some("lease-taken"), Some(2))
+        );
+        drop(lines);
+        drop(client);
+        done_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the streaming thread ends when the subscriber disconnects");
+        // Its subscription is dropped at the next publish.
+        d.events.publish(EventKind::Sealed { sealed: false });
+        assert_eq!(d.events.subscribers(), 0);
+    }
+
+    #[test]
+    fn events_on_a_request_connection_is_refused_cleanly() {
+        let v = answer(&daemon(), r#"{"command":"events"}"#);
+        assert_eq!(v["ok"], false);
+        let v = answer(&daemon(), r#"{"command":"status"}"#);
+        assert_eq!(v["status"]["guard"]["lease"], "");
+    }
 
     #[test]
     fn requests_have_a_stable_wire_form() {
