@@ -214,7 +214,19 @@ mod tests {
     };
 
     fn daemon() -> Arc<Daemon> {
+        daemon_with_state(&std::env::temp_dir())
+    }
+
+    fn daemon_with_state(state_dir: &std::path::Path) -> Arc<Daemon> {
         let f = tempfile::tempfile().unwrap();
+        let events: Arc<crate::events::EventHub> = Arc::default();
+        let media = crate::media_errors::MediaErrors::load(
+            std::path::Path::new("/img"),
+            2 << 20,
+            Some(state_dir),
+            events.clone(),
+        )
+        .unwrap();
         Arc::new(Daemon {
             region: Arc::new(Region {
                 path: PathBuf::from("/img"),
@@ -228,9 +240,50 @@ mod tests {
             mode_requested: Mode::Auto,
             policy_reason: "test".into(),
             socket_path: PathBuf::from("/s"),
-            events: Arc::default(),
+            events,
             guard: Arc::default(),
+            media,
+            agent: None,
         })
+    }
+
+    #[test]
+    fn badblocks_commands_record_persist_and_clear_ranges() {
+        let state = tempfile::tempdir().unwrap();
+        let d = daemon_with_state(state.path());
+        let rx = d.events.subscribe(false);
+        let a = answer(
+            &d,
+            r#"{"command":"badblocks-inject","offset":4100,"length":10}"#,
+        );
+        assert_eq!(a["ok"], true, "{a}");
+        assert_eq!(a["ranges"], json!([{"offset": 4096, "length": 512}]));
+        // Outside the 2 MiB file: ignored, not an error.
+        let a = answer(
+            &d,
+            r#"{"command":"badblocks-inject","offset":4194304,"length":512}"#,
+        );
+        assert_eq!(a["added"], json!([]), "{a}");
+        let e = rx.recv_timeout(Duration::from_secs(1)).unwrap().to_line();
+        assert!(
+            e.contains("bad-ranges-changed") && e.contains("operator"),
+            "{e}"
+        );
+        // Persisted before it was published: a fresh daemon on the same state has it.
+        let again = daemon_with_state(state.path());
+        assert_eq!(
+            answer(&again, r#"{"command":"badblocks-list"}"#)["ranges"],
+            json!([{"offset": 4096, "length": 512}])
+        );
+        let a = answer(
+            &d,
+            r#"{"command":"badblocks-clear","offset":4096,"length":512}"#,
+        );
+        assert_eq!(
+            (a["changed"].clone(), a["ranges"].clone()),
+            (json!(true), json!([]))
+        );
+        assert_eq!(d.status_report().bad_ranges, vec![]);
     }
 
     #[test]
