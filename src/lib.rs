@@ -313,26 +313,25 @@ fn start_media_errors(daemon: &Daemon, config: &Config) -> Result<(), Error> {
         media.attach_channel(agent.clone());
         info!("guest agent channel: {}", path.display());
     }
-    let file = daemon
-        .region
-        .file
-        .try_clone()
-        .map_err(io_err("dup backing fd"))?;
+    // Sources read through duplicates of the daemon's descriptor: a new open of the
+    // file would break the daemon's lease.
+    let dup = || {
+        daemon
+            .region
+            .file
+            .try_clone()
+            .map_err(io_err("dup backing fd"))
+    };
     media
-        .watch_host_device(file, BADBLOCKS_REREAD)
+        .watch_host_device(dup()?, BADBLOCKS_REREAD)
         .map_err(io_err("watch the host device's badblocks"))?;
     if let Err(e) = media.watch_poison(&daemon.region.file) {
         warn!("memory-failure notices are off: {e}");
     }
     if config.scrub_interval > 0 {
-        let file = daemon
-            .region
-            .file
-            .try_clone()
-            .map_err(io_err("dup backing fd"))?;
         media
             .start_scrub(
-                file,
+                dup()?,
                 std::time::Duration::from_secs(config.scrub_interval),
                 config.scrub_rate,
             )
