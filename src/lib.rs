@@ -340,8 +340,11 @@ fn start_media_errors(daemon: &Daemon, config: &Config) -> Result<(), Error> {
     Ok(())
 }
 
-/// Slow re-read of the device's badblocks, in case a change is not notified.
-const BADBLOCKS_REREAD: std::time::Duration = std::time::Duration::from_secs(10);
+/// Re-read of the device's badblocks for the changes the kernel does not notify
+/// (entries written to the attribute by hand). Reading an unchanged list costs one
+/// small sysfs read; it is translated again only when it changed (or every
+/// [`media_errors::RETRANSLATE`]).
+const BADBLOCKS_REREAD: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Waits until a VMM connects (true) or shutdown was requested (false).
 fn wait_for_connection(listen_fd: i32, stop: &EventFd) -> io::Result<bool> {

@@ -10,7 +10,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use log::{error, info, warn};
@@ -23,6 +23,10 @@ use crate::{
     guest_channel::GuestChannel,
     media::{self, HostDevice, PoisonWatch, Scrubber, SysfsWatch},
 };
+
+/// How often an unchanged device badblocks list is translated again anyway (the
+/// file's extent map is re-read then).
+pub const RETRANSLATE: Duration = Duration::from_secs(10);
 
 /// Who reported a range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,6 +190,12 @@ impl MediaErrors {
 
     /// Watches the badblocks attribute of the host device under the file, if it has
     /// one; translates new entries through the file's current extent map.
+    ///
+    /// The kernel notifies (POLLPRI) only the changes libnvdimm makes itself (address
+    /// range scrub, poison revalidation); an entry written to the attribute by hand
+    /// is not notified, so the attribute is also re-read every `period`. A re-read
+    /// that finds the same text skips the translation, except every
+    /// [`RETRANSLATE`] (the extent map is read again then, in case it changed).
     pub fn watch_host_device(
         self: &Arc<Self>,
         file: std::fs::File,
@@ -210,34 +220,45 @@ impl MediaErrors {
         let me = self.clone();
         thread::Builder::new()
             .name("badblocks-watch".into())
-            .spawn(move || loop {
-                match watch.read() {
-                    Ok(text) => {
-                        let bad = media::parse_badblocks(&text);
-                        if !bad.is_empty() {
-                            match blockmap::read_extents(&file, me.size) {
-                                Ok(extents) => {
-                                    let ranges = media::disk_sectors_to_file(
-                                        &bad,
-                                        dev.partition_start,
-                                        &extents,
-                                    );
-                                    if let Err(e) = me.report(Source::HostDevice, &ranges) {
-                                        error!("cannot record media errors: {e}");
-                                    }
-                                }
-                                Err(e) => error!("media errors: cannot read the extent map: {e}"),
+            .spawn(move || {
+                let mut translated: Option<(String, Instant)> = None;
+                loop {
+                    match watch.read() {
+                        Ok(text) => {
+                            let fresh = translated.as_ref().is_some_and(|(last, at)| {
+                                *last == text && at.elapsed() < RETRANSLATE
+                            });
+                            if !fresh {
+                                me.translate_device_badblocks(&file, &dev, &text);
+                                translated = Some((text, Instant::now()));
                             }
                         }
+                        Err(e) => error!("media errors: cannot read {}: {e}", path.display()),
                     }
-                    Err(e) => error!("media errors: cannot read {}: {e}", path.display()),
-                }
-                if let Err(e) = watch.wait(period) {
-                    error!("media errors: poll {}: {e}", path.display());
-                    thread::sleep(period);
+                    if let Err(e) = watch.wait(period) {
+                        error!("media errors: poll {}: {e}", path.display());
+                        thread::sleep(period);
+                    }
                 }
             })?;
         Ok(true)
+    }
+
+    /// Reports the entries of a device `badblocks` text that fall in the file.
+    fn translate_device_badblocks(&self, file: &std::fs::File, dev: &HostDevice, text: &str) {
+        let bad = media::parse_badblocks(text);
+        if bad.is_empty() {
+            return;
+        }
+        match blockmap::read_extents(file, self.size) {
+            Ok(extents) => {
+                let ranges = media::disk_sectors_to_file(&bad, dev.partition_start, &extents);
+                if let Err(e) = self.report(Source::HostDevice, &ranges) {
+                    error!("cannot record media errors: {e}");
+                }
+            }
+            Err(e) => error!("media errors: cannot read the extent map: {e}"),
+        }
     }
 
     /// Listens for memory-failure SIGBUS notices on a mapping of the file.
