@@ -325,7 +325,9 @@ fn start_media_errors(daemon: &Daemon, config: &Config) -> Result<(), Error> {
     media
         .watch_host_device(dup()?, BADBLOCKS_REREAD)
         .map_err(io_err("watch the host device's badblocks"))?;
-    if let Err(e) = media.watch_poison(&daemon.region.file) {
+    // In direct mode the file is DAX and MAP_SYNC was granted when it was judged.
+    let map_sync = daemon.region.flusher.policy() == Policy::Direct;
+    if let Err(e) = media.watch_poison(&daemon.region.file, map_sync) {
         warn!("memory-failure notices are off: {e}");
     }
     if config.scrub_interval > 0 {

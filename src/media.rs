@@ -275,21 +275,40 @@ pub struct PoisonWatch {
 }
 
 impl PoisonWatch {
-    /// Maps `file` and installs the SIGBUS handler. One per process.
-    pub fn new(file: &File, len: u64) -> io::Result<Self> {
+    /// Maps `file` and installs the SIGBUS handler. One per process. With
+    /// `map_sync` (a DAX file served in `direct` mode) the mapping is asked for with
+    /// MAP_SHARED_VALIDATE|MAP_SYNC, so the daemon's own address space shows the
+    /// kernel granting MAP_SYNC (`sf` in /proc/PID/smaps); a plain shared mapping is
+    /// made if that is refused. The watch works the same either way.
+    pub fn new(file: &File, len: u64, map_sync: bool) -> io::Result<Self> {
         let len = usize::try_from(len).map_err(|_| io::Error::other("region too large"))?;
-        // SAFETY: a fresh read-only shared mapping at a kernel-chosen address; it is
-        // never dereferenced, only compared against fault addresses.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
+        let map = |flags| {
+            // SAFETY: a fresh read-only shared mapping at a kernel-chosen address; it
+            // is never dereferenced, only compared against fault addresses.
+            unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ,
+                    flags,
+                    file.as_raw_fd(),
+                    0,
+                )
+            }
         };
+        let mut base = libc::MAP_FAILED;
+        if map_sync {
+            base = map(libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC);
+            if base == libc::MAP_FAILED {
+                log::warn!(
+                    "memory-failure watch: MAP_SYNC mapping refused ({}); using a plain one",
+                    io::Error::last_os_error()
+                );
+            }
+        }
+        if base == libc::MAP_FAILED {
+            base = map(libc::MAP_SHARED);
+        }
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }

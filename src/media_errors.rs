@@ -261,9 +261,14 @@ impl MediaErrors {
         }
     }
 
-    /// Listens for memory-failure SIGBUS notices on a mapping of the file.
-    pub fn watch_poison(self: &Arc<Self>, file: &std::fs::File) -> std::io::Result<()> {
-        let watch = PoisonWatch::new(file, self.size)?;
+    /// Listens for memory-failure SIGBUS notices on a mapping of the file (a
+    /// MAP_SYNC one with `map_sync`, see [`PoisonWatch::new`]).
+    pub fn watch_poison(
+        self: &Arc<Self>,
+        file: &std::fs::File,
+        map_sync: bool,
+    ) -> std::io::Result<()> {
+        let watch = PoisonWatch::new(file, self.size, map_sync)?;
         let me = self.clone();
         thread::Builder::new()
             .name("poison-watch".into())
