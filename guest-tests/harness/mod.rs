@@ -78,7 +78,8 @@ impl GuestEnv {
     }
 
     /// The initramfs for one boot: the base archive plus `/test.sh` (and any extra
-    /// files), appended as a second cpio archive.
+    /// files), appended as a second cpio archive. An extra file's name may be a path
+    /// (`usr/bin/strace`); its directories are made in the guest.
     pub fn initrd_with(&self, dir: &Path, script: &str, extra: &[(&str, &[u8])]) -> PathBuf {
         let stage = dir.join("initrd-extra");
         let _ = fs::remove_dir_all(&stage);
@@ -87,6 +88,18 @@ impl GuestEnv {
         fs::write(stage.join("test.sh"), format!("#!/bin/sh\n{script}")).unwrap();
         fs::set_permissions(stage.join("test.sh"), fs::Permissions::from_mode(0o755)).unwrap();
         for (name, data) in extra {
+            let name = name.trim_start_matches('/');
+            // The kernel's unpacker makes no missing directories: list each parent
+            // before what it holds.
+            let mut parent = PathBuf::new();
+            for part in Path::new(name).parent().into_iter().flat_map(Path::iter) {
+                parent.push(part);
+                let p = parent.to_string_lossy().into_owned();
+                if !names.contains(&p) {
+                    fs::create_dir_all(stage.join(&p)).unwrap();
+                    names.push(p);
+                }
+            }
             fs::write(stage.join(name), data).unwrap();
             fs::set_permissions(stage.join(name), fs::Permissions::from_mode(0o755)).unwrap();
             names.push(name.to_string());
@@ -120,12 +133,54 @@ impl GuestEnv {
 
     /// [`Self::boot`] with extra files in the initramfs and extra QEMU arguments.
     pub fn boot_with(&self, dir: &Path, socket: &Path, script: &str, opts: &Boot) -> Guest {
+        let initrd = self.initrd_for(dir, script, opts);
+        let mut cmd = self.qemu(&initrd, "memory-backend=mem");
+        cmd.args([
+            "-object",
+            "memory-backend-memfd,id=mem,size=512M,share=on",
+            "-m",
+            "512M",
+        ])
+        .arg("-chardev")
+        .arg(format!("socket,id=vu0,path={}", socket.display()))
+        .args([
+            "-device",
+            "vhost-user-test-device-pci,chardev=vu0,virtio-id=27,num_vqs=1,config_size=16",
+        ])
+        .args(&opts.qemu_args);
+        Guest::spawn(cmd, dir.join("console.log"))
+    }
+
+    /// Boots the DAX host lab: a guest that plays a host with persistent memory. An
+    /// emulated NVDIMM backed by `nvdimm` (a file, usually sparse, of the NVDIMM's
+    /// size) shows up as /dev/pmem0 in a raw namespace; [`LAB_FSDAX`] turns it into
+    /// an fsdax one. 1 GiB of RAM, no virtio-pmem device.
+    pub fn boot_lab(&self, dir: &Path, nvdimm: &Path, script: &str, opts: &Boot) -> Guest {
+        let size = fs::metadata(nvdimm).expect("NVDIMM backing file").len();
+        let initrd = self.initrd_for(dir, script, opts);
+        let mut cmd = self.qemu(&initrd, "nvdimm=on");
+        cmd.args(["-m", "1G,slots=2,maxmem=4G", "-object"])
+            .arg(format!(
+                "memory-backend-file,id=nv0,share=on,mem-path={},size={size}",
+                nvdimm.display()
+            ))
+            .args(["-device", "nvdimm,memdev=nv0,id=nvdimm0"])
+            .args(&opts.qemu_args);
+        Guest::spawn(cmd, dir.join("console.log"))
+    }
+
+    fn initrd_for(&self, dir: &Path, script: &str, opts: &Boot) -> PathBuf {
         let files: Vec<(&str, &[u8])> = opts
             .files
             .iter()
             .map(|(n, d)| (n.as_str(), d.as_slice()))
             .collect();
-        let initrd = self.initrd_with(dir, script, &files);
+        self.initrd_with(dir, script, &files)
+    }
+
+    /// QEMU from the setup's tree with the guest kernel, `initrd`, a serial console
+    /// on stdio and `machine_opts` added to `-machine q35,accel=...`.
+    fn qemu(&self, initrd: &Path, machine_opts: &str) -> Command {
         let root = &self.qemu_root;
         let mut cmd = Command::new(root.join("lib64/ld-linux-x86-64.so.2"));
         cmd.arg("--library-path")
@@ -141,11 +196,7 @@ impl GuestEnv {
             .arg(root.join("usr/share/seabios"))
             .args([
                 "-machine",
-                &format!("q35,accel={},memory-backend=mem", self.accel),
-                "-object",
-                "memory-backend-memfd,id=mem,size=512M,share=on",
-                "-m",
-                "512M",
+                &format!("q35,accel={},{machine_opts}", self.accel),
                 "-smp",
                 "2",
                 "-nodefaults",
@@ -158,26 +209,37 @@ impl GuestEnv {
             ])
             .arg(&self.kernel)
             .arg("-initrd")
-            .arg(&initrd)
-            .args(["-append", "console=ttyS0 quiet panic=-1 loglevel=4"])
-            .arg("-chardev")
-            .arg(format!("socket,id=vu0,path={}", socket.display()))
-            .args([
-                "-device",
-                "vhost-user-test-device-pci,chardev=vu0,virtio-id=27,num_vqs=1,config_size=16",
-            ])
-            .args(&opts.qemu_args);
+            .arg(initrd)
+            .args(["-append", "console=ttyS0 quiet panic=-1 loglevel=4"]);
         if self.accel == "kvm" {
             cmd.args(["-cpu", "host"]);
         }
-        Guest::spawn(cmd, dir.join("console.log"))
+        cmd
     }
 }
+
+/// Shell for a lab guest ([`GuestEnv::boot_lab`]): turns the NVDIMM's raw namespace
+/// into an fsdax one (struct pages kept on the NVDIMM, 4 KiB alignment) through
+/// sysfs, as `ndctl create-namespace -m fsdax` would, so /dev/pmem0 supports DAX
+/// mounts and MAP_SYNC. Exits 20 if the conversion fails.
+pub const LAB_FSDAX: &str = r#"
+nd=/sys/bus/nd/devices
+echo namespace0.0 > /sys/bus/nd/drivers/nd_pmem/unbind || exit 20
+cat /proc/sys/kernel/random/uuid > $nd/pfn0.0/uuid || exit 20
+echo pmem > $nd/pfn0.0/mode || exit 20
+echo 4096 > $nd/pfn0.0/align || exit 20
+echo namespace0.0 > $nd/pfn0.0/namespace || exit 20
+echo pfn0.0 > /sys/bus/nd/drivers/nd_pmem/bind || exit 20
+[ -b /dev/pmem0 ] || mdev -s
+[ -b /dev/pmem0 ] || exit 20
+echo "VDP-FSDAX $(cat /sys/block/pmem0/size) sectors"
+"#;
 
 /// Extras for one boot.
 #[derive(Default)]
 pub struct Boot {
-    /// Files put in the guest's root (mode 0755), e.g. a static binary.
+    /// Files put in the guest (mode 0755), e.g. a static binary: a bare name in its
+    /// root, a path (`usr/bin/strace`) at that path.
     pub files: Vec<(String, Vec<u8>)>,
     pub qemu_args: Vec<String>,
 }
@@ -204,6 +266,78 @@ impl Boot {
         ]);
         self
     }
+
+    /// Adds host programs, each as `/usr/bin/NAME` in the guest, with the shared
+    /// libraries `ldd` lists for it (at their host paths) and the dynamic loader. The
+    /// guest's shell is busybox, whose applets win over PATH: call them by full path.
+    pub fn with_host_tools(mut self, tools: &[&str]) -> Self {
+        for tool in tools {
+            let path = find_host_tool(tool);
+            self.add_file(&format!("usr/bin/{tool}"), &path);
+            for lib in shared_libraries(&path) {
+                self.add_file(&lib.display().to_string(), &lib);
+            }
+        }
+        self
+    }
+
+    /// Adds host files (e.g. a tool's configuration) at their host paths.
+    pub fn with_host_files(mut self, paths: &[&str]) -> Self {
+        for p in paths {
+            self.add_file(p, Path::new(p));
+        }
+        self
+    }
+
+    /// Adds a file to the guest at `guest` (a path in the guest's root), read from
+    /// `host`; a path already added is kept.
+    pub fn add_file(&mut self, guest: &str, host: &Path) {
+        let guest = guest.trim_start_matches('/').to_string();
+        if self.files.iter().any(|(n, _)| *n == guest) {
+            return;
+        }
+        let data = fs::read(host).unwrap_or_else(|e| panic!("{}: {e}", host.display()));
+        self.files.push((guest, data));
+    }
+}
+
+/// The dynamic loader every dynamically linked x86_64 program names.
+const LOADER: &str = "/lib64/ld-linux-x86-64.so.2";
+
+/// A program on the host by name: PATH first, then the sbin directories (tests may
+/// run without them in PATH).
+fn find_host_tool(name: &str) -> PathBuf {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file());
+    found.unwrap_or_else(|| panic!("host tool {name} not found (setup.sh installs it)"))
+}
+
+/// The shared libraries of a host program as `ldd` resolves them, and the loader.
+fn shared_libraries(program: &Path) -> Vec<PathBuf> {
+    let out = run(Command::new("ldd").arg(program));
+    let mut libs = vec![PathBuf::from(LOADER)];
+    for line in out.lines() {
+        let line = line.trim();
+        assert!(!line.contains("not found"), "{}: {line}", program.display());
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+        // "/lib64/ld-linux-x86-64.so.2 (0x...)"; linux-vdso has no file.
+        let file = line.split(" => ").last().unwrap_or(line);
+        if let Some(path) = file
+            .split_whitespace()
+            .next()
+            .filter(|p| p.starts_with('/'))
+        {
+            let path = PathBuf::from(path);
+            if !libs.contains(&path) {
+                libs.push(path);
+            }
+        }
+    }
+    libs
 }
 
 /// Builds (if needed) and returns the directory of the static daemon and agent.
@@ -211,6 +345,38 @@ pub fn static_binaries() -> PathBuf {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-tests/build-static.sh");
     let out = run(&mut Command::new(script));
     PathBuf::from(out.trim())
+}
+
+/// The target the static binaries are built for.
+const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Builds (if needed) a statically linked executable of the integration test
+/// `test` (a `[[test]]` name) and returns its path, so the test itself can run in a
+/// guest, e.g. next to the static daemon in the DAX host lab. Release build in
+/// target/static, like guest-tests/build-static.sh; cargo's JSON messages name the
+/// executable.
+pub fn static_test_binary(test: &str) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = run(Command::new(cargo)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args(["test", "--locked", "--no-run", "--release", "--target"])
+        .arg(STATIC_TARGET)
+        .args(["--target-dir", "target/static", "--test", test])
+        .arg("--message-format=json"));
+    let exe = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == test)
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .unwrap_or_else(|| panic!("cargo named no executable for test {test}"));
+    let kind = run(Command::new("file").arg("-L").arg(&exe));
+    assert!(
+        kind.contains("statically linked") || kind.contains("static-pie linked"),
+        "{} is not static: {kind}",
+        exe.display()
+    );
+    exe
 }
 
 fn parse_env(text: &str) -> HashMap<String, String> {
