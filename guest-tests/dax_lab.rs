@@ -1,0 +1,692 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The DAX host lab: a VM that plays the host. Its emulated NVDIMM becomes an fsdax
+//! /dev/pmem0 with a DAX-mounted ext4 or XFS on it, and inside it this very test
+//! binary (built static) drives the static daemon with the in-process vhost-user
+//! frontend of tests/support/frontend.rs. What only a real DAX host can show:
+//!
+//! - `auto` chooses `direct`, and the region really is MAP_SYNC (the frontend maps
+//!   the fd it receives with MAP_SHARED_VALIDATE|MAP_SYNC; the daemon's own watch
+//!   mapping carries the `sf` VmFlag);
+//! - flushes make no sync syscall at all, counted by strace attached to the daemon
+//!   around the flush phase only (not by the daemon's own counter);
+//! - an entry written to the lab's /sys/block/pmem0/badblocks inside the served file
+//!   reaches the daemon at the right file offset, and one outside it is ignored.
+//!
+//! `dax_lab_ext4` and `dax_lab_xfs` boot the lab (one boot each) and run
+//! [`inside_the_lab`] there; on its own, outside the lab, that test skips loudly.
+//! Needs `guest-tests/setup.sh` (skips loudly without; fails with VDP_REQUIRE_GUEST=1).
+
+#[path = "../tests/support/frontend.rs"]
+mod frontend;
+mod harness;
+
+use std::{
+    collections::BTreeMap,
+    fs::{self, File},
+    io::{BufRead, BufReader, Write},
+    os::{fd::AsRawFd, unix::fs::FileExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc::{channel, Receiver},
+    thread,
+    time::{Duration, Instant},
+};
+
+use harness::{static_binaries, static_test_binary, Boot, GuestEnv, LAB_FSDAX};
+use serde_json::{json, Value};
+use vhost_device_pmem::{
+    blockmap::{self, Extent},
+    control::{self, Request},
+};
+
+/// Hard limit for one lab boot, from QEMU start to power-off (TCG).
+const LAB_TIMEOUT: Duration = Duration::from_secs(300);
+/// The emulated NVDIMM (sparse file on the host).
+const NVDIMM_SIZE: u64 = 512 << 20;
+/// The file the daemon serves in the lab.
+const SERVED_SIZE: u64 = 64 << 20;
+/// Flush requests in the strace window.
+const FLUSHES: u64 = 200;
+/// Hard limit for a badblocks entry to reach the daemon (the target is 1 s).
+const BADBLOCKS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Syscalls that could make anything durable; none may happen during flushes.
+const SYNC_CALLS: [&str; 6] = [
+    "fsync",
+    "fdatasync",
+    "msync",
+    "sync_file_range",
+    "syncfs",
+    "sync",
+];
+
+// ---- host side: boot the lab ---------------------------------------------------
+
+#[test]
+fn dax_lab_ext4() {
+    run_lab("ext4");
+}
+
+#[test]
+fn dax_lab_xfs() {
+    run_lab("xfs");
+}
+
+/// Boots the lab with `fs` on the fsdax NVDIMM and runs [`inside_the_lab`] there.
+fn run_lab(fs_name: &str) {
+    let Some(env) = GuestEnv::load(&format!("dax_lab_{fs_name}")) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let nvdimm = dir.path().join("nvdimm.img");
+    File::create(&nvdimm).unwrap().set_len(NVDIMM_SIZE).unwrap();
+
+    let (mkfs, mkfs_args, configs): (&str, &str, &[&str]) = match fs_name {
+        "ext4" => (
+            "mkfs.ext4",
+            "-q -F -b 4096 -E nodiscard",
+            &["/etc/mke2fs.conf"],
+        ),
+        _ => ("mkfs.xfs", "-q -f", &[]),
+    };
+    let mut boot = Boot::default()
+        .with_host_tools(&[mkfs, "strace"])
+        .with_host_files(configs);
+    boot.add_file(
+        "vdp/vhost-device-pmem",
+        &static_binaries().join("vhost-device-pmem"),
+    );
+    boot.add_file("vdp/dax-lab", &static_test_binary("dax_lab"));
+
+    let script = format!(
+        r#"
+export PATH=/usr/bin:/bin:/sbin
+{LAB_FSDAX}
+mkdir -p /mnt/lab
+/usr/bin/{mkfs} {mkfs_args} /dev/pmem0 || exit 21
+mount -o dax /dev/pmem0 /mnt/lab || exit 22
+echo "VDP-MOUNT $(grep ' /mnt/lab ' /proc/mounts)"
+/vdp/vhost-device-pmem prepare /mnt/lab/pmem.img --size {SERVED_SIZE} || exit 23
+VDP_LAB_FS={fs_name} VDP_LAB_DAEMON=/vdp/vhost-device-pmem VDP_LAB_FILE=/mnt/lab/pmem.img \
+VDP_LAB_STRACE=/usr/bin/strace VDP_LAB_BADBLOCKS=/sys/block/pmem0/badblocks RUST_BACKTRACE=1 \
+  /vdp/dax-lab --exact inside_the_lab --nocapture --test-threads=1
+rc=$?
+umount /mnt/lab || exit 24
+exit $rc
+"#
+    );
+    let started = Instant::now();
+    let mut guest = env.boot_lab(dir.path(), &nvdimm, &script, &boot);
+    let rc = guest.finish(LAB_TIMEOUT);
+    let took = started.elapsed();
+    if rc != 0 {
+        guest.dump();
+        panic!("the {fs_name} lab failed with {rc} (20: fsdax, 21: mkfs, 22: mount, 23: prepare, 24: umount, else the test inside)");
+    }
+    let mount = guest.expect("VDP-MOUNT", Duration::ZERO);
+    assert!(
+        mount.contains(&format!(" {fs_name} ")) && mount.contains("dax"),
+        "{mount}"
+    );
+    let line = guest.expect("VDP-LAB-RESULT ", Duration::ZERO);
+    let result: Value =
+        serde_json::from_str(line.split_once("VDP-LAB-RESULT ").unwrap().1.trim()).unwrap();
+    // The test inside asserted all of this; check that it ran what we think it ran.
+    assert_eq!(result["filesystem"], fs_name, "{result:#}");
+    assert_eq!(result["policy"], "direct", "{result:#}");
+    assert_eq!(result["flushes"], FLUSHES, "{result:#}");
+    for call in SYNC_CALLS {
+        assert_eq!(result["strace_flush_window"][call], 0, "{result:#}");
+    }
+    assert_eq!(result["stats_syncs"], 0, "{result:#}");
+    let _ = writeln!(
+        std::io::stderr(),
+        "DAX host lab ({fs_name}, {:?} boot to power-off, {}): {result}",
+        took,
+        env.accel
+    );
+}
+
+// ---- inside the lab --------------------------------------------------------------
+
+/// What the lab script passes to [`inside_the_lab`].
+struct Lab {
+    fs: String,
+    daemon: PathBuf,
+    file: PathBuf,
+    strace: PathBuf,
+    badblocks: PathBuf,
+}
+
+const LAB_VARS: [&str; 5] = [
+    "VDP_LAB_FS",
+    "VDP_LAB_DAEMON",
+    "VDP_LAB_FILE",
+    "VDP_LAB_STRACE",
+    "VDP_LAB_BADBLOCKS",
+];
+
+impl Lab {
+    /// The lab's paths, or `None` (said loudly) when not running inside the lab.
+    fn from_env() -> Option<Self> {
+        let vars: Vec<Option<String>> = LAB_VARS.iter().map(|v| std::env::var(v).ok()).collect();
+        if vars.iter().all(Option::is_none) {
+            let _ = writeln!(
+                std::io::stderr(),
+                "\n******** inside_the_lab SKIPPED: it runs only inside the DAX host lab VM \
+                 (dax_lab_ext4 and dax_lab_xfs boot it and run it there); {} are not set \
+                 ********\n",
+                LAB_VARS.join(", ")
+            );
+            return None;
+        }
+        let get = |i: usize| {
+            vars[i]
+                .clone()
+                .unwrap_or_else(|| panic!("{} is not set (half a lab environment)", LAB_VARS[i]))
+        };
+        Some(Self {
+            fs: get(0),
+            daemon: get(1).into(),
+            file: get(2).into(),
+            strace: get(3).into(),
+            badblocks: get(4).into(),
+        })
+    }
+}
+
+/// Runs in the lab VM, against the DAX-mounted, prepared file: policy and MAP_SYNC,
+/// flushes without sync syscalls, host badblocks to file offsets.
+#[test]
+fn inside_the_lab() {
+    let Some(lab) = Lab::from_env() else {
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let mut result = json!({ "filesystem": lab.fs });
+
+    // a. The file is DAX and MAP_SYNC-capable, and auto would choose direct.
+    let out = Command::new(&lab.daemon)
+        .arg("check")
+        .arg(&lab.file)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let check: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "check --json: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(check["filesystem"], lab.fs.as_str(), "{check:#}");
+    assert_eq!(check["dax"], true, "{check:#}");
+    assert_eq!(check["map_sync"], true, "{check:#}");
+    assert_eq!(check["immutable"], true, "{check:#}");
+    assert_eq!(check["auto_policy"], "direct", "{check:#}");
+    result["check"] = json!({"dax": check["dax"], "map_sync": check["map_sync"],
+        "immutable": check["immutable"], "extents": check["extents"]});
+
+    // The extent map, read now: opening the file once the daemon serves it would
+    // break its lease. FIEMAP physical offsets are bytes on /dev/pmem0, the device
+    // whose badblocks sectors are numbered the same way.
+    let extents = blockmap::read_extents(&File::open(&lab.file).unwrap(), SERVED_SIZE).unwrap();
+    let inside: [u64; 2] = [(40 << 20) + 5 * 512, (50 << 20) + 7 * 512];
+    let inside_sectors = inside.map(|off| device_sector(&extents, off));
+    let outside_sector = sector_outside(&extents, &lab.badblocks);
+
+    let mut daemon = LabDaemon::start(&lab, scratch.path());
+    let status = daemon.status();
+    assert_eq!(status["mode_requested"], "auto", "{status:#}");
+    assert_eq!(status["policy"], "direct", "{status:#}");
+    result["policy"] = status["policy"].clone();
+    result["policy_reason"] = status["policy_reason"].clone();
+
+    // a. The frontend maps what it receives with MAP_SYNC, as a VMM that wants
+    // synchronous faults would; stores through it reach the file.
+    let mut fe = frontend::TestFrontend::connect(&daemon.socket).unwrap();
+    fe.start().unwrap();
+    assert_eq!(
+        fe.maps.wait_for(1, frontend::TIMEOUT),
+        1,
+        "{}",
+        daemon.log()
+    );
+    let (region_fd, len) = fe.maps.with(0, |m| (m.file.try_clone().unwrap(), m.len));
+    assert_eq!(len, SERVED_SIZE);
+    let map = SyncMapping::new(&region_fd, len as usize).expect("MAP_SHARED_VALIDATE|MAP_SYNC");
+    let pattern: Vec<u8> = (0..4096u32).map(|i| (i % 253) as u8).collect();
+    map.write(1 << 20, &pattern);
+    let mut back = vec![0u8; pattern.len()];
+    region_fd.read_exact_at(&mut back, 1 << 20).unwrap();
+    assert_eq!(
+        back, pattern,
+        "a store through the MAP_SYNC mapping is not in the file"
+    );
+    let own_flags = vm_flags(std::process::id(), |start, _, _| start == map.addr());
+    assert!(
+        own_flags
+            .iter()
+            .any(|f| f.split_whitespace().any(|x| x == "sf")),
+        "the frontend's MAP_SYNC mapping has no sf flag: {own_flags:?}"
+    );
+    fe.map_region(0).unwrap();
+    daemon.wait_status("region_mapped", |s| s["region_mapped"] == true);
+    // The daemon's own (memory-failure watch) mapping of the file is MAP_SYNC too.
+    let canonical = fs::canonicalize(&lab.file).unwrap();
+    let daemon_flags = vm_flags(daemon.pid(), |_, perms, path| {
+        perms.starts_with("r--s") && Path::new(path) == canonical
+    });
+    assert!(
+        daemon_flags
+            .iter()
+            .any(|f| f.split_whitespace().any(|x| x == "sf")),
+        "the daemon's read-only mapping of the file has no sf flag: {daemon_flags:?}\n{}",
+        daemon.log()
+    );
+    result["frontend_map_sync"] = json!(true);
+    result["daemon_mapping_sf"] = json!(true);
+
+    // b. Flushes make no sync syscall. strace follows every thread of the daemon
+    // (the vring worker answers flushes) during the flush phase only: the daemon
+    // fsyncs when the VMM disconnects and at exit, both outside the window. write is
+    // counted too, as a control that strace saw the requests being served: the
+    // worker writes the call eventfd to signal completions (at most once per round
+    // trip, fewer when it finds the next request already queued; 83 to 110 for the
+    // 110 round trips in the lab runs).
+    let before = daemon.stats();
+    let counts = strace_window(&lab, daemon.pid(), &["write"], || {
+        for _ in 0..FLUSHES / 2 {
+            assert_eq!(fe.flush(1).unwrap(), vec![0]);
+        }
+        for _ in 0..FLUSHES / 20 {
+            assert_eq!(fe.flush(10).unwrap(), vec![0; 10]);
+        }
+    });
+    let after = daemon.stats();
+    let n = |v: &Value, k: &str| v[k].as_u64().unwrap();
+    assert_eq!(
+        n(&after, "flush_requests") - n(&before, "flush_requests"),
+        FLUSHES
+    );
+    assert_eq!(n(&after, "syncs"), 0, "{after:#}");
+    assert_eq!(n(&after, "errors"), 0, "{after:#}");
+    for call in SYNC_CALLS {
+        assert_eq!(counts[call], 0, "{call} during flushes: {counts:?}");
+    }
+    assert!(counts["write"] > 0, "strace saw nothing: {counts:?}");
+    result["flushes"] = json!(FLUSHES);
+    result["stats_syncs"] = after["syncs"].clone();
+    result["strace_flush_window"] = json!(counts);
+
+    // c. Host badblocks, as the lab's pmem driver keeps them, reach the daemon.
+    let events = subscribe(&daemon.control);
+    let expect = |off: u64| json!([{"offset": off, "length": 512}]);
+    let t0 = Instant::now();
+    write_badblocks(&lab.badblocks, inside_sectors[0]);
+    let ev = next_bad_ranges_event(&events, t0 + BADBLOCKS_TIMEOUT);
+    let event_latency = ev.0 - t0;
+    assert_eq!(ev.1["source"], "host-device", "{}", ev.1);
+    assert_eq!(ev.1["added"], expect(inside[0]), "{}", ev.1);
+    let list = daemon.call(json!({"command": "badblocks-list"}));
+    let list_latency = t0.elapsed();
+    assert_eq!(list["ranges"], expect(inside[0]), "{list}");
+    let _ = writeln!(
+        std::io::stderr(),
+        "badblocks sector {} (file offset {:#x}): event after {event_latency:?}, listed after {list_latency:?}",
+        inside_sectors[0],
+        inside[0]
+    );
+
+    // A sector outside the file is ignored. The next inside entry is the proof that
+    // the daemon read the attribute with the outside one in it.
+    write_badblocks(&lab.badblocks, outside_sector);
+    thread::sleep(Duration::from_secs(2));
+    let list = daemon.call(json!({"command": "badblocks-list"}));
+    assert_eq!(list["ranges"], expect(inside[0]), "{list}");
+    let t1 = Instant::now();
+    write_badblocks(&lab.badblocks, inside_sectors[1]);
+    let ev = next_bad_ranges_event(&events, t1 + BADBLOCKS_TIMEOUT);
+    let second_latency = ev.0 - t1;
+    assert_eq!(ev.1["added"], expect(inside[1]), "{}", ev.1);
+    let list = daemon.call(json!({"command": "badblocks-list"}));
+    assert_eq!(
+        list["ranges"],
+        json!([{"offset": inside[0], "length": 512}, {"offset": inside[1], "length": 512}]),
+        "{list}"
+    );
+    let attr = fs::read_to_string(&lab.badblocks).unwrap();
+    result["badblocks"] = json!({
+        "attribute": attr.lines().collect::<Vec<_>>(),
+        "inside_sectors": inside_sectors, "file_offsets": inside,
+        "outside_sector": outside_sector, "outside_ignored": true,
+        "event_latency_ms": event_latency.as_secs_f64() * 1e3,
+        "list_latency_ms": list_latency.as_secs_f64() * 1e3,
+        "second_event_latency_ms": second_latency.as_secs_f64() * 1e3,
+    });
+
+    // Control for the strace method: the same window around something that does
+    // fsync (recording an operator range persists the state file and its directory)
+    // must count it.
+    let control_counts = strace_window(&lab, daemon.pid(), &[], || {
+        let answer = daemon
+            .call(json!({"command": "badblocks-inject", "offset": 60u64 << 20, "length": 512}));
+        assert_eq!(answer["ok"], true, "{answer}");
+    });
+    assert!(
+        control_counts["fsync"] > 0,
+        "strace missed the state file's fsync: {control_counts:?}"
+    );
+    result["strace_control_window"] = json!(control_counts);
+
+    drop(map);
+    drop(fe);
+    assert_eq!(daemon.terminate(), 0, "{}", daemon.log());
+    println!("VDP-LAB-RESULT {result}");
+}
+
+/// The /dev/pmem0 sector holding byte `offset` of the file.
+fn device_sector(extents: &[Extent], offset: u64) -> u64 {
+    let e = extents
+        .iter()
+        .find(|e| e.logical <= offset && offset < e.logical + e.length)
+        .unwrap_or_else(|| panic!("no extent holds {offset:#x}: {extents:?}"));
+    (e.physical + (offset - e.logical)) / 512
+}
+
+/// A sector of the device no extent of the file covers (from the end down).
+fn sector_outside(extents: &[Extent], badblocks: &Path) -> u64 {
+    let size: u64 = fs::read_to_string(badblocks.with_file_name("size"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (0..size)
+        .rev()
+        .step_by(8)
+        .find(|s| {
+            let b = s * 512;
+            !extents
+                .iter()
+                .any(|e| e.physical <= b && b < e.physical + e.length)
+        })
+        .expect("the file covers the whole device")
+}
+
+/// Marks one sector bad, in ONE write(2): sysfs parses each write on its own.
+fn write_badblocks(path: &Path, sector: u64) {
+    let line = format!("{sector} 1\n");
+    let mut f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    let n = f.write(line.as_bytes()).unwrap();
+    assert_eq!(n, line.len(), "short write to {}", path.display());
+}
+
+/// Subscribes to the daemon's events; lines arrive with the time they were read.
+fn subscribe(control_path: &Path) -> Receiver<(Instant, Value)> {
+    let (tx, rx) = channel();
+    let path = control_path.to_owned();
+    thread::spawn(move || {
+        let _ = control::subscribe(&path, false, |line| {
+            let v = serde_json::from_str(line).unwrap_or(Value::Null);
+            tx.send((Instant::now(), v)).is_ok()
+        });
+    });
+    let (_, ack) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(ack["events"], "subscribed", "{ack}");
+    rx
+}
+
+/// The next `bad-ranges-changed` event (others are skipped), or a panic at `deadline`.
+fn next_bad_ranges_event(rx: &Receiver<(Instant, Value)>, deadline: Instant) -> (Instant, Value) {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((at, ev)) if ev["event"] == "bad-ranges-changed" => return (at, ev),
+            Ok(_) => continue,
+            Err(e) => panic!("no bad-ranges-changed event within {BADBLOCKS_TIMEOUT:?}: {e}"),
+        }
+    }
+}
+
+/// Counts the daemon's [`SYNC_CALLS`] and `extra` syscalls, all threads, while `f`
+/// runs: strace attaches before and detaches after (its `-c` summary).
+fn strace_window(lab: &Lab, pid: u32, extra: &[&str], f: impl FnOnce()) -> BTreeMap<String, u64> {
+    let names: Vec<&str> = SYNC_CALLS.iter().chain(extra).copied().collect();
+    let dir = tempfile::tempdir().unwrap();
+    let summary = dir.path().join("strace.txt");
+    let mut strace = Command::new(&lab.strace)
+        .args(["-f", "-c", "-o"])
+        .arg(&summary)
+        .args(["-p", &pid.to_string(), "-e"])
+        .arg(format!("trace={}", names.join(",")))
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // "strace: Process N attached with M threads" comes once every thread is.
+    let (tx, rx) = channel();
+    let stderr = strace.stderr.take().unwrap();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.contains("attached") => break,
+            Ok(line) => seen.push(line),
+            Err(e) => panic!("strace did not attach: {e}: {seen:?}"),
+        }
+    }
+    f();
+    // SIGINT: strace detaches from every thread and writes the summary.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
+    wait_child(&mut strace, "strace");
+    let text = fs::read_to_string(&summary).unwrap();
+    let mut counts: BTreeMap<String, u64> = names.iter().map(|n| (n.to_string(), 0)).collect();
+    // "% time  seconds  usecs/call  calls  errors  syscall": calls is the fourth
+    // column; errors may be empty, the name is always last.
+    for line in text.lines() {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() >= 5 && cols[0].parse::<f64>().is_ok() {
+            if let (Some(c), Ok(calls)) = (counts.get_mut(*cols.last().unwrap()), cols[3].parse()) {
+                *c = calls;
+            }
+        }
+    }
+    let _ = writeln!(std::io::stderr(), "strace -c of pid {pid}:\n{text}");
+    counts
+}
+
+fn wait_child(child: &mut Child, what: &str) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code().unwrap_or(-1);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} did not exit");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The VmFlags lines of the mappings of process `pid` that `pick(start, perms,
+/// path)` selects, from /proc/PID/smaps.
+fn vm_flags(pid: u32, pick: impl Fn(usize, &str, &str) -> bool) -> Vec<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut out = Vec::new();
+    let mut current = false;
+    for line in text.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if current {
+                out.push(flags.trim().to_string());
+            }
+            continue;
+        }
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        // A mapping header: "start-end perms offset dev inode [path]".
+        if let Some((start, _)) = cols.first().and_then(|c| c.split_once('-')) {
+            if let (Ok(start), Some(perms)) = (usize::from_str_radix(start, 16), cols.get(1)) {
+                if cols.len() >= 5 && !cols[0].ends_with(':') {
+                    current = pick(start, perms, cols.get(5).copied().unwrap_or(""));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A MAP_SHARED_VALIDATE|MAP_SYNC read-write mapping of a whole file.
+struct SyncMapping {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+impl SyncMapping {
+    fn new(file: &File, len: usize) -> std::io::Result<Self> {
+        // SAFETY: a fresh mapping at a kernel-chosen address, owned by the result.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self { addr, len })
+    }
+
+    fn addr(&self) -> usize {
+        self.addr as usize
+    }
+
+    fn write(&self, offset: usize, data: &[u8]) {
+        assert!(offset + data.len() <= self.len);
+        // SAFETY: in bounds of our own live mapping; the file is not truncated.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.addr.cast::<u8>().add(offset),
+                data.len(),
+            )
+        };
+    }
+}
+
+impl Drop for SyncMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly our mapping.
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
+
+/// The static daemon, started by the test inside the lab.
+struct LabDaemon {
+    child: Child,
+    socket: PathBuf,
+    control: PathBuf,
+    log: PathBuf,
+}
+
+impl LabDaemon {
+    fn start(lab: &Lab, dir: &Path) -> Self {
+        let (socket, control, log) = (
+            dir.join("vu.sock"),
+            dir.join("ctl.sock"),
+            dir.join("daemon.log"),
+        );
+        let child = Command::new(&lab.daemon)
+            .arg("serve")
+            .arg("--socket-path")
+            .arg(&socket)
+            .arg("--file")
+            .arg(&lab.file)
+            .arg("--control-socket")
+            .arg(&control)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut d = Self {
+            child,
+            socket,
+            control,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while control::call(&d.control, &Request::Status).is_err() {
+            if let Some(st) = d.child.try_wait().unwrap() {
+                panic!("the daemon exited with {st}:\n{}", d.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not come up:\n{}",
+                d.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn call(&self, req: Value) -> Value {
+        let req: Request = serde_json::from_value(req).unwrap();
+        let v = control::call(&self.control, &req).unwrap();
+        assert_eq!(v["ok"], true, "{v}");
+        v
+    }
+
+    fn status(&self) -> Value {
+        self.call(json!({"command": "status"}))["status"].clone()
+    }
+
+    fn stats(&self) -> Value {
+        self.call(json!({"command": "stats"}))["stats"].clone()
+    }
+
+    fn wait_status(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.status();
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "status never showed {what}: {s:#}\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM and wait; the exit code.
+    fn terminate(&mut self) -> i32 {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        wait_child(&mut self.child, "the daemon")
+    }
+}
+
+impl Drop for LabDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
