@@ -116,7 +116,7 @@ pub fn disk_sectors_to_file(
 }
 
 /// Waits for a change of a sysfs attribute that the kernel announces with
-/// sysfs_notify (POLLPRI), or for `timeout` (a slow periodic re-read is the fallback
+/// sysfs_notify (POLLPRI), or for `timeout` (a periodic re-read is the fallback
 /// for attributes that are not notified). Returns the attribute's current text.
 pub struct SysfsWatch {
     file: File,
