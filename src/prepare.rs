@@ -262,9 +262,22 @@ pub fn prepare(
 
     // A write lease is granted only while no other open file description exists, and
     // any later open breaks it: while it is held, nobody else can write the file.
-    let lease = match hostfile::route_lease_signal(&file, lease_sig, hostfile::gettid())
-        .and_then(|()| hostfile::take_lease(&file, LeaseKind::Write))
-    {
+    // Another process may hold the file open for a moment only (a child between fork
+    // and exec inherits every descriptor until exec closes it, a backup scanner, ...):
+    // try for a second before calling it busy.
+    let take = || {
+        hostfile::route_lease_signal(&file, lease_sig, hostfile::gettid())
+            .and_then(|()| hostfile::take_lease(&file, LeaseKind::Write))
+    };
+    let mut taken = take();
+    for _ in 0..20 {
+        if !matches!(&taken, Err(e) if e.raw_os_error() == Some(libc::EAGAIN)) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        taken = take();
+    }
+    let lease = match taken {
         Ok(()) => true,
         Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
             let openers = hostfile::other_openers(&file);
