@@ -261,6 +261,15 @@ fn filesystem(path: &Path) -> String {
     format!("{kind}{mount}")
 }
 
+/// The 1, 5 and 15 minute load averages: how busy the machine was besides us.
+fn load_average() -> String {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn machine(dir: &Path) -> String {
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!(
@@ -321,6 +330,7 @@ fn main() {
         return;
     }
 
+    let load_before = load_average();
     let mut rows = Vec::new();
     for dev in &mut devices {
         for n in IN_FLIGHT {
@@ -332,6 +342,10 @@ fn main() {
     println!(
         "{rounds} rounds per configuration (after {WARM_UP_ROUNDS} warm-up rounds); \
          {dirty} byte(s) stored into the region before each round (not timed)"
+    );
+    println!(
+        "load average before the pass {load_before}, after {}",
+        load_average()
     );
     for dev in &devices {
         println!("{}: {}", dev.policy, dev.reason);
