@@ -10,8 +10,9 @@
 //!
 //! Criterion times rounds (one iteration = one round, `Throughput::Elements(N)`). After
 //! it, a plain timing pass of `VDP_BENCH_ROUNDS` rounds (default 2000; 0 skips it) per
-//! configuration prints a table with requests/s, per-request p50/p99 and the daemon's
-//! `stats` (flush requests vs syncs) for that pass.
+//! configuration, the policies interleaved round by round so they share whatever else
+//! the machine is doing, prints a table with requests/s, per-request p50/p99 and the
+//! daemon's `stats` (flush requests vs syncs) for that pass.
 //!
 //! The daemon binary is the one cargo builds for this bench (`CARGO_BIN_EXE_*`, set for
 //! benches as for integration tests; the bench profile puts it in `target/release`).
@@ -163,25 +164,42 @@ fn quantile(v: &[Duration], q: f64) -> Duration {
     v[rank.min(v.len()) - 1]
 }
 
-fn timing_pass(dev: &mut Device, n: usize, rounds: usize) -> Row {
+/// `rounds` rounds of `n` flushes on every device, interleaved round by round, so
+/// every policy sees the same background load (the machine may be shared, and a
+/// neighbour's I/O moves sync latency by an order of magnitude within minutes).
+fn timing_pass(devices: &mut [Device], n: usize, rounds: usize) -> Vec<Row> {
     for _ in 0..WARM_UP_ROUNDS {
-        dev.round(n);
+        for dev in devices.iter_mut() {
+            dev.round(n);
+        }
     }
-    let before = dev.counters();
-    let mut rtts: Vec<Duration> = (0..rounds).map(|_| dev.round(n)).collect();
-    let after = dev.counters();
-    let total: Duration = rtts.iter().sum();
-    rtts.sort_unstable();
-    // Every request of a round is completed in the same pass and seen on the same
-    // notification, so each request's latency is its round's round-trip time.
-    Row {
-        policy: dev.policy,
-        n,
-        requests_per_s: (n * rounds) as f64 / total.as_secs_f64(),
-        p50_us: quantile(&rtts, 0.50).as_secs_f64() * 1e6,
-        p99_us: quantile(&rtts, 0.99).as_secs_f64() * 1e6,
-        counters: [0, 1, 2].map(|i| after[i] - before[i]),
+    let before: Vec<[u64; 3]> = devices.iter().map(Device::counters).collect();
+    let mut rtts = vec![Vec::with_capacity(rounds); devices.len()];
+    for _ in 0..rounds {
+        for (dev, rtts) in devices.iter_mut().zip(&mut rtts) {
+            rtts.push(dev.round(n));
+        }
     }
+    devices
+        .iter()
+        .zip(rtts)
+        .zip(before)
+        .map(|((dev, mut rtts), before)| {
+            let after = dev.counters();
+            let total: Duration = rtts.iter().sum();
+            rtts.sort_unstable();
+            // Every request of a round is completed in the same pass and seen on the
+            // same notification, so each request's latency is its round's round trip.
+            Row {
+                policy: dev.policy,
+                n,
+                requests_per_s: (n * rounds) as f64 / total.as_secs_f64(),
+                p50_us: quantile(&rtts, 0.50).as_secs_f64() * 1e6,
+                p99_us: quantile(&rtts, 0.99).as_secs_f64() * 1e6,
+                counters: [0, 1, 2].map(|i| after[i] - before[i]),
+            }
+        })
+        .collect()
 }
 
 fn table(rows: &[Row], refused: &[(&str, String)]) -> String {
@@ -331,17 +349,17 @@ fn main() {
     }
 
     let load_before = load_average();
-    let mut rows = Vec::new();
-    for dev in &mut devices {
-        for n in IN_FLIGHT {
-            rows.push(timing_pass(dev, n, rounds));
-        }
-    }
+    let mut rows: Vec<Row> = IN_FLIGHT
+        .into_iter()
+        .flat_map(|n| timing_pass(&mut devices, n, rounds))
+        .collect();
+    rows.sort_by_key(|r| (POLICIES.iter().position(|&p| p == r.policy), r.n));
     println!("\n## Flush through the vhost-user socket: summary pass\n");
     println!("{}", machine(&dir));
     println!(
-        "{rounds} rounds per configuration (after {WARM_UP_ROUNDS} warm-up rounds); \
-         {dirty} byte(s) stored into the region before each round (not timed)"
+        "{rounds} rounds per configuration (after {WARM_UP_ROUNDS} warm-up rounds), the \
+         policies interleaved round by round; {dirty} byte(s) stored into the region \
+         before each round (not timed)"
     );
     println!(
         "load average before the pass {load_before}, after {}",
