@@ -10,7 +10,7 @@
 //!
 //! Criterion times rounds (one iteration = one round, `Throughput::Elements(N)`). After
 //! it, a plain timing pass of `VDP_BENCH_ROUNDS` rounds (default 2000; 0 skips it) per
-//! configuration, the policies interleaved round by round so they share whatever else
+//! configuration, the policies taking turns of 50 rounds so they share whatever else
 //! the machine is doing, prints a table with requests/s, per-request p50/p99 and the
 //! daemon's `stats` (flush requests vs syncs) for that pass.
 //!
@@ -42,6 +42,10 @@ const FILE_SIZE: u64 = 8 << 20;
 const PAGE: usize = 4096;
 /// Rounds run (and not counted) before each configuration of the summary pass.
 const WARM_UP_ROUNDS: usize = 50;
+/// Rounds one device runs before the next takes its turn, in the summary pass.
+const TURN: usize = 50;
+/// Untimed rounds at the start of each turn.
+const TURN_WARM_UP: usize = 2;
 
 /// A daemon with a started frontend whose region is mapped.
 struct Device {
@@ -164,28 +168,41 @@ fn quantile(v: &[Duration], q: f64) -> Duration {
     v[rank.min(v.len()) - 1]
 }
 
-/// `rounds` rounds of `n` flushes on every device, interleaved round by round, so
-/// every policy sees the same background load (the machine may be shared, and a
-/// neighbour's I/O moves sync latency by an order of magnitude within minutes).
+/// `rounds` rounds of `n` flushes on every device, the devices taking turns of
+/// [`TURN`] rounds, so every policy sees the same background load (the machine may be
+/// shared, and a neighbour's I/O moves sync latency tenfold within minutes). Each turn
+/// starts with [`TURN_WARM_UP`] untimed rounds: alternating device by device every
+/// round left the daemons' threads cold and doubled the volatile round trip.
 fn timing_pass(devices: &mut [Device], n: usize, rounds: usize) -> Vec<Row> {
     for _ in 0..WARM_UP_ROUNDS {
         for dev in devices.iter_mut() {
             dev.round(n);
         }
     }
-    let before: Vec<[u64; 3]> = devices.iter().map(Device::counters).collect();
     let mut rtts = vec![Vec::with_capacity(rounds); devices.len()];
-    for _ in 0..rounds {
-        for (dev, rtts) in devices.iter_mut().zip(&mut rtts) {
-            rtts.push(dev.round(n));
+    // The daemon's counters over the timed rounds only.
+    let mut counters = vec![[0u64; 3]; devices.len()];
+    let mut done = 0;
+    while done < rounds {
+        let turn = TURN.min(rounds - done);
+        for ((dev, rtts), counters) in devices.iter_mut().zip(&mut rtts).zip(&mut counters) {
+            for _ in 0..TURN_WARM_UP {
+                dev.round(n);
+            }
+            let before = dev.counters();
+            rtts.extend((0..turn).map(|_| dev.round(n)));
+            let after = dev.counters();
+            for i in 0..3 {
+                counters[i] += after[i] - before[i];
+            }
         }
+        done += turn;
     }
     devices
         .iter()
         .zip(rtts)
-        .zip(before)
-        .map(|((dev, mut rtts), before)| {
-            let after = dev.counters();
+        .zip(counters)
+        .map(|((dev, mut rtts), counters)| {
             let total: Duration = rtts.iter().sum();
             rtts.sort_unstable();
             // Every request of a round is completed in the same pass and seen on the
@@ -196,7 +213,7 @@ fn timing_pass(devices: &mut [Device], n: usize, rounds: usize) -> Vec<Row> {
                 requests_per_s: (n * rounds) as f64 / total.as_secs_f64(),
                 p50_us: quantile(&rtts, 0.50).as_secs_f64() * 1e6,
                 p99_us: quantile(&rtts, 0.99).as_secs_f64() * 1e6,
-                counters: [0, 1, 2].map(|i| after[i] - before[i]),
+                counters,
             }
         })
         .collect()
@@ -357,9 +374,10 @@ fn main() {
     println!("\n## Flush through the vhost-user socket: summary pass\n");
     println!("{}", machine(&dir));
     println!(
-        "{rounds} rounds per configuration (after {WARM_UP_ROUNDS} warm-up rounds), the \
-         policies interleaved round by round; {dirty} byte(s) stored into the region \
-         before each round (not timed)"
+        "{rounds} timed rounds per configuration (after {WARM_UP_ROUNDS} warm-up rounds), \
+         the policies taking turns of {TURN} rounds, each turn after {TURN_WARM_UP} \
+         untimed ones; {dirty} byte(s) stored into the region before each round (not \
+         timed)"
     );
     println!(
         "load average before the pass {load_before}, after {}",
