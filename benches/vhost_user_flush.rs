@@ -12,7 +12,9 @@
 //! it, a plain timing pass of `VDP_BENCH_ROUNDS` rounds (default 2000; 0 skips it) per
 //! configuration, the policies taking turns of 50 rounds so they share whatever else
 //! the machine is doing, prints a table with requests/s, per-request p50/p99 and the
-//! daemon's `stats` (flush requests vs syncs) for that pass.
+//! daemon's `stats` (flush requests vs syncs) for that pass. `VDP_BENCH_GAP_US` adds
+//! idle time before each timed round of that pass (a guest that does not flush back
+//! to back: a file's timestamps then change between flushes, which `fsync` must write).
 //!
 //! The daemon binary is the one cargo builds for this bench (`CARGO_BIN_EXE_*`, set for
 //! benches as for integration tests; the bench profile puts it in `target/release`).
@@ -173,7 +175,7 @@ fn quantile(v: &[Duration], q: f64) -> Duration {
 /// shared, and a neighbour's I/O moves sync latency tenfold within minutes). Each turn
 /// starts with [`TURN_WARM_UP`] untimed rounds: alternating device by device every
 /// round left the daemons' threads cold and doubled the volatile round trip.
-fn timing_pass(devices: &mut [Device], n: usize, rounds: usize) -> Vec<Row> {
+fn timing_pass(devices: &mut [Device], n: usize, rounds: usize, gap: Duration) -> Vec<Row> {
     for _ in 0..WARM_UP_ROUNDS {
         for dev in devices.iter_mut() {
             dev.round(n);
@@ -190,7 +192,12 @@ fn timing_pass(devices: &mut [Device], n: usize, rounds: usize) -> Vec<Row> {
                 dev.round(n);
             }
             let before = dev.counters();
-            rtts.extend((0..turn).map(|_| dev.round(n)));
+            rtts.extend((0..turn).map(|_| {
+                if !gap.is_zero() {
+                    std::thread::sleep(gap);
+                }
+                dev.round(n)
+            }));
             let after = dev.counters();
             for i in 0..3 {
                 counters[i] += after[i] - before[i];
@@ -330,6 +337,7 @@ fn main() {
         5
     };
     let dirty = env_or("VDP_BENCH_DIRTY", PAGE);
+    let gap = Duration::from_micros(env_or("VDP_BENCH_GAP_US", 0));
     assert!(
         dirty as u64 <= FILE_SIZE,
         "VDP_BENCH_DIRTY exceeds the file"
@@ -368,7 +376,7 @@ fn main() {
     let load_before = load_average();
     let mut rows: Vec<Row> = IN_FLIGHT
         .into_iter()
-        .flat_map(|n| timing_pass(&mut devices, n, rounds))
+        .flat_map(|n| timing_pass(&mut devices, n, rounds, gap))
         .collect();
     rows.sort_by_key(|r| (POLICIES.iter().position(|&p| p == r.policy), r.n));
     println!("\n## Flush through the vhost-user socket: summary pass\n");
@@ -379,6 +387,9 @@ fn main() {
          untimed ones; {dirty} byte(s) stored into the region before each round (not \
          timed)"
     );
+    if !gap.is_zero() {
+        println!("{gap:?} of idle time before each timed round (VDP_BENCH_GAP_US)");
+    }
     println!(
         "load average before the pass {load_before}, after {}",
         load_average()
