@@ -39,6 +39,16 @@ impl Scratch {
         }
     }
 
+    /// A scratch directory under `parent` (to choose the filesystem it is on).
+    pub fn new_in(parent: &Path) -> Self {
+        Self {
+            dir: tempfile::Builder::new()
+                .prefix("vdp-test")
+                .tempdir_in(parent)
+                .unwrap(),
+        }
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
