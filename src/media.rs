@@ -279,7 +279,14 @@ impl PoisonWatch {
     /// `map_sync` (a DAX file served in `direct` mode) the mapping is asked for with
     /// MAP_SHARED_VALIDATE|MAP_SYNC, so the daemon's own address space shows the
     /// kernel granting MAP_SYNC (`sf` in /proc/PID/smaps); a plain shared mapping is
-    /// made if that is refused. The watch works the same either way.
+    /// made if that is refused.
+    ///
+    /// The kernel signals only processes whose page tables map the poisoned page
+    /// (`page_mapped_in_vma`), so on DAX the mapping is populated: that costs page
+    /// tables only (DAX maps the media, nothing is read or cached). On a page-cache
+    /// host it is not (populating would read the whole file into memory); there the
+    /// watch sees poison only in pages the daemon happens to map, i.e. none, and the
+    /// scrub and the device list are the sources that matter.
     pub fn new(file: &File, len: u64, map_sync: bool) -> io::Result<Self> {
         let len = usize::try_from(len).map_err(|_| io::Error::other("region too large"))?;
         let map = |flags| {
@@ -298,7 +305,7 @@ impl PoisonWatch {
         };
         let mut base = libc::MAP_FAILED;
         if map_sync {
-            base = map(libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC);
+            base = map(libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC | libc::MAP_POPULATE);
             if base == libc::MAP_FAILED {
                 log::warn!(
                     "memory-failure watch: MAP_SYNC mapping refused ({}); using a plain one",
@@ -307,7 +314,7 @@ impl PoisonWatch {
             }
         }
         if base == libc::MAP_FAILED {
-            base = map(libc::MAP_SHARED);
+            base = map(libc::MAP_SHARED | if map_sync { libc::MAP_POPULATE } else { 0 });
         }
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
