@@ -6,11 +6,14 @@
 // flush path as the guest sees it.
 //
 //   flushbench --mode fsync --threads T --ops N --dir DIR [--warmup W] [--require-dax]
+//              [--no-write]
 //   flushbench --mode msync --ops N --dir DIR [--warmup W] [--require-dax]
 //
 //   fsync: each thread t opens DIR/f<t> (preallocated, fully written: the guest never
 //          allocates) and loops: pwrite 4 KiB at the next offset (wrapping at the file
 //          size), fsync. N operations in total, split evenly between the threads.
+//          With --no-write only the fsync: nothing is dirty, so each one is a bare
+//          flush request to the device (used to drive many flushes cheaply).
 //   msync: maps DIR/f0 MAP_SHARED (a DAX mapping: stores go straight to the device's
 //          memory) and loops: store 4 KiB at the next offset, msync(MS_SYNC) that page.
 //
@@ -54,6 +57,7 @@ struct worker {
 	long ops;
 	long warmup;
 	pthread_barrier_t *ready;
+	int no_write;
 	int dax;
 	int failed;
 	char err[4400];
@@ -81,8 +85,10 @@ static void fail(struct worker *w, const char *what)
 }
 
 /* One operation: write 4 KiB at `off` and make it durable. */
-static int op_fsync(int fd, char *buf, off_t off, long i)
+static int op_fsync(int fd, char *buf, off_t off, long i, int no_write)
 {
+	if (no_write)
+		return fsync(fd);
 	memset(buf, (int)(i & 0xff), 64);
 	if (pwrite(fd, buf, OP_SIZE, off) != OP_SIZE)
 		return -1;
@@ -134,7 +140,7 @@ static void *run(void *arg)
 	long i = 0;
 	for (; ok && i < w->warmup; i++) {
 		off_t off = (off_t)(i % slots) * OP_SIZE;
-		if ((w->mode == MODE_FSYNC ? op_fsync(fd, buf, off, i) : op_msync(map, off, i)) != 0) {
+		if ((w->mode == MODE_FSYNC ? op_fsync(fd, buf, off, i, w->no_write) : op_msync(map, off, i)) != 0) {
 			fail(w, "warm-up");
 			ok = 0;
 		}
@@ -142,7 +148,7 @@ static void *run(void *arg)
 	pthread_barrier_wait(w->ready);
 	for (long n = 0; ok && n < w->ops; n++, i++) {
 		off_t off = (off_t)(i % slots) * OP_SIZE;
-		if ((w->mode == MODE_FSYNC ? op_fsync(fd, buf, off, i) : op_msync(map, off, i)) != 0) {
+		if ((w->mode == MODE_FSYNC ? op_fsync(fd, buf, off, i, w->no_write) : op_msync(map, off, i)) != 0) {
 			fail(w, w->mode == MODE_FSYNC ? "pwrite+fsync" : "store+msync");
 			ok = 0;
 		}
@@ -158,7 +164,7 @@ static void *run(void *arg)
 static void usage(void)
 {
 	fprintf(stderr, "usage: flushbench --mode fsync|msync [--threads T] --ops N --dir DIR "
-			"[--warmup W] [--require-dax]\n");
+			"[--warmup W] [--require-dax] [--no-write]\n");
 	exit(2);
 }
 
@@ -168,13 +174,17 @@ int main(int argc, char **argv)
 	const char *mode_name = "fsync";
 	const char *dir = NULL;
 	long threads = 1, ops = 0, warmup = -1;
-	int require_dax = 0;
+	int require_dax = 0, no_write = 0;
 
 	for (int a = 1; a < argc; a++) {
 		const char *o = argv[a];
 		const char *v = a + 1 < argc ? argv[a + 1] : NULL;
 		if (!strcmp(o, "--require-dax")) {
 			require_dax = 1;
+			continue;
+		}
+		if (!strcmp(o, "--no-write")) {
+			no_write = 1;
 			continue;
 		}
 		if (!v)
@@ -202,6 +212,10 @@ int main(int argc, char **argv)
 	}
 	if (!dir || ops <= 0 || threads <= 0 || threads > 64)
 		usage();
+	if (no_write && mode != MODE_FSYNC)
+		usage();
+	if (no_write)
+		mode_name = "flush";
 	if (mode == MODE_MSYNC && threads != 1) {
 		fprintf(stderr, "flushbench: msync mode is single-threaded\n");
 		return 2;
@@ -220,7 +234,8 @@ int main(int argc, char **argv)
 		return 1;
 	for (long t = 0; t < threads; t++) {
 		w[t] = (struct worker){ .index = (int)t, .mode = mode, .dir = dir,
-					.ops = per_thread, .warmup = warmup, .ready = &ready };
+					.ops = per_thread, .warmup = warmup, .ready = &ready,
+					.no_write = no_write };
 		if (pthread_create(&w[t].tid, NULL, run, &w[t]) != 0) {
 			fprintf(stderr, "flushbench: pthread_create failed\n");
 			return 1;
