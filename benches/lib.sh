@@ -33,6 +33,11 @@ bench_init() {
   gcc -static -O2 -Wall -pthread -o "$FLUSHBENCH" benches/guest/flushbench.c
 }
 
+# VDP_BENCH_NICE=N runs QEMU and the daemon under `nice -n N` (e.g. -10 on a host
+# shared with other work: the measured processes then win the CPU more often).
+BENCH_NICE=()
+[ -n "${VDP_BENCH_NICE:-}" ] && BENCH_NICE=(nice -n "$VDP_BENCH_NICE")
+
 # QEMU from the setup's trixie tree, run through that tree's dynamic loader.
 qemu_cmd() {
   local r=$VDP_QEMU_ROOT
@@ -127,7 +132,7 @@ make_initrd() {
 start_daemon() {
   local dir=$1 file=$2 mode=$3
   rm -f "$dir/vu.sock" "$dir/ctl.sock"
-  "$DAEMON_BIN" serve --socket-path "$dir/vu.sock" --file "$file" --mode "$mode" \
+  "${BENCH_NICE[@]}" "$DAEMON_BIN" serve --socket-path "$dir/vu.sock" --file "$file" --mode "$mode" \
     --control-socket "$dir/ctl.sock" 2>"$dir/daemon.log" &
   DAEMON_PID=$!
   local i

@@ -55,6 +55,7 @@ cleanup() {
   if [ -n "${LOOPIMG:-}" ]; then rm -f "$LOOPIMG"; LOOPIMG=; fi
 }
 trap cleanup EXIT
+trap "exit 143" INT TERM
 command -v mkfs.xfs >/dev/null || [ -x /usr/sbin/mkfs.xfs ] || {
   apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends xfsprogs >&2; }
 

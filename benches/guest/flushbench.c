@@ -7,15 +7,16 @@
 //
 //   flushbench --mode fsync --threads T --ops N --dir DIR [--warmup W] [--require-dax]
 //              [--no-write]
-//   flushbench --mode msync --ops N --dir DIR [--warmup W] [--require-dax]
+//   flushbench --mode msync --threads T --ops N --dir DIR [--warmup W] [--require-dax]
 //
 //   fsync: each thread t opens DIR/f<t> (preallocated, fully written: the guest never
 //          allocates) and loops: pwrite 4 KiB at the next offset (wrapping at the file
 //          size), fsync. N operations in total, split evenly between the threads.
 //          With --no-write only the fsync: nothing is dirty, so each one is a bare
 //          flush request to the device (used to drive many flushes cheaply).
-//   msync: maps DIR/f0 MAP_SHARED (a DAX mapping: stores go straight to the device's
-//          memory) and loops: store 4 KiB at the next offset, msync(MS_SYNC) that page.
+//   msync: each thread t maps DIR/f<t> MAP_SHARED (a DAX mapping: stores go straight
+//          to the device's memory) and loops: store 4 KiB at the next offset,
+//          msync(MS_SYNC) that page.
 //
 // Each thread first does W untimed warm-up operations (default: min(100, N/T/10)).
 // The clock (CLOCK_MONOTONIC) runs from the moment all threads are ready to the
@@ -118,7 +119,7 @@ static void *run(void *arg)
 	if (ok && fd < 0) {
 		fail(w, path);
 		ok = 0;
-	} else if (fstat(fd, &st) != 0 || st.st_size < OP_SIZE) {
+	} else if (fstat(fd, &st) != 0 || (!w->no_write && st.st_size < OP_SIZE)) {
 		errno = EINVAL;
 		fail(w, "file smaller than 4 KiB");
 		ok = 0;
@@ -134,7 +135,7 @@ static void *run(void *arg)
 			}
 		}
 	}
-	long slots = ok ? st.st_size / OP_SIZE : 1;
+	long slots = ok && st.st_size >= OP_SIZE ? st.st_size / OP_SIZE : 1;
 	/* Warm-up (untimed), then wait for everybody, then the timed loop. The offsets
 	 * of the timed loop continue where the warm-up stopped. */
 	long i = 0;
@@ -216,10 +217,6 @@ int main(int argc, char **argv)
 		usage();
 	if (no_write)
 		mode_name = "flush";
-	if (mode == MODE_MSYNC && threads != 1) {
-		fprintf(stderr, "flushbench: msync mode is single-threaded\n");
-		return 2;
-	}
 
 	long per_thread = ops / threads;
 	if (per_thread == 0)
