@@ -93,6 +93,7 @@ log "prepared $WORK/prepared.img ($IMG_MIB MiB, block map fully written, bench f
 # 2. The guest side: mount with DAX, run the three workloads, mark each end so the
 # host can snapshot the daemon's counters (the guest waits a second for it).
 script="mkdir -p /mnt/p
+i=0; while [ ! -b /dev/pmem0 ] && [ \$i -lt 600 ]; do sleep 0.1; i=\$((i + 1)); done
 mount -t ext4 -o dax /dev/pmem0 /mnt/p || exit 1
 grep ' /mnt/p ' /proc/mounts | grep -q dax || { echo 'VDP-BENCH-ERROR /mnt/p is not mounted with DAX'; exit 1; }
 echo \"VDP-IRQ \$(grep -E 'virtio' /proc/interrupts | tr -s ' ' | tr '\n' ';')\"

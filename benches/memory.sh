@@ -64,6 +64,7 @@ qemu_cmd
 
 for i in 0 1 2 3; do head -c 4M /dev/urandom >"$WORK/seed/bench/f$i"; done
 script="mkdir -p /mnt/p
+i=0; while [ ! -b /dev/pmem0 ] && [ \$i -lt 600 ]; do sleep 0.1; i=\$((i + 1)); done
 mount -t ext4 -o dax /dev/pmem0 /mnt/p || exit 1
 grep ' /mnt/p ' /proc/mounts | grep -q dax || { echo 'VDP-BENCH-ERROR /mnt/p is not mounted with DAX'; exit 1; }
 /flushbench --mode fsync --threads 1 --ops 20 --warmup 0 --dir /mnt/p/bench --require-dax || exit 1
@@ -95,7 +96,11 @@ for size in $sizes; do
     *) die "bad size $size (use M or G)" ;;
   esac
   d=$WORK/$size; mkdir -p "$d"
-  need=$(( smib + smib / 32 + 2048 ))
+  # The XFS gets the region plus 1/64 + 512 MiB for its own metadata and log; the
+  # host must hold all of that (the loop image is sparse, the region is not) plus
+  # 512 MiB left for everyone else.
+  fsmib=$(( smib + smib / 64 + 512 ))
+  need=$(( fsmib + 512 ))
   avail=$(df -B1M --output=avail "$WORK" | tail -n1 | tr -d ' ')
   if [ "$avail" -lt "$need" ]; then
     log "*** SKIPPING $size: it needs ~$need MiB on $(df --output=target "$WORK" | tail -n1) and only $avail MiB are free ***"
@@ -104,7 +109,7 @@ for size in $sizes; do
   fi
   t0=$(date +%s)
   LOOPIMG=$WORK/xfs-$size.img
-  truncate -s $(( need ))M "$LOOPIMG"
+  truncate -s "${fsmib}M" "$LOOPIMG"
   LOOPDEV=$(losetup --direct-io=on -f --show "$LOOPIMG")
   mkfs.xfs -q -f "$LOOPDEV"
   MNT=$WORK/mnt-$size; mkdir -p "$MNT"
