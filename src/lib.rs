@@ -409,6 +409,10 @@ fn serve_connection(
     *current.lock().unwrap() = None;
     let why = match &result {
         Ok(()) => "the VMM disconnected".to_string(),
+        // A VMM that exits (or is killed) closes the socket mid-read: not an error.
+        Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => "the VMM disconnected".to_string(),
         Err(e) => format!("the connection ended with an error: {e}"),
     };
     drop(vud); // stops and joins the vring worker after its current batch
