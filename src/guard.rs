@@ -293,12 +293,7 @@ impl Watcher {
                         kind.name(),
                         self.daemon.region.path.display()
                     );
-                    self.daemon
-                        .guard
-                        .update(|s| s.lease = format!("unavailable: {reason}"));
-                    self.daemon
-                        .events
-                        .publish(EventKind::LeaseUnavailable { reason });
+                    self.lease_unavailable(reason);
                 }
                 self.lease_retry = true;
                 false
@@ -315,16 +310,21 @@ impl Watcher {
                     "no lease on {}: {reason}; only periodic verification guards the map",
                     self.daemon.region.path.display()
                 );
-                self.daemon
-                    .guard
-                    .update(|s| s.lease = format!("unavailable: {reason}"));
-                self.daemon
-                    .events
-                    .publish(EventKind::LeaseUnavailable { reason });
+                self.lease_unavailable(reason);
                 self.lease_retry = false;
                 false
             }
         }
+    }
+
+    /// Records in `status` and as an event that no lease is held, and why.
+    fn lease_unavailable(&self, reason: String) {
+        self.daemon
+            .guard
+            .update(|s| s.lease = format!("unavailable: {reason}"));
+        self.daemon
+            .events
+            .publish(EventKind::LeaseUnavailable { reason });
     }
 
     /// Another process opens (or truncates) the file: let it go on, name it, and
