@@ -49,7 +49,6 @@ pub struct PmemBackend {
     status: Arc<DeviceStatus>,
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     event_idx: bool,
-    acked_features: u64,
     unsupported: LogOnce,
     frontend: Option<Backend>,
     /// Set once this connection asked the VMM to map the region.
@@ -68,7 +67,6 @@ impl PmemBackend {
             status,
             mem: None,
             event_idx: false,
-            acked_features: 0,
             unsupported: LogOnce::default(),
             frontend: None,
             map_requested: false,
@@ -208,7 +206,6 @@ impl VhostUserBackendMut for PmemBackend {
     }
 
     fn acked_features(&mut self, features: u64) {
-        self.acked_features = features;
         self.status.set_features(features);
         if features & VIRTIO_PMEM_F_SHMEM_REGION == 0 {
             error!("the guest driver did not accept VIRTIO_PMEM_F_SHMEM_REGION: it will look for the region at config.start, which a vhost-user backend cannot provide; this guest cannot use the device");
@@ -225,7 +222,6 @@ impl VhostUserBackendMut for PmemBackend {
 
     fn reset_device(&mut self) {
         info!("device reset by the VMM");
-        self.acked_features = 0;
         self.event_idx = false;
         self.map_requested = false;
         self.status.set_region_mapped(false);

@@ -92,10 +92,6 @@ impl MediaErrors {
         }))
     }
 
-    pub fn state_path(&self) -> &Path {
-        &self.state_path
-    }
-
     pub fn list(&self) -> Vec<BadRange> {
         self.ranges.lock().unwrap().list()
     }
