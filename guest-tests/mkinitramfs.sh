@@ -21,7 +21,8 @@ for applet in $("$work/bin/busybox" --list | grep -vx busybox); do
 done
 
 # Wanted modules, in load order after dependency resolution from modules.dep.
-wanted="libnvdimm nd_btt nd_pmem nd_virtio virtio_pmem nfit xfs"
+# virtio_blk and device-mapper: the VMs that play a host (power cut, failing disk).
+wanted="libnvdimm nd_btt nd_pmem nd_virtio virtio_pmem nfit xfs virtio_blk ext4 dm_mod dm_flakey dm_log_writes"
 declare -A seen=()
 order=()
 resolve() {

@@ -20,17 +20,20 @@ log() { printf 'guest-setup: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap, apt-get)"
-mirror=$("$here/../../shared/debian-mirror.sh" 2>/dev/null || true)
-if [ -z "$mirror" ] && [ -x /work/shared/debian-mirror.sh ]; then mirror=$(/work/shared/debian-mirror.sh); fi
+# The Debian mirror this machine's apt uses: deb822 sources first, then one-line ones.
+mirror=$(sed -n 's/^URIs:[[:space:]]*//p' /etc/apt/sources.list.d/*.sources 2>/dev/null \
+  | tr ' ' '\n' | grep -v -- -security | grep . | head -n1 || true)
 if [ -z "$mirror" ]; then
-  mirror=$(sed -n 's/^URIs:[[:space:]]*//p' /etc/apt/sources.list.d/*.sources 2>/dev/null | tr ' ' '\n' | grep -v -- -security | head -n1)
+  mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
+    | awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i !~ /^\[/) { print $i; exit } }' \
+    | grep -v -- -security | head -n1 || true)
 fi
 [ -n "$mirror" ] || die "no Debian mirror found in the apt configuration"
 
 # Host tools.
 need=()
 for t in debootstrap:debootstrap busybox:busybox-static cpio:cpio xz:xz-utils zstd:zstd \
-         mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs strace:strace depmod:kmod file:file; do
+         mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs strace:strace dmsetup:dmsetup depmod:kmod file:file; do
   command -v "${t%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${t%%:*}" ] || need+=("${t#*:}")
 done
 # busybox-static specifically (a dynamic busybox cannot run in the initramfs).

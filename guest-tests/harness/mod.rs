@@ -171,6 +171,22 @@ impl GuestEnv {
         Guest::spawn(cmd, dir.join("console.log"))
     }
 
+    /// Boots a plain VM (1 GiB of RAM, no pmem device of its own) with `opts`: the
+    /// guest that plays a host in the power-cut and failing-disk tests, its disks
+    /// added with [`Boot::with_disk`].
+    pub fn boot_vm(&self, dir: &Path, script: &str, opts: &Boot) -> Guest {
+        let initrd = self.initrd_for(dir, script, opts);
+        let mut cmd = self.qemu(&initrd, "memory-backend=mem");
+        cmd.args([
+            "-object",
+            "memory-backend-ram,id=mem,size=1G",
+            "-m",
+            "1G",
+        ])
+        .args(&opts.qemu_args);
+        Guest::spawn(cmd, dir.join("console.log"))
+    }
+
     fn initrd_for(&self, dir: &Path, script: &str, opts: &Boot) -> PathBuf {
         let files: Vec<(&str, &[u8])> = opts
             .files
@@ -265,6 +281,28 @@ impl Boot {
             ),
             "-device".into(),
             "virtserialport,chardev=agent0,name=org.vhost-device-pmem.0".into(),
+        ]);
+        self
+    }
+
+    /// Adds a virtio-blk disk backed by the raw image `image` (the first one added
+    /// is /dev/vda in the guest, the next /dev/vdb, ...). `cache=writeback`: what the
+    /// guest wrote reaches the image file on the host as it writes, so killing the VM
+    /// keeps its disk and loses only its own page cache, like a power cut.
+    pub fn with_disk(mut self, image: &Path) -> Self {
+        let n = self
+            .qemu_args
+            .iter()
+            .filter(|a| a.starts_with("virtio-blk-pci,"))
+            .count();
+        self.qemu_args.extend([
+            "-drive".into(),
+            format!(
+                "file={},if=none,id=disk{n},format=raw,cache=writeback",
+                image.display()
+            ),
+            "-device".into(),
+            format!("virtio-blk-pci,drive=disk{n}"),
         ]);
         self
     }
