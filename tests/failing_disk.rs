@@ -1,0 +1,572 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! A disk that fails writes under a served file, on this host, in seconds: a loop
+//! device over a full tmpfs whose pages under the file's extents were punched out.
+//! Owns that fixture (always torn down) and the latched-failure case; never touches
+//! anything outside its temp dirs. Needs root: SKIPPED loudly without it, a failure
+//! with VDP_REQUIRE_ROOT_TESTS=1.
+
+#[path = "support/daemon.rs"]
+mod daemon;
+#[path = "support/frontend.rs"]
+mod frontend;
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, Write},
+    os::unix::fs::{FileExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use daemon::{Daemon, Scratch};
+use frontend::TestFrontend;
+use serde_json::Value;
+use vhost_device_pmem::{
+    blockmap::{self, Extent},
+    control, hostfile,
+};
+
+const MIB: u64 = 1 << 20;
+/// The tmpfs that plays the disk's media, and the loop device's backing image on it.
+/// The image is written in full, so every block ext4 may write (journal, inode
+/// tables, bitmaps) has its tmpfs page; only the served file's blocks are punched.
+const TMPFS_SIZE: u64 = 96 * MIB;
+const IMAGE_SIZE: u64 = 64 * MIB;
+/// The served file.
+const FILE_SIZE: u64 = 16 * MIB;
+/// Where the frontend's stores go: before the failure, after the disk recovered, and
+/// after the failure record was cleared. Different pages, so a later writeback cannot
+/// carry an earlier store to the disk.
+const OFF_A: u64 = MIB;
+const OFF_B: u64 = 8 * MIB;
+const OFF_C: u64 = 12 * MIB;
+const DATA_LEN: usize = 64 << 10;
+/// `virtio_pmem` response status of a failed flush.
+const VIRTIO_PMEM_EIO: u32 = 1;
+
+// ---------------------------------------------------------------- prerequisites
+
+fn have_tool(name: &str) -> bool {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/sbin", "/usr/sbin", "/bin", "/usr/bin"])
+        .any(|d| Path::new(d).join(name).exists());
+    found
+}
+
+/// Says why the test cannot run: a panic with VDP_REQUIRE_ROOT_TESTS=1 (CI), so a
+/// missing capability cannot pass silently; otherwise a loud skip.
+fn unavailable(test: &str, why: &str) {
+    let msg = format!("{test}: needs {why}");
+    if std::env::var("VDP_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
+        panic!("VDP_REQUIRE_ROOT_TESTS=1 but a prerequisite is missing: {msg}");
+    }
+    // Straight to fd 2: eprintln! would be captured (hidden) for a passing test.
+    let _ = writeln!(
+        io::stderr(),
+        "\n***************************************************************\n\
+         *** SKIPPED (needs root): {msg}\n\
+         *** (set VDP_REQUIRE_ROOT_TESTS=1 to make this a failure)\n\
+         ***************************************************************\n"
+    );
+}
+
+/// True if root, loop devices and the tools are there; otherwise [`unavailable`].
+fn prerequisites(test: &str) -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root (mount, losetup, mkfs)".to_string());
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        missing.push("/dev/loop-control (loop devices)".to_string());
+    }
+    for t in ["losetup", "mount", "umount", "mkfs.ext4"] {
+        if !have_tool(t) {
+            missing.push(format!("the `{t}` tool"));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    unavailable(test, &missing.join(", "));
+    false
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<Output, String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd} {args:?}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------- fixture
+
+/// tmpfs (the media) → image file → loop device → ext4 → the served file. Drop
+/// unmounts, detaches and deletes, whatever state construction reached.
+struct FailingDisk {
+    dir: tempfile::TempDir,
+    tmpfs_mounted: bool,
+    loopdev: Option<String>,
+    ext4_mounted: bool,
+}
+
+impl FailingDisk {
+    /// Builds the stack. `Err` is a missing capability (tmpfs or loop device);
+    /// anything else that goes wrong panics.
+    fn new() -> Result<Self, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("vdp-failing-disk-")
+            .tempdir()
+            .unwrap();
+        let mut d = Self {
+            dir,
+            tmpfs_mounted: false,
+            loopdev: None,
+            ext4_mounted: false,
+        };
+        let media = d.media();
+        fs::create_dir(&media).unwrap();
+        run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={TMPFS_SIZE},mode=0700"),
+                "vdp-failing-disk",
+                media.to_str().unwrap(),
+            ],
+        )
+        .map_err(|e| format!("a tmpfs mount ({e})"))?;
+        d.tmpfs_mounted = true;
+
+        // Every byte written: the image takes its full size on the tmpfs.
+        let image = d.image();
+        let mut f = File::create(&image).unwrap();
+        let chunk = vec![0u8; MIB as usize];
+        for _ in 0..IMAGE_SIZE / MIB {
+            f.write_all(&chunk).unwrap();
+        }
+        drop(f);
+        let mut last = String::new();
+        for _ in 0..10 {
+            // Parallel tests may race for the same free device: retry.
+            match run("losetup", &["-f", "--show", image.to_str().unwrap()]) {
+                Ok(out) => {
+                    d.loopdev = Some(String::from_utf8_lossy(&out.stdout).trim().to_string());
+                    break;
+                }
+                Err(e) => {
+                    last = e;
+                    thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        let dev = d
+            .loopdev
+            .clone()
+            .ok_or_else(|| format!("a loop device ({last})"))?;
+        // 4 KiB blocks (the page size); nodiscard keeps the image's pages.
+        run(
+            "mkfs.ext4",
+            &["-q", "-F", "-b", "4096", "-E", "nodiscard", &dev],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mnt = d.mnt();
+        fs::create_dir(&mnt).unwrap();
+        run("mount", &[&dev, mnt.to_str().unwrap()]).unwrap_or_else(|e| panic!("{e}"));
+        d.ext4_mounted = true;
+        Ok(d)
+    }
+
+    fn media(&self) -> PathBuf {
+        self.dir.path().join("media")
+    }
+
+    fn image(&self) -> PathBuf {
+        self.media().join("image")
+    }
+
+    fn filler(&self) -> PathBuf {
+        self.media().join("filler")
+    }
+
+    fn mnt(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+
+    fn device(&self) -> &str {
+        self.loopdev.as_deref().unwrap()
+    }
+
+    /// Takes the media away under `extents`: their pages are punched out of the
+    /// image (the loop device has offset 0, so a physical offset on it is the offset
+    /// in the image), then the tmpfs is filled, so writing them back needs a page
+    /// the tmpfs cannot give. Returns the filler's size.
+    fn fail_writes_to(&self, extents: &[Extent]) -> u64 {
+        let image = OpenOptions::new().write(true).open(self.image()).unwrap();
+        for e in extents {
+            hostfile::fallocate(
+                &image,
+                hostfile::FALLOC_FL_PUNCH_HOLE | hostfile::FALLOC_FL_KEEP_SIZE,
+                e.physical,
+                e.length,
+            )
+            .unwrap();
+        }
+        drop(image);
+        let mut filler = File::create(self.filler()).unwrap();
+        let chunk = vec![0x5au8; MIB as usize];
+        let mut written = 0u64;
+        loop {
+            match filler.write(&chunk) {
+                Ok(0) => panic!("the tmpfs took a zero-length write"),
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling the tmpfs: {e}"),
+            }
+        }
+        written
+    }
+
+    /// The media comes back: the filler goes, the tmpfs has pages to give again.
+    fn recover(&self) {
+        fs::remove_file(self.filler()).unwrap();
+    }
+
+    /// What the media holds at `physical`, read with O_DIRECT from the loop device
+    /// (past every page cache above the loop device).
+    fn read_media(&self, physical: u64, len: usize) -> Vec<u8> {
+        let dev = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(self.device())
+            .unwrap();
+        // O_DIRECT wants a block-aligned buffer.
+        let mut buf = vec![0u8; len + 4096];
+        let skip = buf.as_ptr().align_offset(4096);
+        dev.read_exact_at(&mut buf[skip..skip + len], physical)
+            .unwrap();
+        buf[skip..skip + len].to_vec()
+    }
+}
+
+impl Drop for FailingDisk {
+    fn drop(&mut self) {
+        let umount = |m: &Path| {
+            let m = m.to_str().unwrap();
+            if run("umount", &[m]).is_err() {
+                thread::sleep(Duration::from_millis(500));
+                if let Err(e) = run("umount", &[m]) {
+                    eprintln!("umount {m} failed ({e}); detaching lazily");
+                    let _ = run("umount", &["-l", m]);
+                }
+            }
+        };
+        if self.ext4_mounted {
+            umount(&self.mnt());
+        }
+        if let Some(dev) = &self.loopdev {
+            let _ = run("losetup", &["-d", dev]);
+        }
+        if self.tmpfs_mounted {
+            umount(&self.media());
+        }
+    }
+}
+
+// ---------------------------------------------------------------- helpers
+
+fn prepare(path: &Path, size: u64) {
+    let out = Command::new(daemon::BIN)
+        .args(["prepare", path.to_str().unwrap(), "--size"])
+        .arg(size.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "prepare: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The physical offset (on the loop device) of byte `offset` of the file.
+fn physical(extents: &[Extent], offset: u64) -> u64 {
+    let e = extents
+        .iter()
+        .find(|e| e.logical <= offset && offset < e.logical + e.length)
+        .unwrap_or_else(|| panic!("no extent holds {offset:#x}: {extents:?}"));
+    e.physical + (offset - e.logical)
+}
+
+/// Deterministic non-zero bytes.
+fn pattern(seed: u8) -> Vec<u8> {
+    (0..DATA_LEN)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+        .collect()
+}
+
+/// A frontend that went through init and start, with the region mapped.
+fn mapped(d: &Daemon) -> TestFrontend {
+    let mut fe = TestFrontend::connect(&d.socket).unwrap();
+    fe.start().unwrap();
+    assert_eq!(
+        fe.maps.wait_for(1, frontend::TIMEOUT),
+        1,
+        "{}",
+        d.log_text()
+    );
+    fe.map_region(0).unwrap();
+    fe
+}
+
+/// One store through the mapping, then one flush request: its status.
+fn write_and_flush(fe: &mut TestFrontend, d: &Daemon, offset: u64, data: &[u8]) -> u32 {
+    fe.write_pmem(offset, data).unwrap();
+    let st = fe
+        .flush(1)
+        .unwrap_or_else(|e| panic!("flush: {e}\n{}", d.log_text()));
+    st[0]
+}
+
+/// The first event of kind `kind`, recent ones included.
+fn wait_event(d: &Daemon, kind: &str) -> Value {
+    let (tx, rx) = mpsc::channel();
+    let ctl = d.control.clone();
+    thread::spawn(move || {
+        let _ = control::subscribe(&ctl, true, |line| {
+            serde_json::from_str(line).is_ok_and(|v: Value| tx.send(v).is_ok())
+        });
+    });
+    let deadline = Instant::now() + daemon::TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(v) if v["event"] == kind => return v,
+            Ok(_) => {}
+            Err(_) => panic!(
+                "no {kind} event within {:?}; daemon log:\n{}",
+                daemon::TIMEOUT,
+                d.log_text()
+            ),
+        }
+    }
+}
+
+/// `vhost-device-pmem health --file F --state-dir D [extra]`.
+fn health(file: &Path, state_dir: &Path, extra: &[&str]) -> Output {
+    Command::new(daemon::BIN)
+        .args(["health", "--file", file.to_str().unwrap(), "--state-dir"])
+        .arg(state_dir)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Progress past libtest's capture, with the time since the start.
+fn phase(t0: Instant, what: &str) {
+    let _ = writeln!(
+        io::stderr(),
+        "[{:>7.3}s] {what}",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+// ---------------------------------------------------------------- the case
+
+/// Writeback under a served file fails once; Linux reports that to each open file
+/// description once, so a later fdatasync returns 0. The daemon must answer every
+/// later flush with EIO anyway, say so in `status`, exit non-zero, and remember it
+/// across a restart until an operator clears the record.
+#[test]
+fn a_failed_writeback_latches_eio_until_the_record_is_cleared() {
+    let test = "failing_disk";
+    if !prerequisites(test) {
+        return;
+    }
+    let t0 = Instant::now();
+    let disk = match FailingDisk::new() {
+        Ok(d) => d,
+        Err(why) => return unavailable(test, &why),
+    };
+    let file = disk.mnt().join("served.img");
+    prepare(&file, FILE_SIZE);
+    // The extents, read before the daemon serves the file (opening it then would
+    // break the daemon's lease).
+    let extents = blockmap::read_extents(&File::open(&file).unwrap(), FILE_SIZE).unwrap();
+    let covered: u64 = extents.iter().map(|e| e.length).sum();
+    assert_eq!(covered, FILE_SIZE, "{extents:?}");
+    let filler = disk.fail_writes_to(&extents);
+    phase(
+        t0,
+        &format!(
+            "fixture ready: {} extent(s) punched on {}, tmpfs filled with {} MiB",
+            extents.len(),
+            disk.device(),
+            filler / MIB
+        ),
+    );
+
+    // Sockets, logs and the state directory live elsewhere: the tmpfs is full.
+    let scratch = Scratch::new();
+    let state = scratch.path("state");
+    fs::create_dir(&state).unwrap();
+    let state_arg = state.to_str().unwrap();
+    let serve_args = ["--mode", "datasync", "--state-dir", state_arg];
+
+    let started = unix_now();
+    let mut d = Daemon::start(&scratch, "first", &file, &serve_args);
+    let st = d.status();
+    assert_eq!(st["policy"], "datasync", "{st:#}");
+    let mut fe = mapped(&d);
+
+    // 1. The disk fails the writeback: EIO, and the data is not on the media.
+    let a = pattern(0xa1);
+    assert_eq!(
+        write_and_flush(&mut fe, &d, OFF_A, &a),
+        VIRTIO_PMEM_EIO,
+        "the flush whose fdatasync failed must be answered EIO\n{}",
+        d.log_text()
+    );
+    let media_a = disk.read_media(physical(&extents, OFF_A), DATA_LEN);
+    assert!(
+        media_a != a && media_a.iter().all(|&b| b == 0),
+        "the failed write reached the media after all; EIO would be wrong"
+    );
+    phase(
+        t0,
+        "flush 1: EIO, and the media under the store reads zeros",
+    );
+
+    // 2. The disk recovers. The next fdatasync succeeds (the error was reported to
+    // this open file once), but the first store is still not on the media: an OK
+    // now would tell the guest its data is durable when it is lost.
+    disk.recover();
+    let b = pattern(0xb2);
+    let second = write_and_flush(&mut fe, &d, OFF_B, &b);
+    assert_eq!(
+        disk.read_media(physical(&extents, OFF_A), DATA_LEN),
+        media_a,
+        "the first store reached the media later"
+    );
+    assert_eq!(
+        second,
+        VIRTIO_PMEM_EIO,
+        "a flush after a failed sync must stay EIO (latched), although the disk works \
+         again and fdatasync now returns 0: the store before the failure is lost\n{}",
+        d.log_text()
+    );
+    phase(t0, "flush 2 after the disk recovered: still EIO (latched)");
+
+    let st = d.status();
+    assert_eq!(st["health"], "failed", "{st:#}");
+    let failure = &st["sync_failure"];
+    // A loop device passes its backing file's errno up: the full tmpfs makes the
+    // writeback fail with ENOSPC, which ext4 records for the file and fdatasync
+    // returns. (A dm error target gives EIO; guest-tests/failing_disk.rs.)
+    assert_eq!(failure["errno"], libc::ENOSPC, "{st:#}");
+    assert!(
+        failure["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{st:#}"
+    );
+    assert_eq!(failure["context"], "flush", "{st:#}");
+    assert_eq!(failure["requests"], 2, "{st:#}");
+    let at = failure["at"].as_u64().unwrap_or(0);
+    assert!(started <= at && at <= unix_now(), "{st:#}");
+    let stats = d.stats();
+    assert_eq!(stats["errors"], 2, "{stats:#}");
+    let ev = wait_event(&d, "sync-failed");
+    assert_eq!(ev["errno"], libc::ENOSPC, "{ev}");
+
+    // 3. SIGTERM: a daemon that lost data does not exit 0.
+    drop(fe);
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit();
+    assert!(
+        status.code().is_some_and(|c| c != 0),
+        "a failed daemon exited with {status} at SIGTERM\n{}",
+        d.log_text()
+    );
+    drop(d);
+    phase(t0, &format!("SIGTERM: {status}"));
+
+    // 4. The record survives a restart: the new daemon starts failed.
+    let d = Daemon::start(&scratch, "second", &file, &serve_args);
+    let st = d.status();
+    assert_eq!(st["health"], "failed", "{st:#}");
+    assert_eq!(st["sync_failure"]["errno"], libc::ENOSPC, "{st:#}");
+    let mut fe = mapped(&d);
+    assert_eq!(
+        write_and_flush(&mut fe, &d, OFF_B, &b),
+        VIRTIO_PMEM_EIO,
+        "a restarted daemon must keep answering EIO while the record exists\n{}",
+        d.log_text()
+    );
+    drop(fe);
+    let mut d = d;
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit();
+    assert!(status.code().is_some_and(|c| c != 0), "{status}");
+    drop(d);
+    phase(t0, "restart with the record: failed, flush EIO");
+
+    // 5. The operator looks at the record and clears it (daemon stopped).
+    let shown = health(&file, &state, &[]);
+    let shown_text = text(&shown);
+    assert!(shown_text.contains("failed"), "{shown_text}");
+    let cleared = health(&file, &state, &["--clear"]);
+    assert!(cleared.status.success(), "{}", text(&cleared));
+
+    // 6. A daemon started after that is healthy; its flushes reach the media.
+    let mut d = Daemon::start(&scratch, "third", &file, &serve_args);
+    let st = d.status();
+    assert_eq!(st["health"], "healthy", "{st:#}");
+    assert!(st["sync_failure"].is_null(), "{st:#}");
+    let mut fe = mapped(&d);
+    let c = pattern(0xc3);
+    assert_eq!(
+        write_and_flush(&mut fe, &d, OFF_C, &c),
+        0,
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(
+        disk.read_media(physical(&extents, OFF_C), DATA_LEN),
+        c,
+        "an OK flush left the store off the media"
+    );
+    drop(fe);
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", d.log_text());
+    phase(t0, "cleared: healthy, flush OK and on the media; done");
+}
