@@ -358,6 +358,99 @@ mod tests {
         }
     }
 
+    /// Group commit, exactly: the first request's sync is held until 15 more are on
+    /// the ring. Those 15 arrived after that sync started, so they must not be
+    /// answered by it (one pass completes only the first), and they share one sync
+    /// (the next pass): 2 syncs for 16 requests, neither 1 nor 16.
+    #[test]
+    fn requests_queued_during_a_sync_share_the_next_one() {
+        use std::sync::{mpsc, Mutex};
+        let mem = memory();
+        let mut d = Driver::new(&mem, Policy::Datasync);
+        let (entered_tx, entered_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let first = std::sync::atomic::AtomicBool::new(true);
+        d.flusher.set_sync_hook(Box::new(move || {
+            if first.swap(false, Ordering::SeqCst) {
+                entered_tx.send(()).unwrap();
+                release_rx.lock().unwrap().recv().unwrap();
+            }
+        }));
+        let mut statuses = vec![d.request(VIRTIO_PMEM_REQ_TYPE_FLUSH).1];
+        // Chains for the 15 late requests, written now, published during the sync.
+        let late: Vec<Vec<RawDescriptor>> = (0..15)
+            .map(|_| {
+                let req = d.buf(4, VIRTIO_PMEM_REQ_TYPE_FLUSH);
+                let status = d.buf(4, UNTOUCHED);
+                statuses.push(status);
+                vec![
+                    RawDescriptor::from(SplitDescriptor::new(req, 4, VRING_DESC_F_NEXT as u16, 0)),
+                    RawDescriptor::from(SplitDescriptor::new(
+                        status,
+                        4,
+                        VRING_DESC_F_WRITE as u16,
+                        0,
+                    )),
+                ]
+            })
+            .collect();
+        let Driver {
+            mock,
+            queue,
+            flusher,
+            log,
+            next_desc,
+            ..
+        } = &mut d;
+        let first_pass = std::thread::scope(|s| {
+            let worker = s.spawn(|| process_queue(queue, &mem, flusher, log).unwrap());
+            entered_rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("the first sync never started");
+            for chain in &late {
+                let head = *next_desc;
+                let chain: Vec<RawDescriptor> = chain
+                    .iter()
+                    .enumerate()
+                    .map(|(i, raw)| {
+                        let desc = SplitDescriptor::from(*raw);
+                        RawDescriptor::from(SplitDescriptor::new(
+                            desc.addr().0,
+                            desc.len(),
+                            desc.flags(),
+                            head + i as u16 + 1,
+                        ))
+                    })
+                    .collect();
+                mock.add_desc_chains(&chain, head).unwrap();
+                *next_desc += 2;
+            }
+            release_tx.send(()).unwrap();
+            worker.join().unwrap()
+        });
+        assert_eq!(
+            first_pass,
+            Pass {
+                completed: 1,
+                flushes: 1
+            }
+        );
+        assert_eq!(
+            d.run(),
+            Pass {
+                completed: 15,
+                flushes: 15
+            }
+        );
+        assert_eq!(d.used().len(), 16);
+        for s in statuses {
+            assert_eq!(d.status(s), VIRTIO_PMEM_RESP_OK);
+        }
+        let s = d.flusher.stats.snapshot();
+        assert_eq!((s.flush_requests, s.batches, s.syncs), (16, 2, 2));
+    }
+
     #[test]
     fn an_unknown_request_type_gets_eio_and_no_sync() {
         let mem = memory();
