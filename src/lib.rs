@@ -463,8 +463,12 @@ fn serve_connection(
     stop: &EventFd,
 ) -> Result<(), Error> {
     let backend = Arc::new(RwLock::new(
-        PmemBackend::new(daemon.region.clone(), daemon.status.clone())
-            .map_err(io_err("create device"))?,
+        PmemBackend::new(
+            daemon.region.clone(),
+            daemon.status.clone(),
+            daemon.events.clone(),
+        )
+        .map_err(io_err("create device"))?,
     ));
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut vud = VhostUserDaemon::new("vhost-device-pmem".into(), backend, mem)

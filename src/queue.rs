@@ -3,10 +3,11 @@
 //!
 //! Owns: the order "take all available requests, one durability action for the
 //! flushes among them, then complete them all" (this is where group commit happens),
-//! and the rule that a bad chain is completed and logged, never allowed to wedge the
-//! queue or panic. Never signals the guest (the caller does, once per pass).
+//! and the rule that a bad chain is completed and logged (rate-limited: the guest
+//! controls how many), never allowed to wedge the queue or panic. Never signals the
+//! guest (the caller does, once per pass).
 
-use std::{collections::HashSet, time::Instant};
+use std::time::{Duration, Instant};
 
 use log::{error, warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -28,13 +29,59 @@ pub enum QueueError {
     UsedRing(virtio_queue::Error),
 }
 
-/// Remembers which unsupported request types were logged, so each is logged once.
-#[derive(Default)]
-pub struct LogOnce(HashSet<u32>);
+/// Messages a guest can cause (malformed chains, unsupported request types): at
+/// most [`GuestLog::BURST`] per [`GuestLog::WINDOW`], then one line saying how many
+/// were held back. Constant memory whatever the guest sends; the counters in
+/// `stats` count every one.
+#[derive(Debug)]
+pub struct GuestLog {
+    window_start: Option<Instant>,
+    logged: u32,
+    suppressed: u64,
+}
 
-impl LogOnce {
-    fn first(&mut self, ty: u32) -> bool {
-        self.0.insert(ty)
+impl Default for GuestLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GuestLog {
+    pub const BURST: u32 = 10;
+    pub const WINDOW: Duration = Duration::from_secs(60);
+
+    pub const fn new() -> Self {
+        Self {
+            window_start: None,
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether a message may be logged now (counting it as held back if not).
+    pub fn allow(&mut self, now: Instant) -> bool {
+        let expired = self
+            .window_start
+            .is_none_or(|t| now.duration_since(t) >= Self::WINDOW);
+        if expired {
+            if self.suppressed > 0 {
+                warn!(
+                    "virtio-pmem: {} more guest request problem(s) in the last {:?} were not logged (see `stats`)",
+                    self.suppressed,
+                    Self::WINDOW
+                );
+            }
+            self.window_start = Some(now);
+            self.logged = 0;
+            self.suppressed = 0;
+        }
+        if self.logged < Self::BURST {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
     }
 }
 
@@ -54,7 +101,7 @@ pub fn process_queue<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
     flusher: &Flusher,
-    unsupported: &mut LogOnce,
+    log: &mut GuestLog,
 ) -> Result<Pass, QueueError> {
     let taken = Instant::now();
     let mut answers = Vec::new();
@@ -72,7 +119,9 @@ pub fn process_queue<M: GuestMemory>(
                     answers.push((head, req));
                 }
                 Err(e) => {
-                    error!("virtio-pmem: malformed request chain (head {head}): {e}; completed with no response");
+                    if log.allow(taken) {
+                        error!("virtio-pmem: malformed request chain (head {head}): {e}; completed with no response");
+                    }
                     malformed.push(head);
                 }
             }
@@ -103,8 +152,8 @@ pub fn process_queue<M: GuestMemory>(
                     .stats
                     .unsupported
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if unsupported.first(ty) {
-                    warn!("virtio-pmem: unsupported request type {ty}; answering EIO (logged once per type)");
+                if log.allow(taken) {
+                    warn!("virtio-pmem: unsupported request type {ty}; answering EIO");
                 }
                 VIRTIO_PMEM_RESP_EIO
             }
@@ -170,7 +219,7 @@ mod tests {
         next_buf: u64,
         used_seen: u16,
         flusher: Flusher,
-        log: LogOnce,
+        log: GuestLog,
     }
 
     impl<'a> Driver<'a> {
@@ -189,7 +238,7 @@ mod tests {
                 next_buf: DATA_START,
                 used_seen: 0,
                 flusher: Flusher::new(file, policy),
-                log: LogOnce::default(),
+                log: GuestLog::default(),
             }
         }
 
@@ -449,6 +498,40 @@ mod tests {
         }
         let s = d.flusher.stats.snapshot();
         assert_eq!((s.flush_requests, s.batches, s.syncs), (16, 2, 2));
+    }
+
+    #[test]
+    fn guest_caused_messages_are_rate_limited_in_constant_memory() {
+        let mut log = GuestLog::default();
+        let t0 = Instant::now();
+        let allowed = (0..10_240).filter(|_| log.allow(t0)).count();
+        assert_eq!(allowed, GuestLog::BURST as usize);
+        assert_eq!(log.suppressed, 10_240 - u64::from(GuestLog::BURST));
+        // A new window logs again (and reports what it held back).
+        assert!(log.allow(t0 + GuestLog::WINDOW));
+        assert_eq!(log.suppressed, 0);
+    }
+
+    #[test]
+    fn thousands_of_distinct_unsupported_types_are_all_answered_and_counted() {
+        let mem = memory();
+        let mut log = GuestLog::default();
+        let mut counted = 0;
+        // The mock ring does not wrap: a fresh queue every 16 requests, one log.
+        for round in 0..80u32 {
+            let mut d = Driver::new(&mem, Policy::Fsync);
+            d.log = log;
+            let reqs: Vec<_> = (0..16).map(|i| d.request(1000 + round * 16 + i)).collect();
+            assert_eq!(d.run().completed, 16);
+            for (_, status) in reqs {
+                assert_eq!(d.status(status), VIRTIO_PMEM_RESP_EIO);
+            }
+            counted += d.flusher.stats.snapshot().unsupported_requests;
+            log = d.log;
+        }
+        assert_eq!(counted, 1280);
+        assert_eq!(log.logged, GuestLog::BURST);
+        assert_eq!(log.suppressed, 1280 - u64::from(GuestLog::BURST));
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct DeviceStatus {
     connections: AtomicU64,
     last_disconnect: Mutex<Option<String>>,
     queue_broken: Mutex<Option<QueueBroken>>,
+    /// Mirrors `queue_broken.is_some()`, so a healthy pass checks it without a lock.
+    queue_is_broken: AtomicBool,
     /// Times the queue was found broken (each episode once), over the daemon's life.
     queue_faults: AtomicU64,
 }
@@ -97,6 +99,7 @@ impl DeviceStatus {
                     since: crate::events::rfc3339_now(),
                     passes: 1,
                 });
+                self.queue_is_broken.store(true, Ordering::Release);
                 self.queue_faults.fetch_add(1, Ordering::Relaxed);
                 true
             }
@@ -105,10 +108,12 @@ impl DeviceStatus {
 
     /// The queue is usable again; returns the episode that ended, if one did.
     pub fn queue_ok(&self) -> Option<QueueBroken> {
-        self.queue_broken
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
+        if !self.queue_is_broken.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut q = self.queue_broken.lock().unwrap_or_else(|p| p.into_inner());
+        self.queue_is_broken.store(false, Ordering::Release);
+        q.take()
     }
 
     pub fn queue_broken(&self) -> Option<QueueBroken> {
