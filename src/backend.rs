@@ -6,7 +6,14 @@
 //! the VMM (SHMEM_MAP). Never decides durability (that is `durability`) and never
 //! parses requests itself (that is `virtio_pmem` and `queue`).
 
-use std::{io, os::unix::fs::MetadataExt, sync::Arc};
+use std::{
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd},
+        unix::fs::MetadataExt,
+    },
+    sync::Arc,
+};
 
 use log::{debug, error, info, warn};
 use vhost::vhost_user::{
@@ -31,7 +38,8 @@ use vmm_sys_util::{
 };
 
 use crate::{
-    queue::{process_queue, LogOnce},
+    events::{EventHub, EventKind},
+    queue::{process_queue, GuestLog},
     status::DeviceStatus,
     virtio_pmem::{PmemConfig, VIRTIO_PMEM_F_SHMEM_REGION, VIRTIO_PMEM_SHMEM_REGION_ID},
     Region,
@@ -47,31 +55,43 @@ const REQUEST_QUEUE_EVENT: u16 = 0;
 pub struct PmemBackend {
     region: Arc<Region>,
     status: Arc<DeviceStatus>,
+    events: Arc<EventHub>,
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     event_idx: bool,
-    unsupported: LogOnce,
+    guest_log: GuestLog,
     frontend: Option<Backend>,
     /// Set once this connection asked the VMM to map the region.
     map_requested: bool,
     exit_consumer: EventConsumer,
     exit_notifier: EventNotifier,
+    /// Exit-event consumers handed to vhost-user-backend, which gives up their
+    /// ownership (see [`Drop for PmemBackend`](#impl-Drop-for-PmemBackend)).
+    handed_out: std::sync::Mutex<Vec<std::os::fd::RawFd>>,
     config_write_logged: bool,
 }
 
 impl PmemBackend {
-    pub fn new(region: Arc<Region>, status: Arc<DeviceStatus>) -> io::Result<Self> {
+    pub fn new(
+        region: Arc<Region>,
+        status: Arc<DeviceStatus>,
+        events: Arc<EventHub>,
+    ) -> io::Result<Self> {
         let (exit_consumer, exit_notifier) =
             new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+        // A new connection is a new device: whatever broke the last one's queue is gone.
+        Self::queue_usable(&status, &events, "a new VMM connection");
         Ok(Self {
             region,
             status,
+            events,
             mem: None,
             event_idx: false,
-            unsupported: LogOnce::default(),
+            guest_log: GuestLog::default(),
             frontend: None,
             map_requested: false,
             exit_consumer,
             exit_notifier,
+            handed_out: std::sync::Mutex::new(Vec::new()),
             config_write_logged: false,
         })
     }
@@ -153,35 +173,113 @@ impl PmemBackend {
         self.status.set_region_mapped(live);
     }
 
-    fn process(&mut self, vring: &VringRwLock) -> io::Result<()> {
+    /// Serves the queue until it is empty. Never fails: a queue that cannot be
+    /// processed (an impossible available index, a used ring that cannot be written)
+    /// is reported as health `queue-broken` and tried again at the next kick, so the
+    /// vring worker never ends (vhost-user-backend would only notice at join, and the
+    /// device would be dead while `status` said connected).
+    fn process(&mut self, vring: &VringRwLock) {
         let Some(mem) = self.mem.as_ref().map(GuestMemoryAtomic::memory) else {
             warn!("queue kicked before the VMM sent its memory table; ignored");
-            return Ok(());
+            return;
         };
         loop {
-            if self.event_idx {
-                vring.disable_notification().map_err(io::Error::other)?;
-            }
-            let pass = {
-                let mut state = vring.get_mut();
-                process_queue(
-                    state.get_queue_mut(),
-                    &*mem,
-                    &self.region.flusher,
-                    &mut self.unsupported,
-                )
-                .map_err(io::Error::other)?
-            };
-            if pass.completed > 0
-                && (!self.event_idx || vring.needs_notification().map_err(io::Error::other)?)
-            {
-                vring.signal_used_queue()?;
-            }
-            if !self.event_idx || !vring.enable_notification().map_err(io::Error::other)? {
-                break;
+            match self.pass(vring, &mem) {
+                Ok(true) => continue,
+                Ok(false) => {
+                    Self::queue_usable(&self.status, &self.events, "the ring is sane again");
+                    return;
+                }
+                Err(reason) => {
+                    self.queue_fault(&reason);
+                    // Leave notifications on, or the guest would never kick again and
+                    // a ring that becomes sane would not be seen.
+                    if self.event_idx {
+                        let _ = vring.enable_notification();
+                    }
+                    return;
+                }
             }
         }
-        Ok(())
+    }
+
+    /// One pass over the ring; true if the driver may have added more meanwhile.
+    fn pass(&mut self, vring: &VringRwLock, mem: &GuestMemoryMmap) -> Result<bool, String> {
+        if self.event_idx {
+            vring
+                .disable_notification()
+                .map_err(|e| format!("cannot write the used ring's event index: {e}"))?;
+        }
+        let pass = {
+            let mut state = vring.get_mut();
+            process_queue(
+                state.get_queue_mut(),
+                mem,
+                &self.region.flusher,
+                &mut self.guest_log,
+            )
+            .map_err(|e| e.to_string())?
+        };
+        if pass.completed > 0
+            && (!self.event_idx
+                || vring
+                    .needs_notification()
+                    .map_err(|e| format!("cannot read the driver's event index: {e}"))?)
+        {
+            if let Err(e) = vring.signal_used_queue() {
+                error!("cannot signal the guest: {e}");
+            }
+        }
+        if !self.event_idx {
+            return Ok(false);
+        }
+        vring
+            .enable_notification()
+            .map_err(|e| format!("cannot write the used ring's event index: {e}"))
+    }
+
+    fn queue_fault(&self, reason: &str) {
+        if self.status.queue_failed(reason) {
+            error!("virtio-pmem: the request queue cannot be processed: {reason}; health queue-broken until the ring is sane again or the device is reset");
+            self.events.publish(EventKind::QueueBroken {
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    /// Ends a queue-broken episode, if one was on.
+    fn queue_usable(status: &DeviceStatus, events: &EventHub, why: &str) {
+        if let Some(ep) = status.queue_ok() {
+            info!(
+                "virtio-pmem: the request queue works again ({why}; broken since {}, {} pass(es)): {}",
+                ep.since, ep.passes, ep.reason
+            );
+            events.publish(EventKind::QueueRecovered { after: ep.reason });
+        }
+    }
+}
+
+/// vhost-user-backend 0.24 registers the exit-event consumer in its worker's epoll
+/// set with `into_raw_fd()` and never closes it: one descriptor per connection
+/// would leak. Its worker handler holds an `Arc` of this backend, so when the backend
+/// is dropped every handler is gone and those descriptors belong to nobody: close
+/// them here. (`descriptors_stay_flat_over_hundreds_of_connections` in
+/// tests/vhost_user.rs watches this; if a later vhost-user-backend closes the fd
+/// itself, drop this impl.)
+impl Drop for PmemBackend {
+    fn drop(&mut self) {
+        let fds = std::mem::take(
+            self.handed_out
+                .get_mut()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for fd in fds {
+            // SAFETY: `fd` was a dup made by `exit_event` whose ownership
+            // vhost-user-backend released with into_raw_fd; the only user of it, the
+            // worker's epoll handler, was dropped before this backend (it held an Arc
+            // of it). Nothing else knows the number, so nothing else closes it.
+            drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        }
     }
 }
 
@@ -222,6 +320,7 @@ impl VhostUserBackendMut for PmemBackend {
 
     fn reset_device(&mut self) {
         info!("device reset by the VMM");
+        Self::queue_usable(&self.status, &self.events, "the VMM reset the device");
         self.event_idx = false;
         self.map_requested = false;
         self.status.set_region_mapped(false);
@@ -285,10 +384,13 @@ impl VhostUserBackendMut for PmemBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        Some((
-            self.exit_consumer.try_clone().ok()?,
-            self.exit_notifier.try_clone().ok()?,
-        ))
+        let consumer = self.exit_consumer.try_clone().ok()?;
+        let notifier = self.exit_notifier.try_clone().ok()?;
+        self.handed_out
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(consumer.as_raw_fd());
+        Some((consumer, notifier))
     }
 
     fn handle_event(
@@ -298,12 +400,15 @@ impl VhostUserBackendMut for PmemBackend {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
+        // An error returned here would end the vring worker for good: log instead.
         if evset != EventSet::IN {
-            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+            warn!("virtio-pmem: unexpected event set {evset:?} on device event {device_event}; ignored");
+            return Ok(());
         }
         match device_event {
             REQUEST_QUEUE_EVENT => self.process(&vrings[0]),
-            other => Err(io::Error::other(format!("unknown device event {other}"))),
+            other => warn!("virtio-pmem: unknown device event {other}; ignored"),
         }
+        Ok(())
     }
 }

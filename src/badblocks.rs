@@ -2,15 +2,10 @@
 //! The bad byte ranges of a backing file: the merged set, and its persistent record.
 //!
 //! Owns: range arithmetic at 512-byte precision (merge on insert, split on clear) and
-//! the state file, replaced atomically and fsynced so a daemon or VM restart loses
-//! nothing. Never reads or writes the backing file itself.
+//! the record's form; where and how it is stored is `state`'s. Never reads or writes
+//! the backing file itself.
 
-use std::{
-    collections::BTreeMap,
-    fs::{self, File, OpenOptions},
-    io::{self, Write},
-    path::{Path, PathBuf},
-};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -25,14 +20,19 @@ pub struct BadRange {
 }
 
 impl BadRange {
+    /// One past the last byte; saturates (a range reported near 2^64 is clipped to
+    /// the file by whoever records it, it never wraps).
     pub fn end(&self) -> u64 {
-        self.offset + self.length
+        self.offset.saturating_add(self.length)
     }
 
     /// Widens `[offset, offset + length)` to whole sectors.
     pub fn sector_aligned(offset: u64, length: u64) -> Self {
         let start = offset / SECTOR * SECTOR;
-        let end = offset.saturating_add(length).div_ceil(SECTOR) * SECTOR;
+        let end = offset
+            .saturating_add(length)
+            .checked_next_multiple_of(SECTOR)
+            .unwrap_or(u64::MAX / SECTOR * SECTOR);
         Self {
             offset: start,
             length: end - start,
@@ -132,73 +132,26 @@ impl BadRanges {
     }
 }
 
-/// On-disk form of the state file.
-#[derive(Serialize, Deserialize)]
-struct StateFile {
-    /// The backing file the ranges belong to (informational; the name of the state
-    /// file is what ties them together).
-    file: String,
-    ranges: Vec<BadRange>,
+/// The bad ranges as recorded in the state directory (see `state`).
+#[derive(Serialize, Deserialize, Default)]
+pub struct RangesRecord {
+    pub ranges: Vec<BadRange>,
 }
 
-/// Where the ranges of `backing` are recorded: `<state_dir or backing's
-/// directory>/<backing's file name>.badblocks.json`.
-pub fn state_path(backing: &Path, state_dir: Option<&Path>) -> PathBuf {
-    let name = backing
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "backing".into());
-    let dir = state_dir
-        .map(Path::to_path_buf)
-        .or_else(|| backing.parent().map(Path::to_path_buf))
-        .unwrap_or_else(|| PathBuf::from("."));
-    dir.join(format!("{name}.badblocks.json"))
-}
-
-/// Loads the recorded ranges; a missing state file is an empty set.
-pub fn load(path: &Path) -> io::Result<BadRanges> {
-    let text = match fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BadRanges::default()),
-        Err(e) => return Err(e),
-    };
-    let state: StateFile = serde_json::from_str(&text).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: {e}", path.display()),
-        )
-    })?;
-    let mut set = BadRanges::default();
-    for r in state.ranges {
-        set.insert(r);
+impl From<&BadRanges> for RangesRecord {
+    fn from(set: &BadRanges) -> Self {
+        Self { ranges: set.list() }
     }
-    Ok(set)
 }
 
-/// Replaces the state file atomically: write a temporary file, fsync it, rename it
-/// over the old one, fsync the directory.
-pub fn save(path: &Path, backing: &Path, set: &BadRanges) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    let state = StateFile {
-        file: backing.display().to_string(),
-        ranges: set.list(),
-    };
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)?;
-    f.write_all(serde_json::to_string_pretty(&state)?.as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
+impl From<RangesRecord> for BadRanges {
+    fn from(rec: RangesRecord) -> Self {
+        let mut set = BadRanges::default();
+        for r in rec.ranges {
+            set.insert(r);
+        }
+        set
+    }
 }
 
 #[cfg(test)]
@@ -245,33 +198,14 @@ mod tests {
     }
 
     #[test]
-    fn the_state_file_round_trips_and_is_replaced_whole() {
-        let d = tempfile::tempdir().unwrap();
-        let backing = d.path().join("disk.img");
-        let p = state_path(&backing, None);
-        assert_eq!(p, d.path().join("disk.img.badblocks.json"));
-        assert!(load(&p).unwrap().is_empty());
+    fn ends_never_overflow() {
+        let r = BadRange {
+            offset: u64::MAX - 511,
+            length: 4096,
+        };
+        assert_eq!(r.end(), u64::MAX);
         let mut s = BadRanges::default();
-        s.insert(r(4096, 512));
-        s.insert(r(1 << 30, 4096));
-        save(&p, &backing, &s).unwrap();
-        assert_eq!(load(&p).unwrap(), s);
-        s.clear(r(4096, 512));
-        save(&p, &backing, &s).unwrap();
-        assert_eq!(load(&p).unwrap(), s);
-        // No temporary files are left behind.
-        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
-        let other = state_path(&backing, Some(Path::new("/var/lib/x")));
-        assert_eq!(other, PathBuf::from("/var/lib/x/disk.img.badblocks.json"));
-    }
-
-    #[test]
-    fn a_corrupt_state_file_is_an_error_not_an_empty_set() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("x.badblocks.json");
-        fs::write(&p, "{not json").unwrap();
-        let e = load(&p).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
-        assert!(e.to_string().contains("x.badblocks.json"));
+        s.insert(r);
+        assert_eq!(s.list().len(), 1);
     }
 }

@@ -53,26 +53,40 @@ pub fn answer(daemon: &Daemon, line: &str) -> Value {
         Ok(Request::Status) => json!({"ok": true, "status": daemon.status_report()}),
         Ok(Request::Stats) => json!({"ok": true, "stats": daemon.region.flusher.stats.snapshot()}),
         Ok(Request::BadblocksList) => json!({"ok": true, "ranges": daemon.media.list()}),
-        Ok(Request::BadblocksInject { offset, length }) => {
-            let range = BadRange { offset, length };
-            match daemon.media.report(Source::Operator, &[range]) {
-                Ok(added) => json!({"ok": true, "added": added, "ranges": daemon.media.list()}),
-                Err(e) => json!({"ok": false, "error": format!("cannot record the range: {e}")}),
+        Ok(Request::BadblocksInject { offset, length }) => match checked_range(offset, length) {
+            Err(e) => json!({"ok": false, "error": e}),
+            Ok(range) => {
+                let added = daemon.media.report(Source::Operator, &[range]);
+                json!({"ok": true, "added": added, "ranges": daemon.media.list(),
+                       "persist_error": daemon.media.persist_error()})
             }
-        }
-        Ok(Request::BadblocksClear { offset, length }) => {
-            match daemon.media.clear(BadRange { offset, length }) {
-                Ok(changed) => {
-                    json!({"ok": true, "changed": changed, "ranges": daemon.media.list()})
-                }
-                Err(e) => json!({"ok": false, "error": format!("cannot clear the range: {e}")}),
+        },
+        Ok(Request::BadblocksClear { offset, length }) => match checked_range(offset, length) {
+            Err(e) => json!({"ok": false, "error": e}),
+            Ok(range) => {
+                let changed = daemon.media.clear(range);
+                json!({"ok": true, "changed": changed, "ranges": daemon.media.list(),
+                       "persist_error": daemon.media.persist_error()})
             }
-        }
+        },
         Ok(Request::Events { .. }) => {
             json!({"ok": false, "error": "events is a stream: send it on its own connection"})
         }
         Err(e) => json!({"ok": false, "error": format!("bad request {line:?}: {e}")}),
     }
+}
+
+/// A range from a client: non-empty and not past 2^64.
+fn checked_range(offset: u64, length: u64) -> Result<BadRange, String> {
+    if length == 0 {
+        return Err("the length must be positive".into());
+    }
+    if offset.checked_add(length).is_none() {
+        return Err(format!(
+            "offset {offset:#x} + length {length:#x} is past the largest file offset"
+        ));
+    }
+    Ok(BadRange { offset, length })
 }
 
 /// Serves the control socket on a background thread, one thread per client.
@@ -214,19 +228,26 @@ mod tests {
     };
 
     fn daemon() -> Arc<Daemon> {
-        daemon_with_state(&std::env::temp_dir())
+        let dir = tempfile::tempdir().unwrap();
+        let d = daemon_with_state(dir.path());
+        std::mem::forget(dir); // lives as long as the test process
+        d
     }
 
+    /// A daemon whose backing file is `img` in `state_dir`, its records there too.
     fn daemon_with_state(state_dir: &std::path::Path) -> Arc<Daemon> {
-        let f = tempfile::tempfile().unwrap();
+        let img = state_dir.join("img");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&img)
+            .unwrap();
         let events: Arc<crate::events::EventHub> = Arc::default();
-        let media = crate::media_errors::MediaErrors::load(
-            std::path::Path::new("/img"),
-            2 << 20,
-            Some(state_dir),
-            events.clone(),
-        )
-        .unwrap();
+        let state = crate::state::StateFiles::new(&img, Some(state_dir), Some(&f)).unwrap();
+        let media =
+            crate::media_errors::MediaErrors::load(&img, 2 << 20, state, events.clone()).unwrap();
         Arc::new(Daemon {
             region: Arc::new(Region {
                 path: PathBuf::from("/img"),
@@ -324,6 +345,37 @@ mod tests {
         // Its subscription is dropped at the next publish.
         d.events.publish(EventKind::Sealed { sealed: false });
         assert_eq!(d.events.subscribers(), 0);
+    }
+
+    #[test]
+    fn a_range_past_two_to_the_64_is_refused_and_status_keeps_working() {
+        let d = daemon();
+        for (offset, length) in [(u64::MAX - 100, 512), (u64::MAX, 1), (4096, 0)] {
+            let a = answer(
+                &d,
+                &format!(r#"{{"command":"badblocks-inject","offset":{offset},"length":{length}}}"#),
+            );
+            assert_eq!(a["ok"], false, "{a}");
+            let a = answer(
+                &d,
+                &format!(r#"{{"command":"badblocks-clear","offset":{offset},"length":{length}}}"#),
+            );
+            assert_eq!(a["ok"], false, "{a}");
+        }
+        // The largest range that fits is fine, clipped to the file.
+        let a = answer(
+            &d,
+            &format!(
+                r#"{{"command":"badblocks-inject","offset":{},"length":512}}"#,
+                u64::MAX - 512
+            ),
+        );
+        assert_eq!(
+            (a["ok"].clone(), a["added"].clone()),
+            (json!(true), json!([])),
+            "{a}"
+        );
+        assert_eq!(answer(&d, r#"{"command":"status"}"#)["ok"], true);
     }
 
     #[test]

@@ -2,18 +2,21 @@
 //! What a guest flush costs and promises: the durability modes and the flush executor.
 //!
 //! Owns: the only calls to fsync/fdatasync on the backing file, the choice of mode
-//! from a block-map verdict, the one-way downgrade when immutability is lost, and the
-//! flush counters. Never maps, resizes or writes the file.
+//! from a block-map verdict, the one-way downgrade when immutability is lost, the
+//! latched sync failure (after one failed sync every later flush is EIO: Linux
+//! reports a writeback error once, so a second sync would succeed and lie), the
+//! daemon's health vocabulary, and the flush counters. Never maps, resizes or writes
+//! the file.
 
 use std::{
     fmt,
     fs::File,
     io,
     sync::{
-        atomic::{AtomicU64, AtomicU8, Ordering},
-        Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
+        Mutex, OnceLock,
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
@@ -201,6 +204,89 @@ pub fn choose_policy(
     }
 }
 
+/// The daemon's health, the one vocabulary of `status`, events, metrics and the
+/// service manager's status line. Ordered by severity; the worst that holds is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Health {
+    /// Serving under the policy it was started with.
+    Healthy,
+    /// Serving, under a weaker policy than it started with (the block map changed).
+    Downgraded,
+    /// The request queue cannot be processed (the guest broke the ring); flushes wait
+    /// until the ring is sane again or the device is reset.
+    QueueBroken,
+    /// A sync failed: what the guest wrote may not be on stable storage; every flush
+    /// is answered EIO until an operator clears the record.
+    Failed,
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Healthy => "healthy",
+            Self::Downgraded => "downgraded",
+            Self::QueueBroken => "queue-broken",
+            Self::Failed => "failed",
+        })
+    }
+}
+
+/// Where a failed sync happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncContext {
+    /// Answering a batch of guest flushes.
+    Flush,
+    /// Making the past durable when the policy was downgraded.
+    Downgrade,
+    /// Making the data durable after the VMM went away.
+    Disconnect,
+    /// The final sync at exit.
+    Shutdown,
+}
+
+impl fmt::Display for SyncContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Flush => "flush",
+            Self::Downgrade => "downgrade",
+            Self::Disconnect => "disconnect",
+            Self::Shutdown => "shutdown",
+        })
+    }
+}
+
+/// A latched sync failure: the first one, and how many flush requests were answered
+/// EIO since (that one's batch included). Recorded in the state directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncFailure {
+    pub errno: i32,
+    pub error: String,
+    /// Seconds since the epoch.
+    pub at: u64,
+    pub context: SyncContext,
+    pub requests: u64,
+}
+
+impl SyncFailure {
+    fn new(context: SyncContext, e: &io::Error) -> Self {
+        Self {
+            errno: e.raw_os_error().unwrap_or(libc::EIO),
+            error: e.to_string(),
+            at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+            context,
+            requests: 0,
+        }
+    }
+}
+
+/// Called once, when a failure is latched (records it, publishes an event).
+pub type FailureHook = Box<dyn Fn(&SyncFailure) + Send + Sync>;
+
 /// Counters exposed by `stats`. Latency is the daemon's service time of a batch,
 /// from the moment it was taken off the ring to its completion.
 #[derive(Default)]
@@ -277,7 +363,7 @@ pub struct LatencySummary {
 
 impl FlushStats {
     pub fn snapshot(&self) -> StatsSnapshot {
-        let h = self.latency.lock().unwrap().clone();
+        let h = lock(&self.latency).clone();
         StatsSnapshot {
             flush_requests: self.requests.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
@@ -308,7 +394,14 @@ pub struct Flusher {
     /// Bumped on every downgrade, so a batch can tell it raced one.
     epoch: AtomicU64,
     downgrade_reason: Mutex<Option<String>>,
+    /// Set with the first failed sync, never cleared while the daemon runs.
+    failed: AtomicBool,
+    failure: Mutex<Option<SyncFailure>>,
+    on_failure: OnceLock<FailureHook>,
     pub stats: FlushStats,
+    /// Runs just before every sync syscall (tests hold a sync there).
+    #[cfg(test)]
+    sync_hook: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Flusher {
@@ -318,7 +411,75 @@ impl Flusher {
             policy: AtomicU8::new(policy as u8),
             epoch: AtomicU64::new(0),
             downgrade_reason: Mutex::new(None),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            on_failure: OnceLock::new(),
             stats: FlushStats::default(),
+            #[cfg(test)]
+            sync_hook: OnceLock::new(),
+        }
+    }
+
+    /// Starts latched with a failure recorded by an earlier run: its error may have
+    /// been reported to that run's descriptor only (errseq), so this one's syncs
+    /// could succeed without the data being there.
+    pub fn restore_failure(&self, failure: SyncFailure) {
+        *lock(&self.failure) = Some(failure);
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// Runs `hook` just before every sync syscall (tests hold a sync there to see
+    /// what queues up behind it).
+    #[cfg(test)]
+    pub(crate) fn set_sync_hook(&self, hook: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.sync_hook.set(hook);
+    }
+
+    /// What to do when a failure is latched (once per daemon).
+    pub fn set_failure_hook(&self, hook: FailureHook) {
+        let _ = self.on_failure.set(hook);
+    }
+
+    /// The latched failure, if any.
+    pub fn failure(&self) -> Option<SyncFailure> {
+        lock(&self.failure).clone()
+    }
+
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Health as far as durability goes (the queue adds `queue-broken`).
+    pub fn health(&self) -> Health {
+        if self.failed() {
+            Health::Failed
+        } else if lock(&self.downgrade_reason).is_some() {
+            Health::Downgraded
+        } else {
+            Health::Healthy
+        }
+    }
+
+    /// Latches `e`: the first failure is kept (and handed to the hook), later ones
+    /// are logged; `requests` flush requests were answered EIO because of it.
+    fn latch(&self, context: SyncContext, e: &io::Error, requests: u64) {
+        let mut slot = lock(&self.failure);
+        let first = slot.is_none();
+        let failure = slot.get_or_insert_with(|| SyncFailure::new(context, e));
+        failure.requests += requests;
+        let snapshot = failure.clone();
+        self.failed.store(true, Ordering::Release);
+        drop(slot);
+        if first {
+            log::error!(
+                "sync of the backing file failed during {context}: {e}; from now on every flush is answered EIO \
+                 (the data may not be on stable storage; Linux reports such an error only once)"
+            );
+            if let Some(hook) = self.on_failure.get() {
+                hook(&snapshot);
+            }
+        } else {
+            log::error!("another sync failure during {context}: {e}");
         }
     }
 
@@ -328,73 +489,108 @@ impl Flusher {
 
     /// Why the policy was downgraded, if it was.
     pub fn downgrade_reason(&self) -> Option<String> {
-        self.downgrade_reason.lock().unwrap().clone()
+        lock(&self.downgrade_reason).clone()
     }
 
     /// Makes every write to the region before this call durable, per policy, for a
-    /// batch of `requests` flush requests taken off the ring at `taken`.
+    /// batch of `requests` flush requests taken off the ring at `taken`. Once a sync
+    /// failed, answers EIO without trying again.
     pub fn flush_batch(&self, requests: u64, taken: Instant) -> io::Result<()> {
-        let epoch = self.epoch.load(Ordering::Acquire);
-        let policy = self.policy();
-        let mut result = self.sync(policy);
-        // A downgrade that raced this batch means the map may have changed while we
-        // relied on it: make the batch durable under the stronger policy too.
-        if result.is_ok() && self.epoch.load(Ordering::Acquire) != epoch {
-            let now = self.policy();
-            if now != policy {
-                result = self.sync(now);
+        let result = if self.failed() {
+            if let Some(f) = lock(&self.failure).as_mut() {
+                f.requests += requests;
             }
-        }
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            let epoch = self.epoch.load(Ordering::Acquire);
+            let policy = self.policy();
+            let mut result = self.sync(policy);
+            // A downgrade that raced this batch means the map may have changed while
+            // we relied on it: make the batch durable under the stronger policy too.
+            if result.is_ok() && self.epoch.load(Ordering::Acquire) != epoch {
+                let now = self.policy();
+                if now != policy {
+                    result = self.sync(now);
+                }
+            }
+            if let Err(e) = &result {
+                self.latch(SyncContext::Flush, e, requests);
+            }
+            result
+        };
         self.stats.requests.fetch_add(requests, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         if result.is_err() {
             self.stats.errors.fetch_add(requests, Ordering::Relaxed);
         }
-        self.stats
-            .latency
-            .lock()
-            .unwrap()
-            .record(taken.elapsed(), requests);
+        lock(&self.stats.latency).record(taken.elapsed(), requests);
         result
     }
 
     fn sync(&self, policy: Policy) -> io::Result<()> {
-        match policy {
-            Policy::Direct | Policy::Volatile | Policy::ReadOnly => Ok(()),
-            Policy::Datasync => {
-                self.stats.syncs.fetch_add(1, Ordering::Relaxed);
-                self.file.sync_data()
-            }
-            Policy::Fsync => {
-                self.stats.syncs.fetch_add(1, Ordering::Relaxed);
-                self.file.sync_all()
-            }
+        let data_only = match policy {
+            Policy::Direct | Policy::Volatile | Policy::ReadOnly => return Ok(()),
+            Policy::Datasync => true,
+            Policy::Fsync => false,
+        };
+        #[cfg(test)]
+        if let Some(hook) = self.sync_hook.get() {
+            hook();
+        }
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        if data_only {
+            self.file.sync_data()
+        } else {
+            self.file.sync_all()
         }
     }
 
     /// The block-map promise is gone: from now on every flush is an fsync. One way:
-    /// only a restart (and a fresh verdict) goes back. Returns false if the policy
-    /// did not rely on the map (nothing to do).
+    /// only a restart (and a fresh verdict) goes back. Before it returns, the whole
+    /// file is made durable, which covers the flushes acknowledged while the map was
+    /// already changing and the change not yet seen (in `direct` mode those made no
+    /// syscall). Returns false if the policy did not rely on the map (nothing to do).
     pub fn downgrade_to_fsync(&self, reason: &str) -> bool {
         let old = self.policy();
         if !old.needs_immutable_map() {
             return false;
         }
-        *self.downgrade_reason.lock().unwrap() = Some(reason.to_string());
+        *lock(&self.downgrade_reason) = Some(reason.to_string());
         self.policy.store(Policy::Fsync as u8, Ordering::Release);
         self.epoch.fetch_add(1, Ordering::AcqRel);
         log::error!("durability downgraded from {old} to fsync: {reason}");
+        if !self.failed() {
+            if let Err(e) = self.sync(Policy::Fsync) {
+                self.latch(SyncContext::Downgrade, &e, 0);
+            }
+        }
         true
     }
 
-    /// Makes everything durable per the current policy; used at shutdown.
-    pub fn final_sync(&self) -> io::Result<()> {
+    /// Makes everything durable per the current policy, after the VMM went away or
+    /// at exit. A failure is latched; an earlier one is returned again (nothing
+    /// acknowledged after it may be trusted).
+    pub fn final_sync(&self, context: SyncContext) -> io::Result<()> {
+        if let Some(f) = self.failure() {
+            return Err(io::Error::other(format!(
+                "a sync failed earlier ({} at {}): {}",
+                f.context, f.at, f.error
+            )));
+        }
         match self.policy() {
-            // Even in direct mode an fsync at exit is free insurance.
             Policy::Volatile | Policy::ReadOnly => Ok(()),
-            _ => self.file.sync_all(),
+            // Even in direct mode an fsync at the end is free insurance.
+            _ => self
+                .sync(Policy::Fsync)
+                .inspect_err(|e| self.latch(context, e, 0)),
         }
     }
+}
+
+/// Locks a mutex whose holder may have panicked (the data here is consistent after
+/// every statement, so a panic elsewhere must not take `status` down with it).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -473,8 +669,83 @@ mod tests {
         assert!(!fl.downgrade_to_fsync("again"));
         fl.flush_batch(1, Instant::now()).unwrap();
         let s = fl.stats.snapshot();
-        assert_eq!((s.flush_requests, s.batches, s.syncs), (4, 2, 2));
+        // One sync per batch, and one for the downgrade itself.
+        assert_eq!((s.flush_requests, s.batches, s.syncs), (4, 2, 3));
         assert_eq!(fl.downgrade_reason().as_deref(), Some("map changed"));
+    }
+
+    /// fsync(2) on a socket fails with EINVAL: a real failing sync, no mocking.
+    fn failing_file() -> File {
+        let (sock, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        File::from(std::os::fd::OwnedFd::from(sock))
+    }
+
+    #[test]
+    fn a_failed_sync_is_latched_and_never_retried() {
+        let fl = Flusher::new(failing_file(), Policy::Datasync);
+        let hooked = std::sync::Arc::new(AtomicU64::new(0));
+        let h = hooked.clone();
+        fl.set_failure_hook(Box::new(move |f| {
+            assert_eq!(f.context, SyncContext::Flush);
+            h.fetch_add(1, Ordering::Relaxed);
+        }));
+        assert!(fl.flush_batch(2, Instant::now()).is_err());
+        assert_eq!(fl.health(), Health::Failed);
+        // No second sync: Linux would report the error only once, and a second
+        // fdatasync that returns 0 would acknowledge data that is not on disk.
+        let e = fl.flush_batch(3, Instant::now()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        let s = fl.stats.snapshot();
+        assert_eq!((s.syncs, s.errors, s.flush_requests), (1, 5, 5));
+        let f = fl.failure().unwrap();
+        assert_eq!((f.errno, f.requests), (libc::EINVAL, 5));
+        assert_eq!(hooked.load(Ordering::Relaxed), 1);
+        // The end of the connection and the exit report it again.
+        assert!(fl.final_sync(SyncContext::Disconnect).is_err());
+        assert!(fl.final_sync(SyncContext::Shutdown).is_err());
+        assert_eq!(fl.stats.snapshot().syncs, 1);
+    }
+
+    #[test]
+    fn a_failed_final_sync_latches_too() {
+        let fl = Flusher::new(failing_file(), Policy::Fsync);
+        assert!(fl.final_sync(SyncContext::Disconnect).is_err());
+        assert_eq!(fl.failure().unwrap().context, SyncContext::Disconnect);
+        assert!(fl.flush_batch(1, Instant::now()).is_err());
+        assert_eq!(fl.stats.snapshot().syncs, 1);
+    }
+
+    #[test]
+    fn a_restored_failure_answers_eio_without_syncing() {
+        let fl = Flusher::new(tempfile::tempfile().unwrap(), Policy::Datasync);
+        fl.restore_failure(SyncFailure {
+            errno: libc::EIO,
+            error: "Input/output error".into(),
+            at: 1,
+            context: SyncContext::Flush,
+            requests: 4,
+        });
+        assert_eq!(fl.health(), Health::Failed);
+        assert!(fl.flush_batch(1, Instant::now()).is_err());
+        assert_eq!(fl.stats.snapshot().syncs, 0);
+        assert_eq!(fl.failure().unwrap().requests, 5);
+    }
+
+    #[test]
+    fn a_downgrade_makes_the_whole_file_durable_before_it_returns() {
+        // In direct mode acknowledged flushes made no syscall: the downgrade's own
+        // sync is what covers them.
+        let fl = Flusher::new(tempfile::tempfile().unwrap(), Policy::Direct);
+        fl.flush_batch(4, Instant::now()).unwrap();
+        assert_eq!(fl.stats.snapshot().syncs, 0);
+        assert!(fl.downgrade_to_fsync("map changed"));
+        assert_eq!(fl.stats.snapshot().syncs, 1);
+        assert_eq!(fl.health(), Health::Downgraded);
+        // And a downgrade whose sync fails latches the failure.
+        let fl = Flusher::new(failing_file(), Policy::Direct);
+        assert!(fl.downgrade_to_fsync("map changed"));
+        assert_eq!(fl.failure().unwrap().context, SyncContext::Downgrade);
+        assert_eq!(fl.health(), Health::Failed);
     }
 
     #[test]

@@ -53,6 +53,18 @@ pub enum EventKind {
     Sealed { sealed: bool },
     /// Re-reading the block map failed.
     VerifyFailed { error: String },
+    /// A sync of the backing file failed; every later flush is answered EIO.
+    SyncFailed {
+        errno: i32,
+        error: String,
+        /// flush, downgrade, disconnect or shutdown.
+        context: String,
+    },
+    /// The request queue cannot be processed (health `queue-broken`).
+    QueueBroken { reason: String },
+    /// The request queue is processed again (the ring is sane, or the device was
+    /// reset).
+    QueueRecovered { after: String },
     /// The set of bad ranges of the backing file changed (media errors).
     BadRangesChanged {
         /// host-device, memory-failure, scrub or operator.

@@ -23,6 +23,7 @@ pub mod media_errors;
 pub mod prepare;
 pub mod queue;
 pub mod socket;
+pub mod state;
 pub mod status;
 pub mod virtio_pmem;
 
@@ -45,12 +46,15 @@ use crate::{
     backend::PmemBackend,
     backing::{BackingError, BackingFile},
     config::Config,
-    durability::{choose_policy, Flusher, Mode, ModeError, Policy},
-    events::EventHub,
+    durability::{
+        choose_policy, Flusher, Health, Mode, ModeError, Policy, SyncContext, SyncFailure,
+    },
+    events::{EventHub, EventKind},
     guard::{GuardError, GuardState},
     guest_channel::GuestChannel,
     media_errors::MediaErrors,
     socket::SocketError,
+    state::{Kind, StateFiles},
     status::{DeviceStatus, StatusReport},
     virtio_pmem::VIRTIO_PMEM_F_SHMEM_REGION,
 };
@@ -68,6 +72,10 @@ pub enum Error {
     Guard(#[from] GuardError),
     #[error("vhost-user: {0}")]
     VhostUser(String),
+    #[error(
+        "{0}; what the guest wrote may not be on stable storage (see `vhost-device-pmem health`)"
+    )]
+    SyncFailed(String),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -110,10 +118,23 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// The worst of what the flusher and the queue say.
+    pub fn health(&self) -> Health {
+        let queue = if self.status.queue_broken().is_some() {
+            Health::QueueBroken
+        } else {
+            Health::Healthy
+        };
+        self.region.flusher.health().max(queue)
+    }
+
     pub fn status_report(&self) -> StatusReport {
         let policy = self.region.flusher.policy();
         let features = self.status.features();
         StatusReport {
+            health: self.health(),
+            sync_failure: self.region.flusher.failure(),
+            queue_broken: self.status.queue_broken(),
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
             file: self.region.path.display().to_string(),
@@ -133,6 +154,7 @@ impl Daemon {
             region_mapped: self.status.region_mapped(),
             guard: Some(self.guard.snapshot()),
             bad_ranges: self.media.list(),
+            bad_ranges_persist_error: self.media.persist_error(),
             agent: self.agent.as_ref().map(|a| a.state.lock().unwrap().clone()),
         }
     }
@@ -227,13 +249,15 @@ pub fn serve(config: Config) -> Result<(), Error> {
     let sigset = block_shutdown_signals().map_err(io_err("block signals"))?;
     let (region, policy_reason) = open_region(&config)?;
     let events: Arc<EventHub> = Arc::default();
-    let media = MediaErrors::load(
+    let state = StateFiles::new(
         &region.path,
-        region.size,
         config.state_dir.as_deref(),
-        events.clone(),
+        Some(&region.file),
     )
-    .map_err(io_err("load the bad-range state file"))?;
+    .map_err(io_err("name the state files"))?;
+    watch_health(&region.flusher, &state, &events, &region.path)?;
+    let media = MediaErrors::load(&region.path, region.size, state, events.clone())
+        .map_err(io_err("load the bad-range state file"))?;
     let agent = config
         .agent_socket
         .as_ref()
@@ -291,14 +315,64 @@ pub fn serve(config: Config) -> Result<(), Error> {
         serve_connection(&daemon, &mut listener, &current, &stop)?;
     }
 
-    match daemon.region.flusher.final_sync() {
-        Ok(()) => info!(
-            "data is durable per policy {}; exiting",
-            daemon.region.flusher.policy()
-        ),
-        Err(e) => error!("final sync of {} failed: {e}", daemon.region.path.display()),
-    }
+    let result = match daemon.region.flusher.final_sync(SyncContext::Shutdown) {
+        Ok(()) => {
+            info!(
+                "data is durable per policy {}; exiting",
+                daemon.region.flusher.policy()
+            );
+            Ok(())
+        }
+        Err(e) => Err(Error::SyncFailed(format!(
+            "{}: {e}",
+            daemon.region.path.display()
+        ))),
+    };
     drop(vsock);
+    result
+}
+
+/// Restores a sync failure recorded by an earlier run (the file is then served in
+/// health `failed`: every flush EIO), and records the next one when it happens, with
+/// an event. The record goes only through `vhost-device-pmem health --clear`.
+fn watch_health(
+    flusher: &Flusher,
+    state: &StateFiles,
+    events: &Arc<EventHub>,
+    file: &std::path::Path,
+) -> Result<(), Error> {
+    let recorded: Option<SyncFailure> = state
+        .load(Kind::Health)
+        .map_err(io_err("load the health record"))?;
+    if let Some(f) = recorded {
+        error!(
+            "{}: a sync failed in an earlier run ({} during {}, at {}; recorded in {}): serving it \
+             as FAILED, every flush is answered EIO. Check the data, then run \
+             `vhost-device-pmem health --file {} --clear` and restart",
+            file.display(),
+            f.error,
+            f.context,
+            f.at,
+            state.path(Kind::Health).display(),
+            file.display()
+        );
+        flusher.restore_failure(f);
+    }
+    let state = state.clone();
+    let events = events.clone();
+    flusher.set_failure_hook(Box::new(move |f| {
+        if let Err(e) = state.save(Kind::Health, f) {
+            error!(
+                "cannot record the sync failure in {}: {e}; a restart would not know about it",
+                state.path(Kind::Health).display()
+            );
+        }
+        events.publish(EventKind::SyncFailed {
+            errno: f.errno,
+            error: f.error.clone(),
+            context: f.context.to_string(),
+        });
+    }));
     Ok(())
 }
 
@@ -389,8 +463,12 @@ fn serve_connection(
     stop: &EventFd,
 ) -> Result<(), Error> {
     let backend = Arc::new(RwLock::new(
-        PmemBackend::new(daemon.region.clone(), daemon.status.clone())
-            .map_err(io_err("create device"))?,
+        PmemBackend::new(
+            daemon.region.clone(),
+            daemon.status.clone(),
+            daemon.events.clone(),
+        )
+        .map_err(io_err("create device"))?,
     ));
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut vud = VhostUserDaemon::new("vhost-device-pmem".into(), backend, mem)
@@ -419,7 +497,7 @@ fn serve_connection(
     daemon.status.set_connected(false);
     daemon.status.set_last_disconnect(why.clone());
     // Whatever the guest wrote before it went away is made durable now.
-    if let Err(e) = daemon.region.flusher.final_sync() {
+    if let Err(e) = daemon.region.flusher.final_sync(SyncContext::Disconnect) {
         error!("sync after disconnect failed: {e}");
     }
     info!("{why}; device reset, waiting for the next connection");

@@ -9,7 +9,9 @@ use vhost_device_pmem::{
     check,
     config::{Config, ServeArgs},
     control,
+    durability::SyncFailure,
     prepare::{self, Progress},
+    state::{Kind, StateFiles},
 };
 
 #[derive(Parser, Debug)]
@@ -65,6 +67,21 @@ enum Command {
         json: bool,
         #[command(subcommand)]
         action: BadblocksAction,
+    },
+    /// Show the health record of FILE: whether a sync failed while it was served (a
+    /// daemon started on it then answers every flush with EIO). Exit status 0 when
+    /// none is recorded (or it was cleared), 1 when one is.
+    Health {
+        /// The backing file, as given to `serve --file`.
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+        /// The daemon's `--state-dir`, if it had one.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Remove the record, after checking the data: the next daemon serves the
+        /// file as healthy. Run it while no daemon serves the file.
+        #[arg(long)]
+        clear: bool,
     },
     /// Report whether FILE's block map is immutable and which mode `auto` would
     /// choose. Exit status: 0 immutable, 1 not immutable, 2 error.
@@ -180,6 +197,7 @@ fn run(cli: Cli) -> Result<(), String> {
             json,
             action,
         } => run_badblocks(&control_socket, json, action),
+        Command::Health { .. } => unreachable!("handled in main"),
         Command::Status { control_socket } => print_call(&control_socket, control::Request::Status),
         Command::Stats { control_socket } => print_call(&control_socket, control::Request::Stats),
     }
@@ -226,11 +244,62 @@ fn run_check(file: &std::path::Path, json: bool) -> ExitCode {
     }
 }
 
+/// `health`: prints the record (JSON) or that there is none; `--clear` removes it.
+fn run_health(
+    file: &std::path::Path,
+    state_dir: Option<&std::path::Path>,
+    clear: bool,
+) -> ExitCode {
+    let result = (|| -> std::io::Result<ExitCode> {
+        let state = StateFiles::new(file, state_dir, None)?;
+        let path = state.path(Kind::Health);
+        let Some(failure) = state.load::<SyncFailure>(Kind::Health)? else {
+            println!(
+                "{}: healthy (no sync failure recorded in {})",
+                file.display(),
+                path.display()
+            );
+            return Ok(ExitCode::SUCCESS);
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&failure).unwrap_or_default()
+        );
+        if clear {
+            state.remove(Kind::Health)?;
+            println!(
+                "{}: record cleared; the next daemon serves it as healthy",
+                file.display()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        eprintln!(
+            "{}: a sync failed during {} ({}); check the data, then run with --clear",
+            file.display(),
+            failure.context,
+            failure.error
+        );
+        Ok(ExitCode::FAILURE)
+    })();
+    result.unwrap_or_else(|e| {
+        error!("{}: {e}", file.display());
+        ExitCode::from(2)
+    })
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     if let Command::Check { file, json } = &cli.command {
         return run_check(file, *json);
+    }
+    if let Command::Health {
+        file,
+        state_dir,
+        clear,
+    } = &cli.command
+    {
+        return run_health(file, state_dir.as_deref(), *clear);
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

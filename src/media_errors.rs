@@ -2,8 +2,10 @@
 //! The media-error service of one backing file: takes reports from every source,
 //! keeps the persistent set, and tells the sinks (guest agent, events).
 //!
-//! Owns: the order "merge → persist → publish" (a range is on disk before anyone is
-//! told about it) and the source threads. Never touches the backing file's data.
+//! Owns: the order "merge → persist → publish" (a range is written to the state
+//! directory before anyone is told about it; if that write fails the range is kept,
+//! published and announced all the same, the failure shows in `status`, and the
+//! write is retried) and the source threads. Never touches the backing file's data.
 
 use std::{
     fmt,
@@ -17,12 +19,16 @@ use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    badblocks::{self, BadRange, BadRanges},
+    badblocks::{BadRange, BadRanges, RangesRecord},
     blockmap,
     events::{EventHub, EventKind},
     guest_channel::GuestChannel,
     media::{self, HostDevice, PoisonWatch, Scrubber, SysfsWatch},
+    state::{Kind, StateFiles},
 };
+
+/// How often a failed write of the state file is retried.
+const PERSIST_RETRY: Duration = Duration::from_secs(5);
 
 /// How often an unchanged device badblocks list is translated again anyway (the
 /// file's extent map is re-read then).
@@ -57,8 +63,10 @@ impl fmt::Display for Source {
 pub struct MediaErrors {
     backing: PathBuf,
     size: u64,
-    state_path: PathBuf,
+    state: StateFiles,
     ranges: Mutex<BadRanges>,
+    /// Why the last write of the state file failed; `None` once a write succeeded.
+    persist_error: Mutex<Option<String>>,
     events: Arc<EventHub>,
     channel: Mutex<Option<Arc<GuestChannel>>>,
 }
@@ -69,44 +77,108 @@ impl MediaErrors {
     pub fn load(
         backing: &Path,
         size: u64,
-        state_dir: Option<&Path>,
+        state: StateFiles,
         events: Arc<EventHub>,
     ) -> std::io::Result<Arc<Self>> {
-        let state_path = badblocks::state_path(backing, state_dir);
-        let ranges = badblocks::load(&state_path)?;
+        let ranges: BadRanges = state
+            .load::<RangesRecord>(Kind::BadRanges)?
+            .map(Into::into)
+            .unwrap_or_default();
         if !ranges.is_empty() {
             warn!(
                 "{} known bad range(s) of {} (from {})",
                 ranges.list().len(),
                 backing.display(),
-                state_path.display()
+                state.path(Kind::BadRanges).display()
             );
         }
         Ok(Arc::new(Self {
             backing: backing.to_owned(),
             size,
-            state_path,
+            state,
             ranges: Mutex::new(ranges),
+            persist_error: Mutex::new(None),
             events,
             channel: Mutex::new(None),
         }))
     }
 
+    /// Why the bad-range set is not on disk, if it is not.
+    pub fn persist_error(&self) -> Option<String> {
+        lock(&self.persist_error).clone()
+    }
+
+    /// Writes the set to the state directory. A failure is logged and kept for
+    /// `status`, and a retry thread writes the then-current set until it succeeds.
+    fn persist(self: &Arc<Self>, set: &BadRanges) {
+        match self.state.save(Kind::BadRanges, &RangesRecord::from(set)) {
+            Ok(()) => {
+                if lock(&self.persist_error).take().is_some() {
+                    info!(
+                        "bad ranges of {} are on disk again ({})",
+                        self.backing.display(),
+                        self.state.path(Kind::BadRanges).display()
+                    );
+                }
+            }
+            Err(e) => {
+                let msg = format!(
+                    "cannot write {}: {e}",
+                    self.state.path(Kind::BadRanges).display()
+                );
+                error!("media errors: {msg}; the ranges are kept in memory and published, retrying every {PERSIST_RETRY:?}");
+                let first = lock(&self.persist_error).replace(msg).is_none();
+                if first {
+                    self.start_persist_retry();
+                }
+            }
+        }
+    }
+
+    fn start_persist_retry(self: &Arc<Self>) {
+        let me = self.clone();
+        let spawned = thread::Builder::new()
+            .name("badblocks-save".into())
+            .spawn(move || loop {
+                thread::sleep(PERSIST_RETRY);
+                let set = lock(&me.ranges).clone();
+                match me.state.save(Kind::BadRanges, &RangesRecord::from(&set)) {
+                    Ok(()) => {
+                        lock(&me.persist_error).take();
+                        info!(
+                            "bad ranges of {} written to {} after a retry",
+                            me.backing.display(),
+                            me.state.path(Kind::BadRanges).display()
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        *lock(&me.persist_error) = Some(format!(
+                            "cannot write {}: {e}",
+                            me.state.path(Kind::BadRanges).display()
+                        ));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            error!("media errors: cannot start the state-file retry: {e}");
+        }
+    }
+
     pub fn list(&self) -> Vec<BadRange> {
-        self.ranges.lock().unwrap().list()
+        lock(&self.ranges).list()
     }
 
     /// Connects the guest agent's channel; it gets the current list at once.
     pub fn attach_channel(&self, channel: Arc<GuestChannel>) {
         channel.publish(self.list());
-        *self.channel.lock().unwrap() = Some(channel);
+        *lock(&self.channel) = Some(channel);
     }
 
-    /// Records ranges reported by `source`: clipped to the file, merged, persisted,
-    /// then published. Returns the ranges that were new.
-    pub fn report(&self, source: Source, ranges: &[BadRange]) -> std::io::Result<Vec<BadRange>> {
-        let mut set = self.ranges.lock().unwrap();
-        let mut next = set.clone();
+    /// Records ranges reported by `source`: clipped to the file, merged, persisted
+    /// (see [`Self::persist`]), then published. Returns the ranges that were new.
+    pub fn report(self: &Arc<Self>, source: Source, ranges: &[BadRange]) -> Vec<BadRange> {
+        let mut set = lock(&self.ranges);
         let mut added = Vec::new();
         for r in ranges {
             let end = r.end().min(self.size);
@@ -121,15 +193,14 @@ impl MediaErrors {
                 offset: r.offset,
                 length: end - r.offset,
             };
-            if next.insert(r) {
+            if set.insert(r) {
                 added.push(r);
             }
         }
         if added.is_empty() {
-            return Ok(added);
+            return added;
         }
-        badblocks::save(&self.state_path, &self.backing, &next)?;
-        *set = next;
+        self.persist(&set);
         let list = set.list();
         drop(set);
         for r in &added {
@@ -141,20 +212,18 @@ impl MediaErrors {
             );
         }
         self.publish(source, added.clone(), Vec::new(), list);
-        Ok(added)
+        added
     }
 
     /// Forgets ranges (an operator who repaired or replaced the media). Returns
     /// whether anything changed. The guest's own badblocks list is not shortened by
     /// this (Linux offers no way to remove entries from it); a guest reboot is.
-    pub fn clear(&self, range: BadRange) -> std::io::Result<bool> {
-        let mut set = self.ranges.lock().unwrap();
-        let mut next = set.clone();
-        if !next.clear(range) {
-            return Ok(false);
+    pub fn clear(self: &Arc<Self>, range: BadRange) -> bool {
+        let mut set = lock(&self.ranges);
+        if !set.clear(range) {
+            return false;
         }
-        badblocks::save(&self.state_path, &self.backing, &next)?;
-        *set = next;
+        self.persist(&set);
         let list = set.list();
         drop(set);
         info!(
@@ -163,7 +232,7 @@ impl MediaErrors {
             range.end()
         );
         self.publish(Source::Operator, Vec::new(), vec![range], list);
-        Ok(true)
+        true
     }
 
     fn publish(
@@ -173,7 +242,7 @@ impl MediaErrors {
         cleared: Vec<BadRange>,
         list: Vec<BadRange>,
     ) {
-        if let Some(ch) = self.channel.lock().unwrap().as_ref() {
+        if let Some(ch) = lock(&self.channel).as_ref() {
             ch.publish(list.clone());
         }
         self.events.publish(EventKind::BadRangesChanged {
@@ -241,7 +310,12 @@ impl MediaErrors {
     }
 
     /// Reports the entries of a device `badblocks` text that fall in the file.
-    fn translate_device_badblocks(&self, file: &std::fs::File, dev: &HostDevice, text: &str) {
+    fn translate_device_badblocks(
+        self: &Arc<Self>,
+        file: &std::fs::File,
+        dev: &HostDevice,
+        text: &str,
+    ) {
         let bad = media::parse_badblocks(text);
         if bad.is_empty() {
             return;
@@ -249,9 +323,7 @@ impl MediaErrors {
         match blockmap::read_extents(file, self.size) {
             Ok(extents) => {
                 let ranges = media::disk_sectors_to_file(&bad, dev.partition_start, &extents);
-                if let Err(e) = self.report(Source::HostDevice, &ranges) {
-                    error!("cannot record media errors: {e}");
-                }
+                self.report(Source::HostDevice, &ranges);
             }
             Err(e) => error!("media errors: cannot read the extent map: {e}"),
         }
@@ -278,9 +350,7 @@ impl MediaErrors {
                 unsafe { libc::poll(&mut pfd, 1, -1) };
                 let ranges = watch.take();
                 if !ranges.is_empty() {
-                    if let Err(e) = me.report(Source::MemoryFailure, &ranges) {
-                        error!("cannot record media errors: {e}");
-                    }
+                    me.report(Source::MemoryFailure, &ranges);
                 }
             })?;
         Ok(())
@@ -301,9 +371,7 @@ impl MediaErrors {
             .spawn(move || loop {
                 match scrubber.scrub(0, me.size, rate) {
                     Ok(bad) if !bad.is_empty() => {
-                        if let Err(e) = me.report(Source::Scrub, &bad) {
-                            error!("cannot record media errors: {e}");
-                        }
+                        me.report(Source::Scrub, &bad);
                     }
                     Ok(_) => info!("scrub of {} found no read errors", me.backing.display()),
                     Err(e) => error!("scrub of {} failed: {e}", me.backing.display()),
@@ -312,4 +380,11 @@ impl MediaErrors {
             })?;
         Ok(())
     }
+}
+
+/// Locks a mutex whose holder may have panicked: the data of these mutexes (a set of
+/// ranges, an error message, a channel handle) is consistent after every statement,
+/// so a panic elsewhere must not take `status` and every later report down with it.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

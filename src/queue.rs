@@ -3,10 +3,11 @@
 //!
 //! Owns: the order "take all available requests, one durability action for the
 //! flushes among them, then complete them all" (this is where group commit happens),
-//! and the rule that a bad chain is completed and logged, never allowed to wedge the
-//! queue or panic. Never signals the guest (the caller does, once per pass).
+//! and the rule that a bad chain is completed and logged (rate-limited: the guest
+//! controls how many), never allowed to wedge the queue or panic. Never signals the
+//! guest (the caller does, once per pass).
 
-use std::{collections::HashSet, time::Instant};
+use std::time::{Duration, Instant};
 
 use log::{error, warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -28,13 +29,59 @@ pub enum QueueError {
     UsedRing(virtio_queue::Error),
 }
 
-/// Remembers which unsupported request types were logged, so each is logged once.
-#[derive(Default)]
-pub struct LogOnce(HashSet<u32>);
+/// Messages a guest can cause (malformed chains, unsupported request types): at
+/// most [`GuestLog::BURST`] per [`GuestLog::WINDOW`], then one line saying how many
+/// were held back. Constant memory whatever the guest sends; the counters in
+/// `stats` count every one.
+#[derive(Debug)]
+pub struct GuestLog {
+    window_start: Option<Instant>,
+    logged: u32,
+    suppressed: u64,
+}
 
-impl LogOnce {
-    fn first(&mut self, ty: u32) -> bool {
-        self.0.insert(ty)
+impl Default for GuestLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GuestLog {
+    pub const BURST: u32 = 10;
+    pub const WINDOW: Duration = Duration::from_secs(60);
+
+    pub const fn new() -> Self {
+        Self {
+            window_start: None,
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether a message may be logged now (counting it as held back if not).
+    pub fn allow(&mut self, now: Instant) -> bool {
+        let expired = self
+            .window_start
+            .is_none_or(|t| now.duration_since(t) >= Self::WINDOW);
+        if expired {
+            if self.suppressed > 0 {
+                warn!(
+                    "virtio-pmem: {} more guest request problem(s) in the last {:?} were not logged (see `stats`)",
+                    self.suppressed,
+                    Self::WINDOW
+                );
+            }
+            self.window_start = Some(now);
+            self.logged = 0;
+            self.suppressed = 0;
+        }
+        if self.logged < Self::BURST {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
     }
 }
 
@@ -54,7 +101,7 @@ pub fn process_queue<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
     flusher: &Flusher,
-    unsupported: &mut LogOnce,
+    log: &mut GuestLog,
 ) -> Result<Pass, QueueError> {
     let taken = Instant::now();
     let mut answers = Vec::new();
@@ -72,7 +119,9 @@ pub fn process_queue<M: GuestMemory>(
                     answers.push((head, req));
                 }
                 Err(e) => {
-                    error!("virtio-pmem: malformed request chain (head {head}): {e}; completed with no response");
+                    if log.allow(taken) {
+                        error!("virtio-pmem: malformed request chain (head {head}): {e}; completed with no response");
+                    }
                     malformed.push(head);
                 }
             }
@@ -103,8 +152,8 @@ pub fn process_queue<M: GuestMemory>(
                     .stats
                     .unsupported
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if unsupported.first(ty) {
-                    warn!("virtio-pmem: unsupported request type {ty}; answering EIO (logged once per type)");
+                if log.allow(taken) {
+                    warn!("virtio-pmem: unsupported request type {ty}; answering EIO");
                 }
                 VIRTIO_PMEM_RESP_EIO
             }
@@ -170,7 +219,7 @@ mod tests {
         next_buf: u64,
         used_seen: u16,
         flusher: Flusher,
-        log: LogOnce,
+        log: GuestLog,
     }
 
     impl<'a> Driver<'a> {
@@ -189,7 +238,7 @@ mod tests {
                 next_buf: DATA_START,
                 used_seen: 0,
                 flusher: Flusher::new(file, policy),
-                log: LogOnce::default(),
+                log: GuestLog::default(),
             }
         }
 
@@ -356,6 +405,133 @@ mod tests {
             assert_eq!(s.batches, 1, "{policy}");
             assert_eq!(s.syncs, syncs, "{policy}");
         }
+    }
+
+    /// Group commit, exactly: the first request's sync is held until 15 more are on
+    /// the ring. Those 15 arrived after that sync started, so they must not be
+    /// answered by it (one pass completes only the first), and they share one sync
+    /// (the next pass): 2 syncs for 16 requests, neither 1 nor 16.
+    #[test]
+    fn requests_queued_during_a_sync_share_the_next_one() {
+        use std::sync::{mpsc, Mutex};
+        let mem = memory();
+        let mut d = Driver::new(&mem, Policy::Datasync);
+        let (entered_tx, entered_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let first = std::sync::atomic::AtomicBool::new(true);
+        d.flusher.set_sync_hook(Box::new(move || {
+            if first.swap(false, Ordering::SeqCst) {
+                entered_tx.send(()).unwrap();
+                release_rx.lock().unwrap().recv().unwrap();
+            }
+        }));
+        let mut statuses = vec![d.request(VIRTIO_PMEM_REQ_TYPE_FLUSH).1];
+        // Chains for the 15 late requests, written now, published during the sync.
+        let late: Vec<Vec<RawDescriptor>> = (0..15)
+            .map(|_| {
+                let req = d.buf(4, VIRTIO_PMEM_REQ_TYPE_FLUSH);
+                let status = d.buf(4, UNTOUCHED);
+                statuses.push(status);
+                vec![
+                    RawDescriptor::from(SplitDescriptor::new(req, 4, VRING_DESC_F_NEXT as u16, 0)),
+                    RawDescriptor::from(SplitDescriptor::new(
+                        status,
+                        4,
+                        VRING_DESC_F_WRITE as u16,
+                        0,
+                    )),
+                ]
+            })
+            .collect();
+        let Driver {
+            mock,
+            queue,
+            flusher,
+            log,
+            next_desc,
+            ..
+        } = &mut d;
+        let first_pass = std::thread::scope(|s| {
+            let worker = s.spawn(|| process_queue(queue, &mem, flusher, log).unwrap());
+            entered_rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("the first sync never started");
+            for chain in &late {
+                let head = *next_desc;
+                let chain: Vec<RawDescriptor> = chain
+                    .iter()
+                    .enumerate()
+                    .map(|(i, raw)| {
+                        let desc = SplitDescriptor::from(*raw);
+                        RawDescriptor::from(SplitDescriptor::new(
+                            desc.addr().0,
+                            desc.len(),
+                            desc.flags(),
+                            head + i as u16 + 1,
+                        ))
+                    })
+                    .collect();
+                mock.add_desc_chains(&chain, head).unwrap();
+                *next_desc += 2;
+            }
+            release_tx.send(()).unwrap();
+            worker.join().unwrap()
+        });
+        assert_eq!(
+            first_pass,
+            Pass {
+                completed: 1,
+                flushes: 1
+            }
+        );
+        assert_eq!(
+            d.run(),
+            Pass {
+                completed: 15,
+                flushes: 15
+            }
+        );
+        assert_eq!(d.used().len(), 16);
+        for s in statuses {
+            assert_eq!(d.status(s), VIRTIO_PMEM_RESP_OK);
+        }
+        let s = d.flusher.stats.snapshot();
+        assert_eq!((s.flush_requests, s.batches, s.syncs), (16, 2, 2));
+    }
+
+    #[test]
+    fn guest_caused_messages_are_rate_limited_in_constant_memory() {
+        let mut log = GuestLog::default();
+        let t0 = Instant::now();
+        let allowed = (0..10_240).filter(|_| log.allow(t0)).count();
+        assert_eq!(allowed, GuestLog::BURST as usize);
+        assert_eq!(log.suppressed, 10_240 - u64::from(GuestLog::BURST));
+        // A new window logs again (and reports what it held back).
+        assert!(log.allow(t0 + GuestLog::WINDOW));
+        assert_eq!(log.suppressed, 0);
+    }
+
+    #[test]
+    fn thousands_of_distinct_unsupported_types_are_all_answered_and_counted() {
+        let mem = memory();
+        let mut log = GuestLog::default();
+        let mut counted = 0;
+        // The mock ring does not wrap: a fresh queue every 16 requests, one log.
+        for round in 0..80u32 {
+            let mut d = Driver::new(&mem, Policy::Fsync);
+            d.log = log;
+            let reqs: Vec<_> = (0..16).map(|i| d.request(1000 + round * 16 + i)).collect();
+            assert_eq!(d.run().completed, 16);
+            for (_, status) in reqs {
+                assert_eq!(d.status(status), VIRTIO_PMEM_RESP_EIO);
+            }
+            counted += d.flusher.stats.snapshot().unsupported_requests;
+            log = d.log;
+        }
+        assert_eq!(counted, 1280);
+        assert_eq!(log.logged, GuestLog::BURST);
+        assert_eq!(log.suppressed, 1280 - u64::from(GuestLog::BURST));
     }
 
     #[test]

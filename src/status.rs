@@ -12,9 +12,19 @@ use std::sync::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    durability::{Mode, Policy},
+    durability::{Health, Mode, Policy, SyncFailure},
     guard::GuardStatus,
 };
+
+/// Why the request queue cannot be processed.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueueBroken {
+    pub reason: String,
+    /// RFC 3339.
+    pub since: String,
+    /// Passes that found the queue unusable since.
+    pub passes: u64,
+}
 
 /// Live, cheaply updated device state.
 #[derive(Default)]
@@ -24,6 +34,11 @@ pub struct DeviceStatus {
     features: AtomicU64,
     connections: AtomicU64,
     last_disconnect: Mutex<Option<String>>,
+    queue_broken: Mutex<Option<QueueBroken>>,
+    /// Mirrors `queue_broken.is_some()`, so a healthy pass checks it without a lock.
+    queue_is_broken: AtomicBool,
+    /// Times the queue was found broken (each episode once), over the daemon's life.
+    queue_faults: AtomicU64,
 }
 
 impl DeviceStatus {
@@ -68,11 +83,60 @@ impl DeviceStatus {
     pub fn last_disconnect(&self) -> Option<String> {
         self.last_disconnect.lock().unwrap().clone()
     }
+
+    /// Records a pass that found the queue unusable; true for the first pass of an
+    /// episode (the caller logs and announces it then, and only then).
+    pub fn queue_failed(&self, reason: &str) -> bool {
+        let mut q = self.queue_broken.lock().unwrap_or_else(|p| p.into_inner());
+        match q.as_mut() {
+            Some(b) => {
+                b.passes += 1;
+                false
+            }
+            None => {
+                *q = Some(QueueBroken {
+                    reason: reason.to_string(),
+                    since: crate::events::rfc3339_now(),
+                    passes: 1,
+                });
+                self.queue_is_broken.store(true, Ordering::Release);
+                self.queue_faults.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+        }
+    }
+
+    /// The queue is usable again; returns the episode that ended, if one did.
+    pub fn queue_ok(&self) -> Option<QueueBroken> {
+        if !self.queue_is_broken.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut q = self.queue_broken.lock().unwrap_or_else(|p| p.into_inner());
+        self.queue_is_broken.store(false, Ordering::Release);
+        q.take()
+    }
+
+    pub fn queue_broken(&self) -> Option<QueueBroken> {
+        self.queue_broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn queue_faults(&self) -> u64 {
+        self.queue_faults.load(Ordering::Relaxed)
+    }
 }
 
 /// The `status` answer of the control socket.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StatusReport {
+    /// healthy, downgraded, queue-broken or failed (the worst that holds).
+    pub health: Health,
+    /// The latched sync failure, if a sync failed (now or in an earlier run).
+    pub sync_failure: Option<SyncFailure>,
+    /// Why the request queue cannot be processed, if it cannot.
+    pub queue_broken: Option<QueueBroken>,
     pub version: String,
     pub pid: u32,
     pub file: String,
@@ -98,6 +162,10 @@ pub struct StatusReport {
     /// Known bad ranges of the backing file (file offsets, bytes).
     #[serde(default)]
     pub bad_ranges: Vec<crate::badblocks::BadRange>,
+    /// Why the bad ranges are not on disk (they are kept in memory and published;
+    /// the write is retried).
+    #[serde(default)]
+    pub bad_ranges_persist_error: Option<String>,
     /// The guest agent, if a guest channel is configured.
     #[serde(default)]
     pub agent: Option<crate::guest_channel::AgentState>,

@@ -446,3 +446,112 @@ fn sigterm_while_connected_exits_cleanly_with_mapped_writes_in_the_file() {
     let m = (MIB2 + 0x10000) as usize;
     assert_eq!(&data[m..m + tail.len()], tail);
 }
+
+/// Open descriptors of a process.
+fn open_fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+#[test]
+fn a_guest_that_breaks_the_available_index_gets_a_broken_queue_not_a_dead_one() {
+    let s = Scratch::new();
+    let (d, _) = daemon(&s, &["--mode", "fsync"]);
+    let mut fe = started(&d);
+    fe.map_region(0).unwrap();
+    assert_eq!(fe.flush(1).unwrap(), vec![0]);
+    // An available index 1000 ahead of the device's: more than the ring holds.
+    let sane = fe.avail_idx();
+    fe.publish_avail_idx(sane.wrapping_add(1000)).unwrap();
+    let st = d.wait_status("queue-broken", |s| s["health"] == "queue-broken");
+    let reason = st["queue_broken"]["reason"].as_str().unwrap().to_string();
+    assert!(reason.contains("available ring"), "{st:#}");
+    assert_eq!(st["connected"], true, "{st:#}");
+    // Kicks while it is broken neither spin nor complete anything.
+    for _ in 0..3 {
+        fe.publish_avail_idx(sane.wrapping_add(1000)).unwrap();
+    }
+    // The guest puts the index back: the next request is served from where the
+    // device stopped, nothing skipped, nothing invented.
+    fe.publish_avail_idx(sane).unwrap();
+    assert_eq!(fe.flush(2).unwrap(), vec![0, 0], "{}", d.log_text());
+    let st = d.wait_status("healthy again", |s| s["health"] == "healthy");
+    assert!(st["queue_broken"].is_null(), "{st:#}");
+    assert_eq!(d.stats()["flush_requests"], 3);
+    let log = d.log_text();
+    assert!(
+        log.contains("the request queue cannot be processed"),
+        "{log}"
+    );
+    assert!(log.contains("the request queue works again"), "{log}");
+}
+
+#[test]
+fn a_broken_queue_starts_clean_with_the_next_connection() {
+    let s = Scratch::new();
+    let (d, _) = daemon(&s, &["--mode", "fsync"]);
+    {
+        let mut fe = started(&d);
+        let bad = fe.avail_idx().wrapping_add(500);
+        fe.publish_avail_idx(bad).unwrap();
+        d.wait_status("queue-broken", |s| s["health"] == "queue-broken");
+    }
+    d.wait_status("the disconnect", |s| s["connected"] == false);
+    let mut fe = TestFrontend::connect(&d.socket).unwrap();
+    let st = d.wait_status("the second connection", |s| s["connections"] == 2);
+    assert_eq!(st["health"], "healthy", "{st:#}");
+    fe.start().unwrap();
+    assert_eq!(fe.flush(1).unwrap(), vec![0]);
+}
+
+/// Resident set of a process, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// 200 connect/negotiate/disconnect cycles (`VDP_RECONNECT_CYCLES` for more); the
+/// resident set is printed for docs/reliability.md, not asserted (memory is measured,
+/// never asserted by a test).
+#[test]
+fn descriptors_stay_flat_over_hundreds_of_connections() {
+    let cycles: usize = std::env::var("VDP_RECONNECT_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+        .max(200);
+    let s = Scratch::new();
+    let (d, _) = daemon(&s, &["--mode", "fsync"]);
+    let cycle = |i: usize| {
+        let mut fe = TestFrontend::connect(&d.socket).unwrap();
+        fe.start().unwrap();
+        assert_eq!(fe.maps.wait_for(1, frontend::TIMEOUT), 1);
+        drop(fe);
+        d.wait_status("the disconnect", |s| {
+            s["connections"] == i as u64 + 1 && s["connected"] == false
+        });
+    };
+    cycle(0);
+    let (after_first, rss_first) = (open_fds(d.pid()), rss_kib(d.pid()));
+    for i in 1..cycles {
+        cycle(i);
+    }
+    let (after_all, rss_all) = (open_fds(d.pid()), rss_kib(d.pid()));
+    eprintln!(
+        "reconnects: {cycles} cycles, fds {after_first} -> {after_all}, RSS {rss_first} KiB -> {rss_all} KiB"
+    );
+    assert_eq!(
+        after_all,
+        after_first,
+        "open descriptors grew from {after_first} to {after_all} over {cycles} connections:\n{}",
+        fs::read_dir(format!("/proc/{}/fd", d.pid()))
+            .unwrap()
+            .filter_map(|e| fs::read_link(e.unwrap().path()).ok())
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

@@ -177,13 +177,8 @@ impl GuestEnv {
     pub fn boot_vm(&self, dir: &Path, script: &str, opts: &Boot) -> Guest {
         let initrd = self.initrd_for(dir, script, opts);
         let mut cmd = self.qemu(&initrd, "memory-backend=mem");
-        cmd.args([
-            "-object",
-            "memory-backend-ram,id=mem,size=1G",
-            "-m",
-            "1G",
-        ])
-        .args(&opts.qemu_args);
+        cmd.args(["-object", "memory-backend-ram,id=mem,size=1G", "-m", "1G"])
+            .args(&opts.qemu_args);
         Guest::spawn(cmd, dir.join("console.log"))
     }
 

@@ -370,6 +370,23 @@ impl TestFrontend {
         self.kick.write(1)
     }
 
+    /// A hostile or broken driver: publishes `idx` as the available index (without
+    /// adding any chain) and kicks. The frontend's own index is unchanged, so the
+    /// next [`Self::submit`] writes the sane index again.
+    pub fn publish_avail_idx(&mut self, idx: u16) -> io::Result<()> {
+        fence(Ordering::SeqCst);
+        self.ram
+            .write_obj(idx.to_le(), GuestAddress(AVAIL_RING + 2))
+            .map_err(err)?;
+        fence(Ordering::SeqCst);
+        self.kick.write(1)
+    }
+
+    /// The available index the frontend last published honestly.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
     fn write_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) -> io::Result<()> {
         let at = DESC_TABLE + 16 * u64::from(i);
         self.ram
