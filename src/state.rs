@@ -76,15 +76,18 @@ impl FileIdentity {
 /// FS_IOC_GETVERSION: the inode generation (ext4, XFS, btrfs); `None` where the
 /// filesystem has none (tmpfs answers ENOTTY).
 fn inode_generation(file: &File) -> Option<u64> {
+    // The opcode is declared with a `long` (that size is part of the number), but
+    // ext4, XFS and btrfs write a 32-bit `int`: read exactly that, or the upper half
+    // would be whatever was in the buffer and no record would ever match again.
     const FS_IOC_GETVERSION: rustix::ioctl::Opcode = rustix::ioctl::opcode::read::<c_long>(b'v', 1);
-    // SAFETY: FS_IOC_GETVERSION writes one `long` into the getter's buffer.
+    // SAFETY: FS_IOC_GETVERSION writes one 32-bit generation into the getter's buffer.
     let v = unsafe {
         rustix::ioctl::ioctl(
             file.as_fd(),
-            rustix::ioctl::Getter::<FS_IOC_GETVERSION, c_long>::new(),
+            rustix::ioctl::Getter::<FS_IOC_GETVERSION, u32>::new(),
         )
     };
-    v.ok().map(|g| g as u64)
+    v.ok().map(u64::from)
 }
 
 /// One record as stored: whose it is, then its own fields.
