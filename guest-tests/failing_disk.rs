@@ -107,7 +107,9 @@ exit $rc
     }
     let Some(line) = guest.console.iter().find(|l| l.contains(RESULT)).cloned() else {
         guest.dump();
-        panic!("the test in the VM reported nothing (exit {rc}); its panic is on the console above");
+        panic!(
+            "the test in the VM reported nothing (exit {rc}); its panic is on the console above"
+        );
     };
     let result: Value = serde_json::from_str(line.split_once(RESULT).unwrap().1.trim())
         .unwrap_or_else(|e| panic!("{e}: {line}"));

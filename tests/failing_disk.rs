@@ -522,7 +522,13 @@ fn a_failed_writeback_latches_eio_until_the_record_is_cleared() {
     // 4. The record survives a restart: the new daemon starts failed.
     let d = Daemon::start(&scratch, "second", &file, &serve_args);
     let st = d.status();
-    assert_eq!(st["health"], "failed", "{st:#}");
+    assert_eq!(
+        st["health"],
+        "failed",
+        "{st:#}\nthe first daemon's log:\n{}\nthis one's:\n{}",
+        fs::read_to_string(scratch.path("first.log")).unwrap_or_default(),
+        d.log_text()
+    );
     assert_eq!(st["sync_failure"]["errno"], libc::ENOSPC, "{st:#}");
     let mut fe = mapped(&d);
     assert_eq!(
@@ -540,11 +546,20 @@ fn a_failed_writeback_latches_eio_until_the_record_is_cleared() {
     phase(t0, "restart with the record: failed, flush EIO");
 
     // 5. The operator looks at the record and clears it (daemon stopped).
+    // `health` exits 1 while a record exists and prints it (JSON); 0 once cleared.
     let shown = health(&file, &state, &[]);
-    let shown_text = text(&shown);
-    assert!(shown_text.contains("failed"), "{shown_text}");
+    assert_eq!(shown.status.code(), Some(1), "{}", text(&shown));
+    let record: Value = serde_json::from_slice(&shown.stdout)
+        .unwrap_or_else(|e| panic!("health printed no JSON record ({e}): {}", text(&shown)));
+    assert_eq!(
+        (&record["errno"], &record["context"]),
+        (&libc::ENOSPC.into(), &"flush".into()),
+        "{record:#}"
+    );
     let cleared = health(&file, &state, &["--clear"]);
     assert!(cleared.status.success(), "{}", text(&cleared));
+    let after = health(&file, &state, &[]);
+    assert_eq!(after.status.code(), Some(0), "{}", text(&after));
 
     // 6. A daemon started after that is healthy; its flushes reach the media.
     let mut d = Daemon::start(&scratch, "third", &file, &serve_args);
