@@ -8,7 +8,7 @@
 //! device; every command here only reads (commands that act are added with care).
 
 use std::{
-    io::{self, BufRead, BufReader, Write},
+    io,
     os::{fd::AsRawFd, unix::net::UnixStream},
     path::Path,
     sync::{mpsc::RecvTimeoutError, Arc},
@@ -20,7 +20,13 @@ use log::{debug, warn};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::{badblocks::BadRange, media_errors::Source, socket::BoundSocket, Daemon};
+use crate::{
+    badblocks::BadRange,
+    jsonl::{self, Line, LineReader},
+    media_errors::Source,
+    socket::BoundSocket,
+    Daemon,
+};
 
 /// A control request.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -47,13 +53,21 @@ pub enum Request {
 /// How often a streaming connection checks whether its subscriber left.
 const EVENTS_IDLE_CHECK: Duration = Duration::from_millis(500);
 
-/// Answers one request line.
+/// Answers one request line (decoded with its version checked).
 pub fn answer(daemon: &Daemon, line: &str) -> Value {
-    match serde_json::from_str::<Request>(line) {
-        Ok(Request::Status) => json!({"ok": true, "status": daemon.status_report()}),
-        Ok(Request::Stats) => json!({"ok": true, "stats": daemon.region.flusher.stats.snapshot()}),
-        Ok(Request::BadblocksList) => json!({"ok": true, "ranges": daemon.media.list()}),
-        Ok(Request::BadblocksInject { offset, length }) => match checked_range(offset, length) {
+    match jsonl::decode::<Request>(line) {
+        Ok(req) => answer_request(daemon, req),
+        Err(e) => json!({"ok": false, "error": format!("bad request {line:?}: {e}")}),
+    }
+}
+
+/// Answers one request.
+pub fn answer_request(daemon: &Daemon, req: Request) -> Value {
+    match req {
+        Request::Status => json!({"ok": true, "status": daemon.status_report()}),
+        Request::Stats => json!({"ok": true, "stats": daemon.region.flusher.stats.snapshot()}),
+        Request::BadblocksList => json!({"ok": true, "ranges": daemon.media.list()}),
+        Request::BadblocksInject { offset, length } => match checked_range(offset, length) {
             Err(e) => json!({"ok": false, "error": e}),
             Ok(range) => {
                 let added = daemon.media.report(Source::Operator, &[range]);
@@ -61,7 +75,7 @@ pub fn answer(daemon: &Daemon, line: &str) -> Value {
                        "persist_error": daemon.media.persist_error()})
             }
         },
-        Ok(Request::BadblocksClear { offset, length }) => match checked_range(offset, length) {
+        Request::BadblocksClear { offset, length } => match checked_range(offset, length) {
             Err(e) => json!({"ok": false, "error": e}),
             Ok(range) => {
                 let changed = daemon.media.clear(range);
@@ -69,10 +83,9 @@ pub fn answer(daemon: &Daemon, line: &str) -> Value {
                        "persist_error": daemon.media.persist_error()})
             }
         },
-        Ok(Request::Events { .. }) => {
+        Request::Events { .. } => {
             json!({"ok": false, "error": "events is a stream: send it on its own connection"})
         }
-        Err(e) => json!({"ok": false, "error": format!("bad request {line:?}: {e}")}),
     }
 }
 
@@ -114,20 +127,25 @@ fn serve_client(stream: UnixStream, daemon: &Daemon) {
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
-    for line in BufReader::new(stream).lines() {
-        let Ok(line) = line else { break };
-        if line.trim().is_empty() {
-            continue;
-        }
-        if let Ok(Request::Events { backlog }) = serde_json::from_str(line.trim()) {
-            if let Err(e) = stream_events(&mut out, daemon, backlog) {
-                debug!("events subscriber left: {e}");
+    let mut reader = LineReader::new(stream, jsonl::MAX_LINE);
+    loop {
+        let reply = match jsonl::read_message::<Request, _>(&mut reader) {
+            Ok(None) | Err(_) => break,
+            Ok(Some(Ok(Request::Events { backlog }))) => {
+                if let Err(e) = stream_events(&mut out, daemon, backlog) {
+                    debug!("events subscriber left: {e}");
+                }
+                return;
             }
-            return;
-        }
-        let mut reply = answer(daemon, line.trim()).to_string();
-        reply.push('\n');
-        if out.write_all(reply.as_bytes()).is_err() {
+            Ok(Some(Ok(req))) => answer_request(daemon, req),
+            Ok(Some(Err(e))) => {
+                if let jsonl::MessageError::TooLong { .. } = e {
+                    warn!("control socket: {e}");
+                }
+                json!({"ok": false, "error": format!("bad request: {e}")})
+            }
+        };
+        if jsonl::write_message(&mut out, &reply).is_err() {
             break;
         }
     }
@@ -138,13 +156,11 @@ fn serve_client(stream: UnixStream, daemon: &Daemon) {
 /// it sends meanwhile is read and ignored.
 fn stream_events(out: &mut UnixStream, daemon: &Daemon, backlog: bool) -> io::Result<()> {
     let rx = daemon.events.subscribe(backlog);
-    out.write_all(b"{\"ok\":true,\"events\":\"subscribed\"}\n")?;
+    jsonl::write_message(out, &json!({"ok": true, "events": "subscribed"}))?;
     loop {
         match rx.recv_timeout(EVENTS_IDLE_CHECK) {
             Ok(event) => {
-                let mut line = event.to_line();
-                line.push('\n');
-                out.write_all(line.as_bytes())?;
+                jsonl::write_message(out, &event)?;
             }
             Err(RecvTimeoutError::Timeout) => {
                 if peer_closed(out)? {
@@ -192,11 +208,16 @@ pub fn subscribe(
     mut each: impl FnMut(&str) -> bool,
 ) -> std::io::Result<()> {
     let stream = UnixStream::connect(path)?;
-    let mut line = serde_json::to_string(&Request::Events { backlog })?;
-    line.push('\n');
-    (&stream).write_all(line.as_bytes())?;
-    for line in BufReader::new(&stream).lines() {
-        if !each(&line?) {
+    jsonl::write_message(&mut &stream, &Request::Events { backlog })?;
+    let mut reader = LineReader::new(&stream, jsonl::MAX_ANSWER_LINE);
+    while let Some(line) = reader.next_line()? {
+        let Line::Text(line) = line else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the daemon sent a line that is not UTF-8 or too long",
+            ));
+        };
+        if !each(&line) {
             break;
         }
     }
@@ -207,17 +228,25 @@ pub fn subscribe(
 pub fn call(path: &Path, request: &Request) -> std::io::Result<Value> {
     let stream = UnixStream::connect(path)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut line = serde_json::to_string(request)?;
-    line.push('\n');
-    (&stream).write_all(line.as_bytes())?;
-    let mut answer = String::new();
-    BufReader::new(&stream).read_line(&mut answer)?;
-    Ok(serde_json::from_str(&answer)?)
+    jsonl::write_message(&mut &stream, request)?;
+    let mut reader = LineReader::new(&stream, jsonl::MAX_ANSWER_LINE);
+    match jsonl::read_message::<Value, _>(&mut reader)? {
+        Some(Ok(v)) => Ok(v),
+        Some(Err(e)) => Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+        None => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the daemon closed the connection without an answer",
+        )),
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{path::PathBuf, sync::mpsc};
+    use std::{
+        io::{BufRead, BufReader, Write},
+        path::PathBuf,
+        sync::mpsc,
+    };
 
     use super::*;
     use crate::{

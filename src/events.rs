@@ -90,8 +90,8 @@ pub struct Event {
 impl Event {
     /// The wire form: one JSON object, no newline.
     pub fn to_line(&self) -> String {
-        serde_json::to_string(self)
-            .unwrap_or_else(|e| format!(r#"{{"event":"error","error":"{e}"}}"#))
+        crate::jsonl::encode(self)
+            .unwrap_or_else(|e| format!(r#"{{"v":1,"event":"error","error":"{e}"}}"#))
     }
 }
 
@@ -208,7 +208,7 @@ mod tests {
             openers: vec!["pid 1 (init)".into()],
         });
         assert!(
-            e.to_line().starts_with(r#"{"event":"lease-broken","#),
+            e.to_line().starts_with(r#"{"v":1,"event":"lease-broken","#),
             "{}",
             e.to_line()
         );

@@ -2,21 +2,31 @@
 //! The channel to the guest agent: a unix socket the VMM connects a virtio-serial
 //! port to, carrying newline-delimited JSON.
 //!
-//! Owns: the message format shared by the daemon and `vhost-device-pmem-agent`, and
+//! Owns: the message format shared by the daemon and `vhost-device-pmem-agent` (its
+//! lines go through `jsonl`, capped, versioned), and
 //! the daemon's side of the channel (hello + the full bad-range list on every
 //! connect, the full list again on every change). Never decides which ranges are bad.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::Write,
     os::unix::net::UnixStream,
-    sync::{Arc, Condvar, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Condvar, Mutex,
+    },
     thread,
+    time::Instant,
 };
 
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
-use crate::{badblocks::BadRange, socket::BoundSocket};
+use crate::{
+    badblocks::BadRange,
+    jsonl::{self, LineReader},
+    queue::GuestLog,
+    socket::BoundSocket,
+};
 
 /// Name of the virtio-serial port the agent looks for by default.
 pub const DEFAULT_PORT_NAME: &str = "org.vhost-device-pmem.0";
@@ -73,6 +83,8 @@ pub struct GuestChannel {
     list: Mutex<(u64, Vec<BadRange>)>,
     changed: Condvar,
     pub state: Mutex<AgentState>,
+    /// Lines from the agent that were not a message (too long, not JSON, ...).
+    pub bad_messages: AtomicU64,
 }
 
 impl GuestChannel {
@@ -86,6 +98,7 @@ impl GuestChannel {
             list: Mutex::new((0, ranges)),
             changed: Condvar::new(),
             state: Mutex::default(),
+            bad_messages: AtomicU64::new(0),
         })
     }
 
@@ -126,11 +139,18 @@ impl GuestChannel {
         };
         let me = self.clone();
         let read_thread = thread::spawn(move || {
-            for line in BufReader::new(reader).lines() {
-                let Ok(line) = line else { break };
-                match serde_json::from_str::<FromAgent>(&line) {
+            // The guest writes here: lines are capped and complaints rate-limited.
+            let mut reader = LineReader::new(reader, jsonl::MAX_LINE);
+            let mut log = GuestLog::new("guest agent message");
+            while let Ok(Some(msg)) = jsonl::read_message::<FromAgent, _>(&mut reader) {
+                match msg {
                     Ok(msg) => me.note(msg),
-                    Err(e) => warn!("guest agent sent {line:?}: {e}"),
+                    Err(e) => {
+                        me.bad_messages.fetch_add(1, Ordering::Relaxed);
+                        if log.allow(Instant::now()) {
+                            warn!("guest agent: {e}");
+                        }
+                    }
                 }
             }
             // The peer is gone: wake the pushing side so it stops.
@@ -195,10 +215,7 @@ impl GuestChannel {
 }
 
 fn send<W: Write>(w: &mut W, msg: &ToAgent) -> std::io::Result<()> {
-    let mut line = serde_json::to_string(msg)?;
-    line.push('\n');
-    w.write_all(line.as_bytes())?;
-    w.flush()
+    jsonl::write_message(w, msg)
 }
 
 #[cfg(test)]

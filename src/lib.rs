@@ -18,6 +18,7 @@ pub mod events;
 pub mod guard;
 pub mod guest_channel;
 pub mod hostfile;
+pub mod jsonl;
 pub mod media;
 pub mod media_errors;
 pub mod prepare;

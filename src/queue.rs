@@ -35,6 +35,8 @@ pub enum QueueError {
 /// `stats` count every one.
 #[derive(Debug)]
 pub struct GuestLog {
+    /// What is being logged, for the "held back" line.
+    what: &'static str,
     window_start: Option<Instant>,
     logged: u32,
     suppressed: u64,
@@ -42,7 +44,7 @@ pub struct GuestLog {
 
 impl Default for GuestLog {
     fn default() -> Self {
-        Self::new()
+        Self::new("guest request problem")
     }
 }
 
@@ -50,8 +52,9 @@ impl GuestLog {
     pub const BURST: u32 = 10;
     pub const WINDOW: Duration = Duration::from_secs(60);
 
-    pub const fn new() -> Self {
+    pub const fn new(what: &'static str) -> Self {
         Self {
+            what,
             window_start: None,
             logged: 0,
             suppressed: 0,
@@ -66,8 +69,9 @@ impl GuestLog {
         if expired {
             if self.suppressed > 0 {
                 warn!(
-                    "virtio-pmem: {} more guest request problem(s) in the last {:?} were not logged (see `stats`)",
+                    "{} more {}(s) in the last {:?} were not logged (see `stats`)",
                     self.suppressed,
+                    self.what,
                     Self::WINDOW
                 );
             }

@@ -10,7 +10,7 @@
 
 use std::{
     fs::{self, File, OpenOptions},
-    io::{BufRead, BufReader, Write},
+    io::Write,
     path::{Path, PathBuf},
     thread,
     time::Duration,
@@ -19,6 +19,8 @@ use std::{
 use vhost_device_pmem::{
     badblocks::{BadRange, SECTOR},
     guest_channel::{FromAgent, ToAgent, DEFAULT_PORT_NAME},
+    jsonl::{self, LineReader},
+    media::parse_badblocks,
 };
 
 struct Device {
@@ -167,21 +169,13 @@ fn apply(dev: &Device, sectors: &[(u64, u64)]) -> Result<Vec<(u64, u64)>, String
             n -= chunk;
         }
     }
-    let text = read_trim(&dev.badblocks).unwrap_or_default();
-    Ok(text
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
-        })
-        .collect())
+    Ok(parse_badblocks(
+        &read_trim(&dev.badblocks).unwrap_or_default(),
+    ))
 }
 
 fn send(port: &mut File, msg: &FromAgent) {
-    if let Ok(mut line) = serde_json::to_string(msg) {
-        line.push('\n');
-        let _ = port.write_all(line.as_bytes());
-    }
+    let _ = jsonl::write_message(port, msg);
     eprintln!("vhost-device-pmem-agent: {msg:?}");
 }
 
@@ -240,33 +234,28 @@ fn main() {
         }
     };
     let mut out = port.try_clone().expect("dup port");
-    let mut reader = BufReader::new(port);
+    let mut reader = LineReader::new(port, jsonl::MAX_ANSWER_LINE);
     let mut device: Option<Device> = None;
-    let mut line = String::new();
     loop {
-        line.clear();
-        match reader.read_line(&mut line) {
+        let msg: ToAgent = match jsonl::read_message(&mut reader) {
             // The host side is not connected (daemon restarting): wait for it.
-            Ok(0) => {
+            Ok(None) => {
                 thread::sleep(Duration::from_millis(100));
                 continue;
             }
-            Ok(_) => {}
-            Err(e) => {
-                eprintln!("vhost-device-pmem-agent: read: {e}");
-                thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        }
-        let msg: ToAgent = match serde_json::from_str(line.trim()) {
-            Ok(m) => m,
-            Err(e) => {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => {
                 send(
                     &mut out,
                     &FromAgent::Error {
-                        message: format!("bad message {:?}: {e}", line.trim()),
+                        message: format!("bad message: {e}"),
                     },
                 );
+                continue;
+            }
+            Err(e) => {
+                eprintln!("vhost-device-pmem-agent: read: {e}");
+                thread::sleep(Duration::from_millis(100));
                 continue;
             }
         };
