@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use vhost_device_pmem::{
     durability::{Flusher, Policy},
-    queue::{process_queue, GuestLog},
+    queue::{process_queue, QueueState},
     virtio_pmem::{parse_request, VIRTIO_PMEM_REQ_TYPE_FLUSH},
 };
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -87,7 +87,7 @@ fn memory() -> GuestMemoryMmap {
 fn bench_process_queue(c: &mut Criterion) {
     let mem = memory();
     let flusher = Flusher::new(tempfile::tempfile().unwrap(), Policy::Volatile);
-    let mut log = GuestLog::default();
+    let mut state = QueueState::new();
     let mut group = c.benchmark_group("process_queue");
     for n in [1u16, 16, MAX_CHAINS] {
         let mut ring = Ring::new(&mem);
@@ -98,7 +98,7 @@ fn bench_process_queue(c: &mut Criterion) {
                 for _ in 0..iters {
                     ring.publish(n);
                     let start = Instant::now();
-                    let pass = process_queue(&mut ring.queue, &mem, &flusher, &mut log).unwrap();
+                    let pass = process_queue(&mut ring.queue, &mem, &flusher, &mut state).unwrap();
                     total += start.elapsed();
                     assert_eq!(pass.completed, usize::from(n));
                 }

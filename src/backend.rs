@@ -39,14 +39,14 @@ use vmm_sys_util::{
 
 use crate::{
     events::{EventHub, EventKind},
-    queue::{process_queue, GuestLog},
+    queue::{process_queue, QueueState},
     status::DeviceStatus,
     virtio_pmem::{PmemConfig, VIRTIO_PMEM_F_SHMEM_REGION, VIRTIO_PMEM_SHMEM_REGION_ID},
     Region,
 };
 
 /// Queue size offered to the driver.
-pub const QUEUE_SIZE: usize = 256;
+pub const QUEUE_SIZE: usize = crate::queue::MAX_QUEUE_SIZE as usize;
 const NUM_QUEUES: usize = 1;
 const REQUEST_QUEUE_EVENT: u16 = 0;
 
@@ -58,7 +58,7 @@ pub struct PmemBackend {
     events: Arc<EventHub>,
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     event_idx: bool,
-    guest_log: GuestLog,
+    queue_state: QueueState,
     frontend: Option<Backend>,
     /// Set once this connection asked the VMM to map the region.
     map_requested: bool,
@@ -86,7 +86,7 @@ impl PmemBackend {
             events,
             mem: None,
             event_idx: false,
-            guest_log: GuestLog::default(),
+            queue_state: QueueState::new(),
             frontend: None,
             map_requested: false,
             exit_consumer,
@@ -216,7 +216,7 @@ impl PmemBackend {
                 state.get_queue_mut(),
                 mem,
                 &self.region.flusher,
-                &mut self.guest_log,
+                &mut self.queue_state,
             )
             .map_err(|e| e.to_string())?
         };

@@ -7,7 +7,10 @@
 //! controls how many), never allowed to wedge the queue or panic. Never signals the
 //! guest (the caller does, once per pass).
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
 
 use log::{error, warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -16,7 +19,8 @@ use vm_memory::GuestMemory;
 use crate::{
     durability::Flusher,
     virtio_pmem::{
-        parse_request, write_response, RequestType, VIRTIO_PMEM_RESP_EIO, VIRTIO_PMEM_RESP_OK,
+        parse_request, write_response, Request, RequestType, VIRTIO_PMEM_RESP_EIO,
+        VIRTIO_PMEM_RESP_OK,
     },
 };
 
@@ -98,44 +102,76 @@ pub struct Pass {
     pub flushes: u64,
 }
 
-/// Processes every chain now available on `queue`. Flush requests in the pass share
-/// one [`Flusher::flush_batch`]; unsupported types get EIO; malformed chains are
-/// completed with 0 bytes written.
+/// One chain taken off the ring, waiting for its answer.
+#[derive(Clone, Copy)]
+struct Taken {
+    head: u16,
+    /// `None`: malformed, completed with nothing written.
+    request: Option<Request>,
+}
+
+/// What the queue keeps from one pass to the next: the list of chains a pass took
+/// (allocated once, for the largest ring, so a pass never allocates) and the log of
+/// guest-caused problems.
+pub struct QueueState {
+    taken: Vec<Taken>,
+    pub log: GuestLog,
+}
+
+impl Default for QueueState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl QueueState {
+    pub fn new() -> Self {
+        Self {
+            taken: Vec::with_capacity(usize::from(MAX_QUEUE_SIZE)),
+            log: GuestLog::default(),
+        }
+    }
+}
+
+/// The largest ring the device offers (vhost-user-backend
+/// refuses larger ones): a pass takes at most one ring's worth of chains.
+pub const MAX_QUEUE_SIZE: u16 = 256;
+
+/// Processes every chain now available on `queue`: each chain is walked once as it
+/// is taken; the flush requests among them share one [`Flusher::flush_batch`];
+/// unsupported types get EIO; malformed chains are completed with 0 bytes written.
 pub fn process_queue<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
     flusher: &Flusher,
-    log: &mut GuestLog,
+    state: &mut QueueState,
 ) -> Result<Pass, QueueError> {
-    let taken = Instant::now();
-    let mut answers = Vec::new();
-    let mut malformed = Vec::new();
+    let taken_at = Instant::now();
     let mut flushes = 0u64;
-    {
-        let chains: Vec<_> = queue.iter(mem).map_err(QueueError::AvailRing)?.collect();
-        for chain in chains {
-            let head = chain.head_index();
-            match parse_request(mem, chain) {
-                Ok(req) => {
-                    if req.kind == RequestType::Flush {
-                        flushes += 1;
-                    }
-                    answers.push((head, req));
+    state.taken.clear();
+    for chain in queue.iter(mem).map_err(QueueError::AvailRing)? {
+        let head = chain.head_index();
+        let request = match parse_request(mem, chain) {
+            Ok(req) => {
+                if req.kind == RequestType::Flush {
+                    flushes += 1;
                 }
-                Err(e) => {
-                    if log.allow(taken) {
-                        error!("virtio-pmem: malformed request chain (head {head}): {e}; completed with no response");
-                    }
-                    malformed.push(head);
-                }
+                Some(req)
             }
-        }
+            Err(e) => {
+                if state.log.allow(taken_at) {
+                    error!("virtio-pmem: malformed request chain (head {head}): {e}; completed with no response");
+                }
+                None
+            }
+        };
+        state.taken.push(Taken { head, request });
     }
 
     let flush_status = if flushes == 0 {
         VIRTIO_PMEM_RESP_OK
     } else {
-        match flusher.flush_batch(flushes, taken) {
+        match flusher.flush_batch(flushes, taken_at) {
             Ok(()) => VIRTIO_PMEM_RESP_OK,
             Err(e) => {
                 error!("virtio-pmem: flush of {flushes} request(s) failed: {e}; answering EIO");
@@ -148,35 +184,32 @@ pub fn process_queue<M: GuestMemory>(
         completed: 0,
         flushes,
     };
-    for (head, mut req) in answers {
-        let status = match req.kind {
-            RequestType::Flush => flush_status,
-            RequestType::Unsupported(ty) => {
-                flusher
-                    .stats
-                    .unsupported
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if log.allow(taken) {
-                    warn!("virtio-pmem: unsupported request type {ty}; answering EIO");
-                }
-                VIRTIO_PMEM_RESP_EIO
+    for Taken { head, request } in state.taken.drain(..) {
+        let len = match request {
+            None => {
+                flusher.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                0
+            }
+            Some(req) => {
+                let status = match req.kind {
+                    RequestType::Flush => flush_status,
+                    RequestType::Unsupported(ty) => {
+                        flusher.stats.unsupported.fetch_add(1, Ordering::Relaxed);
+                        if state.log.allow(taken_at) {
+                            warn!("virtio-pmem: unsupported request type {ty}; answering EIO");
+                        }
+                        VIRTIO_PMEM_RESP_EIO
+                    }
+                };
+                write_response(mem, &req.status, status).unwrap_or_else(|e| {
+                    error!("virtio-pmem: cannot write the response of chain {head}: {e}");
+                    0
+                })
             }
         };
-        let len = write_response(&mut req.response, status).unwrap_or_else(|e| {
-            error!("virtio-pmem: cannot write the response of chain {head}: {e}");
-            0
-        });
         queue
             .add_used(mem, head, len)
             .map_err(QueueError::UsedRing)?;
-        pass.completed += 1;
-    }
-    for head in malformed {
-        flusher
-            .stats
-            .malformed
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        queue.add_used(mem, head, 0).map_err(QueueError::UsedRing)?;
         pass.completed += 1;
     }
     Ok(pass)
@@ -223,7 +256,7 @@ mod tests {
         next_buf: u64,
         used_seen: u16,
         flusher: Flusher,
-        log: GuestLog,
+        state: QueueState,
     }
 
     impl<'a> Driver<'a> {
@@ -242,7 +275,7 @@ mod tests {
                 next_buf: DATA_START,
                 used_seen: 0,
                 flusher: Flusher::new(file, policy),
-                log: GuestLog::default(),
+                state: QueueState::new(),
             }
         }
 
@@ -288,7 +321,7 @@ mod tests {
         }
 
         fn run(&mut self) -> Pass {
-            process_queue(&mut self.queue, self.mem, &self.flusher, &mut self.log).unwrap()
+            process_queue(&mut self.queue, self.mem, &self.flusher, &mut self.state).unwrap()
         }
 
         /// Used ring entries (head, len) added since the last call.
@@ -452,12 +485,12 @@ mod tests {
             mock,
             queue,
             flusher,
-            log,
+            state,
             next_desc,
             ..
         } = &mut d;
         let first_pass = std::thread::scope(|s| {
-            let worker = s.spawn(|| process_queue(queue, &mem, flusher, log).unwrap());
+            let worker = s.spawn(|| process_queue(queue, &mem, flusher, state).unwrap());
             entered_rx
                 .recv_timeout(std::time::Duration::from_secs(10))
                 .expect("the first sync never started");
@@ -519,20 +552,21 @@ mod tests {
     #[test]
     fn thousands_of_distinct_unsupported_types_are_all_answered_and_counted() {
         let mem = memory();
-        let mut log = GuestLog::default();
+        let mut state = QueueState::new();
         let mut counted = 0;
         // The mock ring does not wrap: a fresh queue every 16 requests, one log.
         for round in 0..80u32 {
             let mut d = Driver::new(&mem, Policy::Fsync);
-            d.log = log;
+            d.state = state;
             let reqs: Vec<_> = (0..16).map(|i| d.request(1000 + round * 16 + i)).collect();
             assert_eq!(d.run().completed, 16);
             for (_, status) in reqs {
                 assert_eq!(d.status(status), VIRTIO_PMEM_RESP_EIO);
             }
             counted += d.flusher.stats.snapshot().unsupported_requests;
-            log = d.log;
+            state = d.state;
         }
+        let log = state.log;
         assert_eq!(counted, 1280);
         assert_eq!(log.logged, GuestLog::BURST);
         assert_eq!(log.suppressed, 1280 - u64::from(GuestLog::BURST));

@@ -6,11 +6,9 @@
 //! panics on guest input: every defect becomes a [`ChainError`] with the reason.
 
 use thiserror::Error as ThisError;
-use virtio_queue::{desc::split::Descriptor as SplitDescriptor, DescriptorChain, Reader, Writer};
-use vm_memory::{ByteValued, GuestMemory, Le32, Le64};
+use virtio_queue::{desc::split::Descriptor as SplitDescriptor, DescriptorChain};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory, Le32, Le64, Permissions};
 
-/// Virtio device id of virtio-pmem.
-pub const VIRTIO_ID_PMEM: u32 = 27;
 /// The device exposes its region as virtio shared memory region 0 (feature bit 0).
 pub const VIRTIO_PMEM_F_SHMEM_REGION: u64 = 1 << 0;
 /// Shared memory region id of the pmem region.
@@ -70,8 +68,8 @@ pub enum RequestType {
 pub enum ChainError {
     #[error("descriptor chain is longer than {MAX_CHAIN_LEN} descriptors")]
     TooLong,
-    #[error("descriptor chain has an invalid descriptor or address: {0}")]
-    BadDescriptor(String),
+    #[error("descriptor [{addr:#x}, +{len}) is not inside guest memory")]
+    OutsideMemory { addr: u64, len: u32 },
     #[error("device-readable part has {0} bytes, a request header needs 4")]
     ShortRequest(usize),
     #[error("device-writable part has {0} bytes, a response needs 4")]
@@ -80,74 +78,129 @@ pub enum ChainError {
     ReadableAfterWritable,
 }
 
+/// Where a request's 4-byte status goes: the first bytes of the chain's
+/// device-writable part, which may be split over up to 4 descriptors. Plain data,
+/// kept without borrowing guest memory until the answer is known.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatusBuffer {
+    segments: [(u64, u32); STATUS_LEN],
+    count: u8,
+}
+
+const STATUS_LEN: usize = std::mem::size_of::<PmemResp>();
+
+impl StatusBuffer {
+    /// Adds a writable descriptor; takes what the status still needs of it.
+    fn add(&mut self, addr: u64, len: u32) {
+        let have: u32 = self.segments[..usize::from(self.count)]
+            .iter()
+            .map(|s| s.1)
+            .sum();
+        let need = STATUS_LEN as u32 - have;
+        if need > 0 && len > 0 {
+            self.segments[usize::from(self.count)] = (addr, len.min(need));
+            self.count += 1;
+        }
+    }
+}
+
 /// A parsed request: its type and where its response goes.
-pub struct Request<'a, B: vm_memory::bitmap::BitmapSlice> {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request {
     pub kind: RequestType,
-    pub response: Writer<'a, B>,
+    pub status: StatusBuffer,
 }
 
-/// Parses one chain. On `Err`, the caller completes the chain with 0 bytes written;
-/// a chain whose status buffer is missing cannot be answered any other way.
-pub fn parse_request<'a, M>(
-    mem: &'a M,
-    chain: DescriptorChain<&'a M>,
-) -> Result<
-    Request<'a, <<M as GuestMemory>::Bitmap as vm_memory::bitmap::WithBitmapSlice<'a>>::S>,
-    ChainError,
->
-where
-    M: GuestMemory,
-{
-    check_shape(chain.clone())?;
-    let mut reader =
-        Reader::new(mem, chain.clone()).map_err(|e| ChainError::BadDescriptor(e.to_string()))?;
-    let writer = Writer::new(mem, chain).map_err(|e| ChainError::BadDescriptor(e.to_string()))?;
-    if reader.available_bytes() < std::mem::size_of::<PmemReq>() {
-        return Err(ChainError::ShortRequest(reader.available_bytes()));
-    }
-    if writer.available_bytes() < std::mem::size_of::<PmemResp>() {
-        return Err(ChainError::ShortResponse(writer.available_bytes()));
-    }
-    let req: PmemReq = reader
-        .read_obj()
-        .map_err(|e| ChainError::BadDescriptor(e.to_string()))?;
-    let kind = match req.type_.to_native() {
-        VIRTIO_PMEM_REQ_TYPE_FLUSH => RequestType::Flush,
-        other => RequestType::Unsupported(other),
-    };
-    Ok(Request {
-        kind,
-        response: writer,
-    })
-}
-
-/// Length and ordering checks the Reader/Writer do not make: bounded length, and all
-/// device-readable descriptors before the device-writable ones (virtio 2.7.4.2).
-fn check_shape<M: GuestMemory>(chain: DescriptorChain<&M>) -> Result<(), ChainError> {
+/// Parses one chain in a single walk, without allocating: bounded length, every
+/// descriptor inside guest memory, device-readable descriptors before
+/// device-writable ones (virtio 2.7.4.2), a 4-byte header in the readable part, room
+/// for a 4-byte status in the writable part. On `Err`, the caller completes the
+/// chain with 0 bytes written; a chain whose status buffer is missing cannot be
+/// answered any other way.
+pub fn parse_request<M: GuestMemory>(
+    mem: &M,
+    chain: DescriptorChain<&M>,
+) -> Result<Request, ChainError> {
+    let mut header = [0u8; std::mem::size_of::<PmemReq>()];
+    let (mut readable, mut writable) = (0usize, 0usize);
     let mut seen_writable = false;
+    let mut status = StatusBuffer::default();
     for (n, desc) in chain.enumerate() {
         let desc: SplitDescriptor = desc;
         if n >= MAX_CHAIN_LEN {
             return Err(ChainError::TooLong);
         }
+        let (addr, len) = (desc.addr(), desc.len());
+        let access = if desc.is_write_only() {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        if !mem.check_range(addr, len as usize, access) {
+            return Err(ChainError::OutsideMemory { addr: addr.0, len });
+        }
         if desc.is_write_only() {
             seen_writable = true;
-        } else if seen_writable {
-            return Err(ChainError::ReadableAfterWritable);
+            status.add(addr.0, len);
+            writable += len as usize;
+        } else {
+            if seen_writable {
+                return Err(ChainError::ReadableAfterWritable);
+            }
+            if readable < header.len() {
+                let take = (header.len() - readable).min(len as usize);
+                mem.read_slice(&mut header[readable..readable + take], addr)
+                    .map_err(|_| ChainError::OutsideMemory { addr: addr.0, len })?;
+            }
+            readable += len as usize;
         }
     }
-    Ok(())
+    if readable < header.len() {
+        return Err(ChainError::ShortRequest(readable));
+    }
+    if writable < STATUS_LEN {
+        return Err(ChainError::ShortResponse(writable));
+    }
+    let kind = match u32::from_le_bytes(header) {
+        VIRTIO_PMEM_REQ_TYPE_FLUSH => RequestType::Flush,
+        other => RequestType::Unsupported(other),
+    };
+    Ok(Request { kind, status })
 }
 
 /// Writes the response status. Returns the number of bytes written (for the used ring).
-pub fn write_response<B: vm_memory::bitmap::BitmapSlice>(
-    response: &mut Writer<'_, B>,
-    status: u32,
+pub fn write_response<M: GuestMemory>(
+    mem: &M,
+    status: &StatusBuffer,
+    value: u32,
 ) -> Result<u32, ChainError> {
-    response
-        .write_obj(PmemResp {
-            ret: Le32::from(status),
-        })
-        .map_err(|e| ChainError::BadDescriptor(e.to_string()))?;
-    Ok(std::mem::size_of::<PmemResp>() as u32)
+    let bytes = value.to_le_bytes();
+    let mut at = 0;
+    for &(addr, len) in &status.segments[..usize::from(status.count)] {
+        let len = len as usize;
+        mem.write_slice(&bytes[at..at + len], GuestAddress(addr))
+            .map_err(|_| ChainError::OutsideMemory {
+                addr,
+                len: len as u32,
+            })?;
+        at += len;
+    }
+    Ok(STATUS_LEN as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_split_over_descriptors_takes_only_the_bytes_it_needs() {
+        let mut s = StatusBuffer::default();
+        s.add(0x100, 1);
+        s.add(0x200, 0);
+        s.add(0x300, 2);
+        s.add(0x400, 64);
+        s.add(0x500, 64);
+        assert_eq!(s.count, 3);
+        assert_eq!(&s.segments[..3], &[(0x100, 1), (0x300, 2), (0x400, 1)]);
+    }
 }
