@@ -104,9 +104,11 @@ fn checked_range(offset: u64, length: u64) -> Result<BadRange, String> {
 
 /// Serves the control socket on a background thread, one thread per client.
 pub fn spawn(sock: BoundSocket, daemon: Arc<Daemon>) -> std::io::Result<()> {
-    thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
+    let services = daemon.services.clone();
+    services.spawn(
+        "control",
+        |_| {},
+        move || {
             let sock = sock; // dropped (and unlinked) only with the process
             for conn in sock.listener.incoming() {
                 match conn {
@@ -119,7 +121,8 @@ pub fn spawn(sock: BoundSocket, daemon: Arc<Daemon>) -> std::io::Result<()> {
                     Err(e) => warn!("control socket accept failed: {e}"),
                 }
             }
-        })?;
+        },
+    )?;
     Ok(())
 }
 
@@ -275,8 +278,14 @@ mod tests {
             .unwrap();
         let events: Arc<crate::events::EventHub> = Arc::default();
         let state = crate::state::StateFiles::new(&img, Some(state_dir), Some(&f)).unwrap();
-        let media =
-            crate::media_errors::MediaErrors::load(&img, 2 << 20, state, events.clone()).unwrap();
+        let media = crate::media_errors::MediaErrors::load(
+            &img,
+            2 << 20,
+            state,
+            events.clone(),
+            Arc::default(),
+        )
+        .unwrap();
         Arc::new(Daemon {
             region: Arc::new(Region {
                 path: PathBuf::from("/img"),
@@ -294,6 +303,7 @@ mod tests {
             guard: Arc::default(),
             media,
             agent: None,
+            services: Arc::default(),
         })
     }
 

@@ -175,9 +175,27 @@ pub fn start(daemon: &Arc<Daemon>, config: &Config) -> Result<Guard, GuardError>
         lease_retry: false,
         change_reported: false,
     };
-    let handle = thread::Builder::new()
-        .name("guard".into())
-        .spawn(move || watcher.run(ready_tx))
+    let orphan = daemon.clone();
+    let handle = daemon
+        .services
+        .spawn(
+            "guard",
+            // Nothing watches the map any more: stop relying on it, durably.
+            move |why| {
+                let flusher = &orphan.region.flusher;
+                let from = flusher.policy();
+                let reason =
+                    format!("the block-map guard stopped ({why}); the map is no longer watched");
+                if flusher.downgrade_to_fsync(&reason) {
+                    orphan.events.publish(EventKind::PolicyDowngraded {
+                        from: from.to_string(),
+                        to: flusher.policy().to_string(),
+                        reason,
+                    });
+                }
+            },
+            move || watcher.run(ready_tx),
+        )
         .map_err(GuardError::Start)?;
     guard.thread = Some(handle);
     // The watcher has routed the lease signal to itself and taken the lease (or

@@ -25,6 +25,7 @@ use crate::{
     badblocks::BadRange,
     jsonl::{self, LineReader},
     queue::GuestLog,
+    service::Services,
     socket::BoundSocket,
 };
 
@@ -111,11 +112,16 @@ impl GuestChannel {
     }
 
     /// Accepts agent connections on `sock` forever (background thread).
-    pub fn spawn(self: &Arc<Self>, sock: BoundSocket) -> std::io::Result<()> {
+    pub fn spawn(
+        self: &Arc<Self>,
+        sock: BoundSocket,
+        services: &Arc<Services>,
+    ) -> std::io::Result<()> {
         let me = self.clone();
-        thread::Builder::new()
-            .name("guest-channel".into())
-            .spawn(move || {
+        services.spawn(
+            "guest-channel",
+            |_| {},
+            move || {
                 let sock = sock;
                 for conn in sock.listener.incoming() {
                     match conn {
@@ -123,7 +129,8 @@ impl GuestChannel {
                         Err(e) => warn!("guest channel accept failed: {e}"),
                     }
                 }
-            })?;
+            },
+        )?;
         Ok(())
     }
 

@@ -23,6 +23,7 @@ pub mod media;
 pub mod media_errors;
 pub mod prepare;
 pub mod queue;
+pub mod service;
 pub mod socket;
 pub mod state;
 pub mod status;
@@ -54,6 +55,7 @@ use crate::{
     guard::{GuardError, GuardState},
     guest_channel::GuestChannel,
     media_errors::MediaErrors,
+    service::Services,
     socket::SocketError,
     state::{Kind, StateFiles},
     status::{DeviceStatus, StatusReport},
@@ -116,6 +118,8 @@ pub struct Daemon {
     pub media: Arc<MediaErrors>,
     /// The guest agent's channel, if configured.
     pub agent: Option<Arc<GuestChannel>>,
+    /// The long-lived threads, and those that died.
+    pub services: Arc<Services>,
 }
 
 impl Daemon {
@@ -157,6 +161,7 @@ impl Daemon {
             bad_ranges: self.media.list(),
             bad_ranges_persist_error: self.media.persist_error(),
             agent: self.agent.as_ref().map(|a| a.state.lock().unwrap().clone()),
+            services_failed: self.services.failures(),
         }
     }
 }
@@ -257,8 +262,15 @@ pub fn serve(config: Config) -> Result<(), Error> {
     )
     .map_err(io_err("name the state files"))?;
     watch_health(&region.flusher, &state, &events, &region.path)?;
-    let media = MediaErrors::load(&region.path, region.size, state, events.clone())
-        .map_err(io_err("load the bad-range state file"))?;
+    let services: Arc<Services> = Arc::default();
+    let media = MediaErrors::load(
+        &region.path,
+        region.size,
+        state,
+        events.clone(),
+        services.clone(),
+    )
+    .map_err(io_err("load the bad-range state file"))?;
     let agent = config
         .agent_socket
         .as_ref()
@@ -273,6 +285,7 @@ pub fn serve(config: Config) -> Result<(), Error> {
         guard: Arc::default(),
         media,
         agent,
+        services,
     });
     start_media_errors(&daemon, &config)?;
     // Lease, seal and block-map watcher; dropped (unsealing) however serve returns.
@@ -383,7 +396,7 @@ fn start_media_errors(daemon: &Daemon, config: &Config) -> Result<(), Error> {
     if let (Some(path), Some(agent)) = (&config.agent_socket, &daemon.agent) {
         let sock = socket::bind(path, config.socket_group.as_deref())?;
         agent
-            .spawn(sock)
+            .spawn(sock, &daemon.services)
             .map_err(io_err("start the guest channel"))?;
         media.attach_channel(agent.clone());
         info!("guest agent channel: {}", path.display());

@@ -24,6 +24,7 @@ use crate::{
     events::{EventHub, EventKind},
     guest_channel::GuestChannel,
     media::{self, HostDevice, PoisonWatch, Scrubber, SysfsWatch},
+    service::Services,
     state::{Kind, StateFiles},
 };
 
@@ -69,6 +70,7 @@ pub struct MediaErrors {
     persist_error: Mutex<Option<String>>,
     events: Arc<EventHub>,
     channel: Mutex<Option<Arc<GuestChannel>>>,
+    services: Arc<Services>,
 }
 
 impl MediaErrors {
@@ -79,6 +81,7 @@ impl MediaErrors {
         size: u64,
         state: StateFiles,
         events: Arc<EventHub>,
+        services: Arc<Services>,
     ) -> std::io::Result<Arc<Self>> {
         let ranges: BadRanges = state
             .load::<RangesRecord>(Kind::BadRanges)?
@@ -100,6 +103,7 @@ impl MediaErrors {
             persist_error: Mutex::new(None),
             events,
             channel: Mutex::new(None),
+            services,
         }))
     }
 
@@ -137,9 +141,10 @@ impl MediaErrors {
 
     fn start_persist_retry(self: &Arc<Self>) {
         let me = self.clone();
-        let spawned = thread::Builder::new()
-            .name("badblocks-save".into())
-            .spawn(move || loop {
+        let spawned = self.services.spawn(
+            "badblocks-save",
+            |_| {},
+            move || loop {
                 thread::sleep(PERSIST_RETRY);
                 let set = lock(&me.ranges).clone();
                 match me.state.save(Kind::BadRanges, &RangesRecord::from(&set)) {
@@ -159,7 +164,8 @@ impl MediaErrors {
                         ));
                     }
                 }
-            });
+            },
+        );
         if let Err(e) = spawned {
             error!("media errors: cannot start the state-file retry: {e}");
         }
@@ -283,9 +289,10 @@ impl MediaErrors {
         let watch = SysfsWatch::open(&path)?;
         info!("media errors: watching {}", path.display());
         let me = self.clone();
-        thread::Builder::new()
-            .name("badblocks-watch".into())
-            .spawn(move || {
+        self.services.spawn(
+            "badblocks-watch",
+            |_| {},
+            move || {
                 let mut translated: Option<(String, Instant)> = None;
                 loop {
                     match watch.read() {
@@ -305,7 +312,8 @@ impl MediaErrors {
                         thread::sleep(period);
                     }
                 }
-            })?;
+            },
+        )?;
         Ok(true)
     }
 
@@ -338,9 +346,10 @@ impl MediaErrors {
     ) -> std::io::Result<()> {
         let watch = PoisonWatch::new(file, self.size, map_sync)?;
         let me = self.clone();
-        thread::Builder::new()
-            .name("poison-watch".into())
-            .spawn(move || loop {
+        self.services.spawn(
+            "poison-watch",
+            |_| {},
+            move || loop {
                 let mut pfd = libc::pollfd {
                     fd: watch.fd(),
                     events: libc::POLLIN,
@@ -352,7 +361,8 @@ impl MediaErrors {
                 if !ranges.is_empty() {
                     me.report(Source::MemoryFailure, &ranges);
                 }
-            })?;
+            },
+        )?;
         Ok(())
     }
 
@@ -366,9 +376,10 @@ impl MediaErrors {
     ) -> std::io::Result<()> {
         let scrubber = Scrubber::new(file, &self.backing);
         let me = self.clone();
-        thread::Builder::new()
-            .name("scrub".into())
-            .spawn(move || loop {
+        self.services.spawn(
+            "scrub",
+            |_| {},
+            move || loop {
                 match scrubber.scrub(0, me.size, rate) {
                     Ok(bad) if !bad.is_empty() => {
                         me.report(Source::Scrub, &bad);
@@ -377,7 +388,8 @@ impl MediaErrors {
                     Err(e) => error!("scrub of {} failed: {e}", me.backing.display()),
                 }
                 thread::sleep(interval);
-            })?;
+            },
+        )?;
         Ok(())
     }
 }

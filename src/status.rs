@@ -169,4 +169,7 @@ pub struct StatusReport {
     /// The guest agent, if a guest channel is configured.
     #[serde(default)]
     pub agent: Option<crate::guest_channel::AgentState>,
+    /// Service threads that died (a panic, caught at the thread boundary).
+    #[serde(default)]
+    pub services_failed: Vec<crate::service::ServiceFailure>,
 }
