@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use vhost_device_pmem::{
+    device::queue::{process_queue, QueueState},
+    device::wire::{parse_request, VIRTIO_PMEM_REQ_TYPE_FLUSH},
     durability::{Flusher, Policy},
-    queue::{process_queue, QueueState},
-    virtio_pmem::{parse_request, VIRTIO_PMEM_REQ_TYPE_FLUSH},
 };
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::{

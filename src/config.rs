@@ -77,7 +77,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS")]
     pub scrub_interval: Option<u64>,
     /// Scrub at most this many bytes per second (suffixes K, M, G). Default 64M.
-    #[arg(long, value_name = "BYTES", value_parser = crate::prepare::parse_size)]
+    #[arg(long, value_name = "BYTES", value_parser = crate::blockmap::prepare::parse_size)]
     pub scrub_rate: Option<u64>,
     /// TOML file with any of the keys above (kebab-case, e.g. `socket-path`).
     #[arg(long, value_name = "FILE.toml")]

@@ -2,32 +2,34 @@
 //! vhost-device-pmem: a vhost-user virtio-pmem backend that serves a host file whose
 //! block map is immutable, so guest flushes need little or no host work.
 //!
-//! The data path: socket (vhost-user, [`backend`]) → vring ([`queue`]) → request
-//! ([`virtio_pmem`]) → durability policy ([`durability`]) → status. The block-map
-//! verdict that chooses the policy comes from [`blockmap`].
+//! Where things are:
+//!
+//! - [`device`]: the vhost-user device ([`device::PmemBackend`]), the request queue
+//!   ([`device::queue`]) and the virtio-pmem wire format ([`device::wire`]).
+//! - [`durability`]: what a flush costs and promises: modes, the flush executor, the
+//!   latched failure, the health vocabulary. The flush path is
+//!   `device::queue` → `durability` (→ `device::wire` for the answer).
+//! - [`blockmap`]: reading and judging a file's block map, `prepare`, `check`, and the
+//!   guard that watches it while serving.
+//! - [`media`]: media errors: their sources, the bad-range set, the guest channel.
+//! - [`control`]: the control socket, events and the `status` document.
+//! - [`state`], [`jsonl`], [`service`], [`socket`], [`backing`], [`config`], [`sys`]:
+//!   the state directory, the line protocols, service threads, sockets, opening the
+//!   backing file, configuration, and the raw host calls no crate wraps.
+//! - This file: the daemon itself: opening the region, the services, the accept loop.
 
-pub mod backend;
 pub mod backing;
-pub mod badblocks;
 pub mod blockmap;
-pub mod check;
 pub mod config;
 pub mod control;
+pub mod device;
 pub mod durability;
-pub mod events;
-pub mod guard;
-pub mod guest_channel;
-pub mod hostfile;
 pub mod jsonl;
 pub mod media;
-pub mod media_errors;
-pub mod prepare;
-pub mod queue;
 pub mod service;
 pub mod socket;
 pub mod state;
-pub mod status;
-pub mod virtio_pmem;
+pub mod sys;
 
 use std::{
     fs::File,
@@ -45,21 +47,21 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{
-    backend::PmemBackend,
     backing::{BackingError, BackingFile},
+    blockmap::guard::{GuardError, GuardState},
     config::Config,
+    control::events::{EventHub, EventKind},
+    control::status::{DeviceStatus, StatusReport},
+    device::wire::VIRTIO_PMEM_F_SHMEM_REGION,
+    device::PmemBackend,
     durability::{
         choose_policy, Flusher, Health, Mode, ModeError, Policy, SyncContext, SyncFailure,
     },
-    events::{EventHub, EventKind},
-    guard::{GuardError, GuardState},
-    guest_channel::GuestChannel,
-    media_errors::MediaErrors,
+    media::channel::GuestChannel,
+    media::MediaErrors,
     service::Services,
     socket::SocketError,
     state::{Kind, StateFiles},
-    status::{DeviceStatus, StatusReport},
-    virtio_pmem::VIRTIO_PMEM_F_SHMEM_REGION,
 };
 
 /// Everything that can stop the daemon.
@@ -289,7 +291,7 @@ pub fn serve(config: Config) -> Result<(), Error> {
     });
     start_media_errors(&daemon, &config)?;
     // Lease, seal and block-map watcher; dropped (unsealing) however serve returns.
-    let _guard = guard::start(&daemon, &config)?;
+    let _guard = blockmap::guard::start(&daemon, &config)?;
 
     let vsock = socket::bind(&config.socket_path, config.socket_group.as_deref())?;
     if let Some(path) = &config.control_socket {
@@ -433,7 +435,7 @@ fn start_media_errors(daemon: &Daemon, config: &Config) -> Result<(), Error> {
 /// Re-read of the device's badblocks for the changes the kernel does not notify
 /// (entries written to the attribute by hand). Reading an unchanged list costs one
 /// small sysfs read; it is translated again only when it changed (or every
-/// [`media_errors::RETRANSLATE`]).
+/// [`media::RETRANSLATE`]).
 const BADBLOCKS_REREAD: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Waits until a VMM connects (true) or shutdown was requested (false).

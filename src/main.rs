@@ -6,11 +6,13 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use log::error;
 use vhost_device_pmem::{
-    check,
+    blockmap::{
+        check,
+        prepare::{self, Progress},
+    },
     config::{Config, ServeArgs},
     control,
     durability::SyncFailure,
-    prepare::{self, Progress},
     state::{Kind, StateFiles},
 };
 

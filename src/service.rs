@@ -57,7 +57,7 @@ impl Services {
                     .push(ServiceFailure {
                         service,
                         reason: reason.clone(),
-                        at: crate::events::rfc3339_now(),
+                        at: crate::control::events::rfc3339_now(),
                     });
                 last_word(&reason);
             }

@@ -21,7 +21,7 @@ use std::{
 
 use vhost_device_pmem::{
     blockmap::{self, ProblemKind},
-    control, hostfile,
+    control, sys,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-pmem");
@@ -314,7 +314,7 @@ fn make_sparse(path: &Path) {
 /// 16 MiB fallocated (unwritten), with some data written into it.
 fn make_fallocated(path: &Path) {
     let f = File::create(path).unwrap();
-    hostfile::fallocate(&f, 0, 0, 16 * MIB).unwrap();
+    sys::fallocate(&f, 0, 0, 16 * MIB).unwrap();
     f.write_all_at(&pattern(MIB as usize, 3), 2 * MIB).unwrap();
     f.sync_all().unwrap();
 }
@@ -330,7 +330,7 @@ fn make_buffered(path: &Path) -> File {
 
 fn nocow_empty(path: &Path) {
     let f = File::create(path).unwrap();
-    hostfile::set_flag(&f, hostfile::FS_NOCOW_FL, true).unwrap();
+    sys::set_flag(&f, sys::FS_NOCOW_FL, true).unwrap();
 }
 
 // ---------------------------------------------------------------- verdict + prepare
@@ -755,9 +755,9 @@ fn ext4_hole_punched_into_a_served_file_downgrades_the_policy() {
         "open waited {:?}",
         opened.elapsed()
     );
-    hostfile::fallocate(
+    sys::fallocate(
         &f,
-        hostfile::FALLOC_FL_PUNCH_HOLE | hostfile::FALLOC_FL_KEEP_SIZE,
+        sys::FALLOC_FL_PUNCH_HOLE | sys::FALLOC_FL_KEEP_SIZE,
         4 * MIB,
         64 << 10,
     )
@@ -790,12 +790,12 @@ fn xfs_reflink_into_a_served_file_downgrades_and_seal_is_cleared_at_exit() {
     );
     let e = OpenOptions::new().write(true).open(&path).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
-    let flags = hostfile::get_flags(&File::open(&path).unwrap()).unwrap();
-    assert_ne!(flags & hostfile::FS_IMMUTABLE_FL, 0);
+    let flags = sys::get_flags(&File::open(&path).unwrap()).unwrap();
+    assert_ne!(flags & sys::FS_IMMUTABLE_FL, 0);
     let log = s.stop();
     assert!(log.contains("cleared the immutable attribute"), "{log}");
-    let flags = hostfile::get_flags(&File::open(&path).unwrap()).unwrap();
-    assert_eq!(flags & hostfile::FS_IMMUTABLE_FL, 0, "seal left behind");
+    let flags = sys::get_flags(&File::open(&path).unwrap()).unwrap();
+    assert_eq!(flags & sys::FS_IMMUTABLE_FL, 0, "seal left behind");
 
     // Unsealed: a reflink of another file's range into the served file.
     let s = Served::start(m.dir.path(), &path, &[]);
@@ -837,6 +837,6 @@ fn a_served_file_with_a_seal_on_ext4_is_refused() {
         "{}",
         stderr(&out)
     );
-    let flags = hostfile::get_flags(&File::open(&path).unwrap()).unwrap();
-    assert_eq!(flags & hostfile::FS_IMMUTABLE_FL, 0);
+    let flags = sys::get_flags(&File::open(&path).unwrap()).unwrap();
+    assert_eq!(flags & sys::FS_IMMUTABLE_FL, 0);
 }

@@ -26,7 +26,7 @@ use frontend::TestFrontend;
 use serde_json::Value;
 use vhost_device_pmem::{
     blockmap::{self, Extent},
-    control, hostfile,
+    control, sys,
 };
 
 const MIB: u64 = 1 << 20;
@@ -219,9 +219,9 @@ impl FailingDisk {
     fn fail_writes_to(&self, extents: &[Extent]) -> u64 {
         let image = OpenOptions::new().write(true).open(self.image()).unwrap();
         for e in extents {
-            hostfile::fallocate(
+            sys::fallocate(
                 &image,
-                hostfile::FALLOC_FL_PUNCH_HOLE | hostfile::FALLOC_FL_KEEP_SIZE,
+                sys::FALLOC_FL_PUNCH_HOLE | sys::FALLOC_FL_KEEP_SIZE,
                 e.physical,
                 e.length,
             )

@@ -17,10 +17,10 @@ use std::{
 };
 
 use vhost_device_pmem::{
-    badblocks::{BadRange, SECTOR},
-    guest_channel::{FromAgent, ToAgent, DEFAULT_PORT_NAME},
     jsonl::{self, LineReader},
-    media::parse_badblocks,
+    media::channel::{FromAgent, ToAgent, DEFAULT_PORT_NAME},
+    media::ranges::{BadRange, SECTOR},
+    media::sources::parse_badblocks,
 };
 
 struct Device {

@@ -22,9 +22,9 @@ use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    badblocks::BadRange,
+    device::queue::GuestLog,
     jsonl::{self, LineReader},
-    queue::GuestLog,
+    media::ranges::BadRange,
     service::Services,
     socket::BoundSocket,
 };

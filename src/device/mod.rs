@@ -4,7 +4,10 @@
 //!
 //! Owns: one connection's device state, and the moment the backing file is handed to
 //! the VMM (SHMEM_MAP). Never decides durability (that is `durability`) and never
-//! parses requests itself (that is `virtio_pmem` and `queue`).
+//! parses requests itself (that is `wire` and `queue`).
+
+pub mod queue;
+pub mod wire;
 
 use std::{
     io,
@@ -38,15 +41,15 @@ use vmm_sys_util::{
 };
 
 use crate::{
-    events::{EventHub, EventKind},
-    queue::{process_queue, QueueState},
-    status::DeviceStatus,
-    virtio_pmem::{PmemConfig, VIRTIO_PMEM_F_SHMEM_REGION, VIRTIO_PMEM_SHMEM_REGION_ID},
+    control::events::{EventHub, EventKind},
+    control::status::DeviceStatus,
+    device::queue::{process_queue, QueueState},
+    device::wire::{PmemConfig, VIRTIO_PMEM_F_SHMEM_REGION, VIRTIO_PMEM_SHMEM_REGION_ID},
     Region,
 };
 
 /// Queue size offered to the driver.
-pub const QUEUE_SIZE: usize = crate::queue::MAX_QUEUE_SIZE as usize;
+pub const QUEUE_SIZE: usize = crate::device::queue::MAX_QUEUE_SIZE as usize;
 const NUM_QUEUES: usize = 1;
 const REQUEST_QUEUE_EVENT: u16 = 0;
 

@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     blockmap::{self, Filesystem},
     config::Config,
-    events::{rfc3339_now, EventKind},
-    hostfile::{self, LeaseKind},
+    control::events::{rfc3339_now, EventKind},
+    sys::{self, LeaseKind},
     Daemon,
 };
 
@@ -99,7 +99,7 @@ impl Drop for Guard {
         }
         let region = &self.daemon.region;
         if self.sealed {
-            match hostfile::set_flag(&region.file, hostfile::FS_IMMUTABLE_FL, false) {
+            match sys::set_flag(&region.file, sys::FS_IMMUTABLE_FL, false) {
                 Ok(()) => {
                     info!(
                         "cleared the immutable attribute of {}",
@@ -144,7 +144,7 @@ pub fn start(daemon: &Arc<Daemon>, config: &Config) -> Result<Guard, GuardError>
                 fs,
             });
         }
-        hostfile::set_flag(&region.file, hostfile::FS_IMMUTABLE_FL, true).map_err(|source| {
+        sys::set_flag(&region.file, sys::FS_IMMUTABLE_FL, true).map_err(|source| {
             GuardError::Seal {
                 file: file_name.clone(),
                 source,
@@ -226,9 +226,9 @@ impl Watcher {
 
     fn run(mut self, ready: mpsc::Sender<io::Result<()>>) {
         let sig = libc::SIGRTMIN() + 2;
-        let set = hostfile::sigset_of(&[sig, libc::SIGIO]);
-        let setup = hostfile::block_signals(&set)
-            .and_then(|()| hostfile::route_lease_signal(self.file(), sig, hostfile::gettid()));
+        let set = sys::sigset_of(&[sig, libc::SIGIO]);
+        let setup = sys::block_signals(&set)
+            .and_then(|()| sys::route_lease_signal(self.file(), sig, sys::gettid()));
         if let Err(e) = setup {
             let _ = ready.send(Err(e));
             return;
@@ -242,7 +242,7 @@ impl Watcher {
         while !self.stop.load(Ordering::Acquire) {
             let now = Instant::now();
             let wait = next_verify.map_or(TICK, |t| t.saturating_duration_since(now).min(TICK));
-            if let Some((s, _fd)) = hostfile::wait_signal(&set, wait) {
+            if let Some((s, _fd)) = sys::wait_signal(&set, wait) {
                 if s == sig || s == libc::SIGIO {
                     self.lease_broken();
                     next_verify = Some(Instant::now() + LEASE_RETRY);
@@ -262,7 +262,7 @@ impl Watcher {
             }
         }
         if self.lease_held {
-            let _ = hostfile::release_lease(self.file());
+            let _ = sys::release_lease(self.file());
         }
     }
 
@@ -279,7 +279,7 @@ impl Watcher {
     /// Tries to take the lease; reports why not on the first try.
     fn try_lease(&mut self, first: bool) -> bool {
         let kind = self.lease_kind;
-        match hostfile::take_lease(self.file(), kind) {
+        match sys::take_lease(self.file(), kind) {
             Ok(()) => {
                 let what = format!("{} lease held", kind.name());
                 if first {
@@ -300,7 +300,7 @@ impl Watcher {
             }
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
                 if first {
-                    let openers = hostfile::other_openers(self.file());
+                    let openers = sys::other_openers(self.file());
                     let reason = format!(
                         "the file is open elsewhere ({}); retrying every {}s, verifying the map meanwhile",
                         describe(&openers),
@@ -353,13 +353,13 @@ impl Watcher {
         }
         // Releasing at once lets the opener proceed instead of hanging for
         // /proc/sys/fs/lease-break-time; the lease is a tripwire, not a lock.
-        if let Err(e) = hostfile::release_lease(self.file()) {
+        if let Err(e) = sys::release_lease(self.file()) {
             warn!("cannot release the broken lease: {e}");
         }
         self.lease_held = false;
         self.lease_retry = true;
         thread::sleep(OPENER_SETTLE);
-        let openers = hostfile::other_openers(self.file());
+        let openers = sys::other_openers(self.file());
         let reason = format!(
             "another process opened or truncated the file ({}); the block map is re-verified every {}s until it closes the file",
             describe(&openers),

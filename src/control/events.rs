@@ -69,8 +69,8 @@ pub enum EventKind {
     BadRangesChanged {
         /// host-device, memory-failure, scrub or operator.
         source: String,
-        added: Vec<crate::badblocks::BadRange>,
-        cleared: Vec<crate::badblocks::BadRange>,
+        added: Vec<crate::media::ranges::BadRange>,
+        cleared: Vec<crate::media::ranges::BadRange>,
         /// Ranges in the set now.
         total: usize,
     },

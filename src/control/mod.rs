@@ -7,6 +7,9 @@
 //! Owns: the wire format of control requests and the server thread. Never changes the
 //! device; every command here only reads (commands that act are added with care).
 
+pub mod events;
+pub mod status;
+
 use std::{
     io,
     os::{fd::AsRawFd, unix::net::UnixStream},
@@ -21,9 +24,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::{
-    badblocks::BadRange,
     jsonl::{self, Line, LineReader},
-    media_errors::Source,
+    media::ranges::BadRange,
+    media::Source,
     socket::BoundSocket,
     Daemon,
 };
@@ -253,9 +256,9 @@ mod tests {
 
     use super::*;
     use crate::{
+        control::events::EventKind,
+        control::status::DeviceStatus,
         durability::{Flusher, Mode, Policy},
-        events::EventKind,
-        status::DeviceStatus,
         Region,
     };
 
@@ -276,16 +279,11 @@ mod tests {
             .truncate(false)
             .open(&img)
             .unwrap();
-        let events: Arc<crate::events::EventHub> = Arc::default();
+        let events: Arc<crate::control::events::EventHub> = Arc::default();
         let state = crate::state::StateFiles::new(&img, Some(state_dir), Some(&f)).unwrap();
-        let media = crate::media_errors::MediaErrors::load(
-            &img,
-            2 << 20,
-            state,
-            events.clone(),
-            Arc::default(),
-        )
-        .unwrap();
+        let media =
+            crate::media::MediaErrors::load(&img, 2 << 20, state, events.clone(), Arc::default())
+                .unwrap();
         Arc::new(Daemon {
             region: Arc::new(Region {
                 path: PathBuf::from("/img"),

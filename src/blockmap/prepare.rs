@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::{
     backing::{self, REGION_ALIGN},
     blockmap::{self, Filesystem, Problem, ProblemKind, Verdict},
-    hostfile::{self, LeaseKind},
+    sys::{self, LeaseKind},
 };
 
 /// Unit of work: between two chunks the file is consistent, progress is reported and
@@ -224,8 +224,8 @@ pub fn prepare(
     // Ctrl-C, SIGTERM and the lease signal are taken between chunks, never mid-chunk.
     // Blocked before any thread (the progress bar's) starts, so they all inherit it.
     let lease_sig = libc::SIGRTMIN() + 2;
-    let sigs = hostfile::sigset_of(&[libc::SIGINT, libc::SIGTERM, lease_sig, libc::SIGIO]);
-    hostfile::block_signals(&sigs).map_err(io_err("block signals for"))?;
+    let sigs = sys::sigset_of(&[libc::SIGINT, libc::SIGTERM, lease_sig, libc::SIGIO]);
+    sys::block_signals(&sigs).map_err(io_err("block signals for"))?;
 
     let existed = path.exists();
     if !existed && size.is_none() {
@@ -266,8 +266,8 @@ pub fn prepare(
     // and exec inherits every descriptor until exec closes it, a backup scanner, ...):
     // try for a second before calling it busy.
     let take = || {
-        hostfile::route_lease_signal(&file, lease_sig, hostfile::gettid())
-            .and_then(|()| hostfile::take_lease(&file, LeaseKind::Write))
+        sys::route_lease_signal(&file, lease_sig, sys::gettid())
+            .and_then(|()| sys::take_lease(&file, LeaseKind::Write))
     };
     let mut taken = take();
     for _ in 0..20 {
@@ -280,7 +280,7 @@ pub fn prepare(
     let lease = match taken {
         Ok(()) => true,
         Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
-            let openers = hostfile::other_openers(&file);
+            let openers = sys::other_openers(&file);
             return Err(PrepareError::Busy {
                 path: path.to_owned(),
                 openers: if openers.is_empty() {
@@ -311,7 +311,7 @@ pub fn prepare(
         started,
     );
     if lease {
-        let _ = hostfile::release_lease(&file);
+        let _ = sys::release_lease(&file);
     }
     // A file this call created and could not prepare at all is not left behind.
     if result.is_err() && !existed && file.metadata().is_ok_and(|m| m.len() == 0) {
@@ -339,10 +339,10 @@ fn prepare_locked(
     };
     let fs = blockmap::filesystem_of(file).map_err(io_err("statfs"))?;
     if fs == Filesystem::Btrfs {
-        let flags = hostfile::get_flags(file).map_err(io_err("read attributes of"))?;
-        if flags & hostfile::FS_NOCOW_FL == 0 {
+        let flags = sys::get_flags(file).map_err(io_err("read attributes of"))?;
+        if flags & sys::FS_NOCOW_FL == 0 {
             if size_before == 0 {
-                hostfile::set_flag(file, hostfile::FS_NOCOW_FL, true)
+                sys::set_flag(file, sys::FS_NOCOW_FL, true)
                     .map_err(io_err("set No_COW (chattr +C) on"))?;
                 info!(
                     "{}: empty file on btrfs, set No_COW (chattr +C) before writing",
@@ -437,7 +437,7 @@ fn prepare_locked(
         }
         // Delayed allocations and unwritten conversions settle before the re-scan.
         w.stage("writing back");
-        hostfile::writeback(file, 0, 0, true).map_err(io_err("write back"))?;
+        sys::writeback(file, 0, 0, true).map_err(io_err("write back"))?;
     }
     w.finish_progress();
     file.sync_all().map_err(io_err("fsync"))?;
@@ -518,8 +518,9 @@ impl Worker<'_> {
             match action {
                 Action::Zero => self.zero(off, len)?,
                 Action::Unshare => self.unshare(off, len)?,
-                Action::Writeback => hostfile::writeback(self.file, off, len, true)
-                    .map_err(self.io_err("write back"))?,
+                Action::Writeback => {
+                    sys::writeback(self.file, off, len, true).map_err(self.io_err("write back"))?
+                }
                 Action::Unfixable => unreachable!("refused before any work"),
             }
             off += len;
@@ -535,7 +536,7 @@ impl Worker<'_> {
             self.verify_zeros(off, len)?;
         }
         if self.write_zeroes != Some(false) {
-            match hostfile::fallocate(self.file, hostfile::FALLOC_FL_WRITE_ZEROES, off, len) {
+            match sys::fallocate(self.file, sys::FALLOC_FL_WRITE_ZEROES, off, len) {
                 Ok(()) => {
                     self.write_zeroes = Some(true);
                     self.zeroed += len;
@@ -603,9 +604,9 @@ impl Worker<'_> {
     }
 
     fn unshare(&mut self, off: u64, len: u64) -> Result<(), PrepareError> {
-        hostfile::fallocate(
+        sys::fallocate(
             self.file,
-            hostfile::FALLOC_FL_UNSHARE_RANGE | hostfile::FALLOC_FL_KEEP_SIZE,
+            sys::FALLOC_FL_UNSHARE_RANGE | sys::FALLOC_FL_KEEP_SIZE,
             off,
             len,
         )
@@ -630,15 +631,15 @@ impl Worker<'_> {
     /// Takes a pending Ctrl-C/SIGTERM or lease break: makes the progress durable and
     /// stops with an error that says how to resume.
     fn between_chunks(&mut self) -> Result<(), PrepareError> {
-        let Some((sig, _)) = hostfile::wait_signal(self.sigs, Duration::ZERO) else {
+        let Some((sig, _)) = sys::wait_signal(self.sigs, Duration::ZERO) else {
             return Ok(());
         };
         self.finish_progress();
         let _ = self.file.sync_all();
         if sig == self.lease_sig || sig == libc::SIGIO {
-            let _ = hostfile::release_lease(self.file);
+            let _ = sys::release_lease(self.file);
             std::thread::sleep(Duration::from_millis(100));
-            let openers = hostfile::other_openers(self.file);
+            let openers = sys::other_openers(self.file);
             return Err(PrepareError::LeaseBroken {
                 path: self.path.to_owned(),
                 openers: if openers.is_empty() {

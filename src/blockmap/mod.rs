@@ -7,6 +7,10 @@
 //! of the physical layout. Never modifies the file (FIEMAP_FLAG_SYNC only writes back
 //! dirty data so that delayed allocations show up as what they will become).
 
+pub mod check;
+pub mod guard;
+pub mod prepare;
+
 use std::{
     fmt,
     fs::File,
@@ -366,7 +370,7 @@ pub fn inspect(file: &File) -> io::Result<Verdict> {
     let filesystem = filesystem_of(file)?;
     if filesystem == Filesystem::Btrfs
         && size > 0
-        && crate::hostfile::get_flags(file).map_or(true, |f| f & crate::hostfile::FS_NOCOW_FL == 0)
+        && crate::sys::get_flags(file).map_or(true, |f| f & crate::sys::FS_NOCOW_FL == 0)
     {
         problems.insert(
             0,

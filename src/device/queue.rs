@@ -17,11 +17,11 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemory;
 
 use crate::{
-    durability::Flusher,
-    virtio_pmem::{
+    device::wire::{
         parse_request, write_response, Request, RequestType, VIRTIO_PMEM_RESP_EIO,
         VIRTIO_PMEM_RESP_OK,
     },
+    durability::Flusher,
 };
 
 /// Errors that stop processing of the whole queue (the ring itself is unusable).
@@ -230,8 +230,8 @@ mod tests {
 
     use super::*;
     use crate::{
+        device::wire::{MAX_CHAIN_LEN, VIRTIO_PMEM_REQ_TYPE_FLUSH},
         durability::Policy,
-        virtio_pmem::{MAX_CHAIN_LEN, VIRTIO_PMEM_REQ_TYPE_FLUSH},
     };
 
     const QUEUE_LEN: u16 = 64;

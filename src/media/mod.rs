@@ -7,6 +7,10 @@
 //! published and announced all the same, the failure shows in `status`, and the
 //! write is retried) and the source threads. Never touches the backing file's data.
 
+pub mod channel;
+pub mod ranges;
+pub mod sources;
+
 use std::{
     fmt,
     path::{Path, PathBuf},
@@ -18,12 +22,14 @@ use std::{
 use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
 
+use self::{
+    channel::GuestChannel,
+    ranges::{BadRange, BadRanges, RangesRecord},
+    sources::{HostDevice, PoisonWatch, Scrubber, SysfsWatch},
+};
 use crate::{
-    badblocks::{BadRange, BadRanges, RangesRecord},
     blockmap,
-    events::{EventHub, EventKind},
-    guest_channel::GuestChannel,
-    media::{self, HostDevice, PoisonWatch, Scrubber, SysfsWatch},
+    control::events::{EventHub, EventKind},
     service::Services,
     state::{Kind, StateFiles},
 };
@@ -324,13 +330,13 @@ impl MediaErrors {
         dev: &HostDevice,
         text: &str,
     ) {
-        let bad = media::parse_badblocks(text);
+        let bad = sources::parse_badblocks(text);
         if bad.is_empty() {
             return;
         }
         match blockmap::read_extents(file, self.size) {
             Ok(extents) => {
-                let ranges = media::disk_sectors_to_file(&bad, dev.partition_start, &extents);
+                let ranges = sources::disk_sectors_to_file(&bad, dev.partition_start, &extents);
                 self.report(Source::HostDevice, &ranges);
             }
             Err(e) => error!("media errors: cannot read the extent map: {e}"),

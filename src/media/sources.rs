@@ -20,8 +20,8 @@ use std::{
 };
 
 use crate::{
-    badblocks::{BadRange, SECTOR},
     blockmap::Extent,
+    media::ranges::{BadRange, SECTOR},
 };
 
 /// The block device under a file's filesystem, as the badblocks source needs it.

@@ -12,8 +12,8 @@ use std::sync::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    blockmap::guard::GuardStatus,
     durability::{Health, Mode, Policy, SyncFailure},
-    guard::GuardStatus,
 };
 
 /// Why the request queue cannot be processed.
@@ -96,7 +96,7 @@ impl DeviceStatus {
             None => {
                 *q = Some(QueueBroken {
                     reason: reason.to_string(),
-                    since: crate::events::rfc3339_now(),
+                    since: crate::control::events::rfc3339_now(),
                     passes: 1,
                 });
                 self.queue_is_broken.store(true, Ordering::Release);
@@ -161,14 +161,14 @@ pub struct StatusReport {
     pub guard: Option<GuardStatus>,
     /// Known bad ranges of the backing file (file offsets, bytes).
     #[serde(default)]
-    pub bad_ranges: Vec<crate::badblocks::BadRange>,
+    pub bad_ranges: Vec<crate::media::ranges::BadRange>,
     /// Why the bad ranges are not on disk (they are kept in memory and published;
     /// the write is retried).
     #[serde(default)]
     pub bad_ranges_persist_error: Option<String>,
     /// The guest agent, if a guest channel is configured.
     #[serde(default)]
-    pub agent: Option<crate::guest_channel::AgentState>,
+    pub agent: Option<crate::media::channel::AgentState>,
     /// Service threads that died (a panic, caught at the thread boundary).
     #[serde(default)]
     pub services_failed: Vec<crate::service::ServiceFailure>,

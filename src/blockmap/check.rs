@@ -20,7 +20,7 @@ use crate::{
     backing::REGION_ALIGN,
     blockmap::{self, Filesystem, ProblemKind, Verdict},
     durability::{choose_policy, Mode, Policy},
-    hostfile,
+    sys,
 };
 
 /// Exit status of `check`: immutable.
@@ -105,11 +105,11 @@ fn report(path: &Path, file: &File, v: &Verdict) -> CheckReport {
         Ok(x) => x,
         Err(e) => (Policy::Fsync, e.to_string()),
     };
-    let flags = hostfile::get_flags(file).ok();
+    let flags = sys::get_flags(file).ok();
     let nocow = (v.filesystem == Filesystem::Btrfs)
-        .then(|| flags.map(|f| f & hostfile::FS_NOCOW_FL != 0))
+        .then(|| flags.map(|f| f & sys::FS_NOCOW_FL != 0))
         .flatten();
-    let immutable_attr = flags.map(|f| f & hostfile::FS_IMMUTABLE_FL != 0);
+    let immutable_attr = flags.map(|f| f & sys::FS_IMMUTABLE_FL != 0);
     let problems: Vec<ProblemReport> = v
         .problems
         .iter()
