@@ -192,7 +192,7 @@ fn run(cli: Cli) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", control_socket.display())),
         Command::Serve(args) => {
             let config = Config::try_from(args).map_err(|e| e.to_string())?;
-            vhost_device_pmem::serve(config).map_err(|e| e.to_string())
+            vhost_device_pmem::daemon::serve(config).map_err(|e| e.to_string())
         }
         Command::Badblocks {
             control_socket,

@@ -24,10 +24,22 @@ use serde::{Deserialize, Serialize};
 use crate::{
     blockmap::{self, Filesystem},
     config::Config,
+    control::events::EventHub,
     control::events::{rfc3339_now, EventKind},
+    region::Region,
+    service::Services,
     sys::{self, LeaseKind},
-    Daemon,
 };
+
+/// What the guard needs of the daemon, and nothing more: the region it watches (and
+/// whose flusher it downgrades), where it announces what it sees, and its own part
+/// of `status`.
+#[derive(Clone)]
+pub struct GuardHandles {
+    pub region: Arc<Region>,
+    pub events: Arc<EventHub>,
+    pub guard: Arc<GuardState>,
+}
 
 /// Longest the watcher sleeps before looking at its stop flag.
 const TICK: Duration = Duration::from_millis(200);
@@ -87,7 +99,7 @@ impl GuardState {
 pub struct Guard {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    daemon: Arc<Daemon>,
+    daemon: GuardHandles,
     sealed: bool,
 }
 
@@ -124,7 +136,11 @@ impl Drop for Guard {
 /// watcher thread, which takes the lease and compares the map with `baseline` (the
 /// fingerprint the policy was chosen with; None: the map was not immutable, so it is
 /// not watched, but the lease still reports other openers).
-pub fn start(daemon: &Arc<Daemon>, config: &Config) -> Result<Guard, GuardError> {
+pub fn start(
+    daemon: &GuardHandles,
+    services: &Arc<Services>,
+    config: &Config,
+) -> Result<Guard, GuardError> {
     let region = &daemon.region;
     let file_name = region.path.display().to_string();
     let mut guard = Guard {
@@ -176,8 +192,7 @@ pub fn start(daemon: &Arc<Daemon>, config: &Config) -> Result<Guard, GuardError>
         change_reported: false,
     };
     let orphan = daemon.clone();
-    let handle = daemon
-        .services
+    let handle = services
         .spawn(
             "guard",
             // Nothing watches the map any more: stop relying on it, durably.
@@ -208,7 +223,7 @@ pub fn start(daemon: &Arc<Daemon>, config: &Config) -> Result<Guard, GuardError>
 }
 
 struct Watcher {
-    daemon: Arc<Daemon>,
+    daemon: GuardHandles,
     stop: Arc<AtomicBool>,
     interval: Duration,
     baseline: Option<u64>,

@@ -24,11 +24,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::{
+    daemon::Daemon,
     jsonl::{self, Line, LineReader},
     media::ranges::BadRange,
     media::Source,
     socket::BoundSocket,
-    Daemon,
 };
 
 /// A control request.
@@ -256,10 +256,9 @@ mod tests {
 
     use super::*;
     use crate::{
-        control::events::EventKind,
-        control::status::DeviceStatus,
+        control::{events::EventKind, status::DeviceStatus},
         durability::{Flusher, Mode, Policy},
-        Region,
+        region::Region,
     };
 
     fn daemon() -> Arc<Daemon> {

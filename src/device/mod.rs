@@ -45,7 +45,7 @@ use crate::{
     control::status::DeviceStatus,
     device::queue::{process_queue, QueueState},
     device::wire::{PmemConfig, VIRTIO_PMEM_F_SHMEM_REGION, VIRTIO_PMEM_SHMEM_REGION_ID},
-    Region,
+    region::Region,
 };
 
 /// Queue size offered to the driver.

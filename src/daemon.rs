@@ -1,0 +1,399 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The daemon: starts the services around one region (guard, media sources, control
+//! socket, guest channel), then serves one VMM connection after another until
+//! SIGINT/SIGTERM, and makes the data durable at every end.
+//!
+//! Owns: the start-up order, the accept loop, the shutdown signal and the exit
+//! status. Never handles a request (that is `device`) or a flush (`durability`).
+
+use std::{
+    io,
+    os::fd::AsRawFd,
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    thread,
+};
+
+use log::{error, info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::{
+    blockmap::{
+        self,
+        guard::{GuardHandles, GuardState},
+    },
+    config::Config,
+    control::{
+        self,
+        events::{EventHub, EventKind},
+        status::{DeviceStatus, StatusReport},
+    },
+    device::{wire::VIRTIO_PMEM_F_SHMEM_REGION, PmemBackend},
+    durability::{Flusher, Health, Mode, Policy, SyncContext, SyncFailure},
+    io_err,
+    media::{channel::GuestChannel, MediaErrors},
+    region::{open_region, Region},
+    service::Services,
+    socket,
+    state::{Kind, StateFiles},
+    Error,
+};
+
+/// State shared by the vhost-user connections, the control socket and the logs.
+pub struct Daemon {
+    pub region: Arc<Region>,
+    pub status: Arc<DeviceStatus>,
+    pub mode_requested: Mode,
+    pub policy_reason: String,
+    pub socket_path: PathBuf,
+    /// Events for `events` subscribers of the control socket.
+    pub events: Arc<EventHub>,
+    /// Lease, seal and verification state of the block-map guard.
+    pub guard: Arc<GuardState>,
+    /// Known bad ranges, their sources and sinks.
+    pub media: Arc<MediaErrors>,
+    /// The guest agent's channel, if configured.
+    pub agent: Option<Arc<GuestChannel>>,
+    /// The long-lived threads, and those that died.
+    pub services: Arc<Services>,
+}
+
+impl Daemon {
+    /// The worst of what the flusher and the queue say.
+    pub fn health(&self) -> Health {
+        let queue = if self.status.queue_broken().is_some() {
+            Health::QueueBroken
+        } else {
+            Health::Healthy
+        };
+        self.region.flusher.health().max(queue)
+    }
+
+    pub fn status_report(&self) -> StatusReport {
+        let policy = self.region.flusher.policy();
+        let features = self.status.features();
+        StatusReport {
+            health: self.health(),
+            sync_failure: self.region.flusher.failure(),
+            queue_broken: self.status.queue_broken(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            file: self.region.path.display().to_string(),
+            size: self.region.size,
+            readonly: self.region.readonly,
+            mode_requested: self.mode_requested,
+            policy,
+            policy_reason: self.policy_reason.clone(),
+            promise: policy.promise().into(),
+            downgraded: self.region.flusher.downgrade_reason(),
+            socket: self.socket_path.display().to_string(),
+            connected: self.status.connected(),
+            connections: self.status.connections(),
+            last_disconnect: self.status.last_disconnect(),
+            features_acked: format!("{features:#x}"),
+            shmem_region_feature: features & VIRTIO_PMEM_F_SHMEM_REGION != 0,
+            region_mapped: self.status.region_mapped(),
+            guard: Some(self.guard.snapshot()),
+            bad_ranges: self.media.list(),
+            bad_ranges_persist_error: self.media.persist_error(),
+            agent: self.agent.as_ref().map(|a| a.state.lock().unwrap().clone()),
+            services_failed: self.services.failures(),
+        }
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and every thread it starts later) so a
+/// dedicated thread can take them with sigwait.
+fn block_shutdown_signals() -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers to a local sigset_t.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+    }
+    // SAFETY: valid set pointer, null old-set pointer.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(set)
+}
+
+/// Runs the daemon until SIGINT/SIGTERM: serves one VMM connection after another on
+/// the same socket, resetting the device between them.
+pub fn serve(config: Config) -> Result<(), Error> {
+    let sigset = block_shutdown_signals().map_err(io_err("block signals"))?;
+    let (region, policy_reason) = open_region(&config)?;
+    let events: Arc<EventHub> = Arc::default();
+    let state = StateFiles::new(
+        &region.path,
+        config.state_dir.as_deref(),
+        Some(&region.file),
+    )
+    .map_err(io_err("name the state files"))?;
+    watch_health(&region.flusher, &state, &events, &region.path)?;
+    let services: Arc<Services> = Arc::default();
+    let media = MediaErrors::load(
+        &region.path,
+        region.size,
+        state,
+        events.clone(),
+        services.clone(),
+    )
+    .map_err(io_err("load the bad-range state file"))?;
+    let agent = config
+        .agent_socket
+        .as_ref()
+        .map(|_| GuestChannel::new(region.size, config.guest_pci_address.clone(), media.list()));
+    let daemon = Arc::new(Daemon {
+        region: Arc::new(region),
+        status: Arc::new(DeviceStatus::default()),
+        mode_requested: config.mode,
+        policy_reason,
+        socket_path: config.socket_path.clone(),
+        events,
+        guard: Arc::default(),
+        media,
+        agent,
+        services,
+    });
+    start_media_errors(&daemon, &config)?;
+    // Lease, seal and block-map watcher; dropped (unsealing) however serve returns.
+    let guard_handles = GuardHandles {
+        region: daemon.region.clone(),
+        events: daemon.events.clone(),
+        guard: daemon.guard.clone(),
+    };
+    let _guard = blockmap::guard::start(&guard_handles, &daemon.services, &config)?;
+
+    let vsock = socket::bind(&config.socket_path, config.socket_group.as_deref())?;
+    if let Some(path) = &config.control_socket {
+        let csock = socket::bind(path, config.socket_group.as_deref())?;
+        control::spawn(csock, daemon.clone()).map_err(io_err("start control socket"))?;
+        info!("control socket: {}", path.display());
+    }
+
+    let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?);
+    let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::default();
+    {
+        let stop = stop.clone();
+        let current = current.clone();
+        thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: valid set and out-pointer; the signals are blocked in all threads.
+                while unsafe { libc::sigwait(&sigset, &mut sig) } != 0 {}
+                info!("signal {sig}: finishing in-flight requests and shutting down");
+                let _ = stop.write(1);
+                if let Some(h) = current.lock().unwrap().as_ref() {
+                    h.shutdown();
+                }
+            })
+            .map_err(io_err("start signal thread"))?;
+    }
+
+    let mut listener = Listener::from(vsock.listener.try_clone().map_err(io_err("dup listener"))?);
+    info!(
+        "listening on {} for a VMM ({} bytes of {})",
+        config.socket_path.display(),
+        daemon.region.size,
+        daemon.region.path.display()
+    );
+    while wait_for_connection(listener.as_raw_fd(), &stop).map_err(io_err("poll"))? {
+        serve_connection(&daemon, &mut listener, &current, &stop)?;
+    }
+
+    let result = match daemon.region.flusher.final_sync(SyncContext::Shutdown) {
+        Ok(()) => {
+            info!(
+                "data is durable per policy {}; exiting",
+                daemon.region.flusher.policy()
+            );
+            Ok(())
+        }
+        Err(e) => Err(Error::SyncFailed(format!(
+            "{}: {e}",
+            daemon.region.path.display()
+        ))),
+    };
+    drop(vsock);
+    result
+}
+
+/// Restores a sync failure recorded by an earlier run (the file is then served in
+/// health `failed`: every flush EIO), and records the next one when it happens, with
+/// an event. The record goes only through `vhost-device-pmem health --clear`.
+fn watch_health(
+    flusher: &Flusher,
+    state: &StateFiles,
+    events: &Arc<EventHub>,
+    file: &std::path::Path,
+) -> Result<(), Error> {
+    let recorded: Option<SyncFailure> = state
+        .load(Kind::Health)
+        .map_err(io_err("load the health record"))?;
+    if let Some(f) = recorded {
+        error!(
+            "{}: a sync failed in an earlier run ({} during {}, at {}; recorded in {}): serving it \
+             as FAILED, every flush is answered EIO. Check the data, then run \
+             `vhost-device-pmem health --file {} --clear` and restart",
+            file.display(),
+            f.error,
+            f.context,
+            f.at,
+            state.path(Kind::Health).display(),
+            file.display()
+        );
+        flusher.restore_failure(f);
+    }
+    let state = state.clone();
+    let events = events.clone();
+    flusher.set_failure_hook(Box::new(move |f| {
+        if let Err(e) = state.save(Kind::Health, f) {
+            error!(
+                "cannot record the sync failure in {}: {e}; a restart would not know about it",
+                state.path(Kind::Health).display()
+            );
+        }
+        events.publish(EventKind::SyncFailed {
+            errno: f.errno,
+            error: f.error.clone(),
+            context: f.context.to_string(),
+        });
+    }));
+    Ok(())
+}
+
+/// Starts the media-error sources and the guest channel.
+fn start_media_errors(daemon: &Daemon, config: &Config) -> Result<(), Error> {
+    let media = &daemon.media;
+    if let (Some(path), Some(agent)) = (&config.agent_socket, &daemon.agent) {
+        let sock = socket::bind(path, config.socket_group.as_deref())?;
+        agent
+            .spawn(sock, &daemon.services)
+            .map_err(io_err("start the guest channel"))?;
+        media.attach_channel(agent.clone());
+        info!("guest agent channel: {}", path.display());
+    }
+    // Sources read through duplicates of the daemon's descriptor: a new open of the
+    // file would break the daemon's lease.
+    let dup = || {
+        daemon
+            .region
+            .file
+            .try_clone()
+            .map_err(io_err("dup backing fd"))
+    };
+    media
+        .watch_host_device(dup()?, BADBLOCKS_REREAD)
+        .map_err(io_err("watch the host device's badblocks"))?;
+    // In direct mode the file is DAX and MAP_SYNC was granted when it was judged.
+    let map_sync = daemon.region.flusher.policy() == Policy::Direct;
+    if let Err(e) = media.watch_poison(&daemon.region.file, map_sync) {
+        warn!("memory-failure notices are off: {e}");
+    }
+    if config.scrub_interval > 0 {
+        media
+            .start_scrub(
+                dup()?,
+                std::time::Duration::from_secs(config.scrub_interval),
+                config.scrub_rate,
+            )
+            .map_err(io_err("start the scrub"))?;
+    }
+    Ok(())
+}
+
+/// Re-read of the device's badblocks for the changes the kernel does not notify
+/// (entries written to the attribute by hand). Reading an unchanged list costs one
+/// small sysfs read; it is translated again only when it changed (or every
+/// [`media::RETRANSLATE`]).
+const BADBLOCKS_REREAD: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Waits until a VMM connects (true) or shutdown was requested (false).
+fn wait_for_connection(listen_fd: i32, stop: &EventFd) -> io::Result<bool> {
+    let mut fds = [
+        libc::pollfd {
+            fd: listen_fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: valid array of two pollfds for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[1].revents != 0 {
+            return Ok(false);
+        }
+        if fds[0].revents != 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Serves one VMM connection to its end, with a fresh device state.
+fn serve_connection(
+    daemon: &Arc<Daemon>,
+    listener: &mut Listener,
+    current: &Mutex<Option<ShutdownHandle>>,
+    stop: &EventFd,
+) -> Result<(), Error> {
+    let backend = Arc::new(RwLock::new(
+        PmemBackend::new(
+            daemon.region.clone(),
+            daemon.status.clone(),
+            daemon.events.clone(),
+        )
+        .map_err(io_err("create device"))?,
+    ));
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut vud = VhostUserDaemon::new("vhost-device-pmem".into(), backend, mem)
+        .map_err(|e| Error::VhostUser(e.to_string()))?;
+    vud.start(listener)
+        .map_err(|e| Error::VhostUser(e.to_string()))?;
+    daemon.status.set_connected(true);
+    info!("VMM connected");
+    *current.lock().unwrap() = vud.shutdown_handle();
+    if stop.read().is_ok() {
+        // A signal arrived between accept and now: honour it.
+        let _ = stop.write(1);
+        vud.request_shutdown();
+    }
+    let result = vud.wait();
+    *current.lock().unwrap() = None;
+    let why = match &result {
+        Ok(()) => "the VMM disconnected".to_string(),
+        // A VMM that exits (or is killed) closes the socket mid-read: not an error.
+        Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => "the VMM disconnected".to_string(),
+        Err(e) => format!("the connection ended with an error: {e}"),
+    };
+    drop(vud); // stops and joins the vring worker after its current batch
+    daemon.status.set_connected(false);
+    daemon.status.set_last_disconnect(why.clone());
+    // Whatever the guest wrote before it went away is made durable now.
+    if let Err(e) = daemon.region.flusher.final_sync(SyncContext::Disconnect) {
+        error!("sync after disconnect failed: {e}");
+    }
+    info!("{why}; device reset, waiting for the next connection");
+    Ok(())
+}

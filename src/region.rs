@@ -1,0 +1,95 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The exported region: the backing file, judged once at start-up, and the flush
+//! executor under the policy that verdict allows.
+//!
+//! Owns: the order "open and lock the file, read its block map, choose the policy"
+//! and the region every part of the daemon shares. Never serves, never watches.
+
+use std::{fs::File, path::PathBuf};
+
+use log::{info, warn};
+
+use crate::{
+    backing::BackingFile,
+    blockmap,
+    config::Config,
+    durability::{choose_policy, Flusher, Policy},
+    io_err, Error,
+};
+
+/// The exported region: the backing file and how flushes of it are made durable.
+pub struct Region {
+    pub path: PathBuf,
+    /// Handed to the VMM with SHMEM_MAP.
+    pub file: File,
+    pub size: u64,
+    pub readonly: bool,
+    pub flusher: Flusher,
+    /// Block-map fingerprint the policy was chosen with, if the map was immutable
+    /// (the guard watches for any change from it).
+    pub baseline: Option<u64>,
+}
+
+/// Opens and judges the backing file and picks the durability policy.
+pub fn open_region(config: &Config) -> Result<(Region, String), Error> {
+    let backing = BackingFile::open(
+        &config.file,
+        config.readonly,
+        config.allow_shared_permissions,
+    )?;
+    let verdict = match blockmap::inspect(&backing.file) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            warn!(
+                "cannot read the block map of {}: {e}; it is treated as not immutable",
+                config.file.display()
+            );
+            None
+        }
+    };
+    if let Some(v) = &verdict {
+        info!(
+            "{}: {} bytes on {}, {} extent(s), dax={}, map_sync={}, immutable={}",
+            config.file.display(),
+            v.size,
+            v.filesystem,
+            v.extents,
+            v.dax,
+            v.map_sync,
+            v.immutable()
+        );
+        for p in v.problems.iter().take(8) {
+            warn!("block map problem: {p}");
+        }
+    }
+    let (policy, reason) = choose_policy(
+        config.mode,
+        config.readonly,
+        verdict.as_ref(),
+        &config.file.display().to_string(),
+    )?;
+    if policy == Policy::Volatile {
+        warn!("**************************************************************");
+        warn!("* VOLATILE MODE: {}", policy.promise());
+        warn!("**************************************************************");
+    }
+    info!("durability: {policy} ({reason}); {}", policy.promise());
+    let flusher = Flusher::new(
+        backing.file.try_clone().map_err(io_err("dup backing fd"))?,
+        policy,
+    );
+    Ok((
+        Region {
+            path: backing.path,
+            file: backing.file,
+            size: backing.size,
+            readonly: backing.readonly,
+            flusher,
+            baseline: verdict
+                .as_ref()
+                .filter(|v| v.immutable())
+                .map(|v| v.fingerprint),
+        },
+        reason,
+    ))
+}
