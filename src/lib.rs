@@ -16,23 +16,23 @@
 //! - [`state`], [`jsonl`], [`service`], [`socket`], [`backing`], [`config`], [`sys`]:
 //!   the state directory, the line protocols, service threads, sockets, opening the
 //!   backing file, configuration, and the raw host calls no crate wraps.
-//! - This file: the daemon itself: opening the region, the services, the accept loop.
+//! - [`region`]: the backing file judged and its flush policy chosen; [`daemon`]:
+//!   the services around it, the accept loop, the exit. This file: the error type.
 
 pub mod backing;
 pub mod blockmap;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod device;
 pub mod durability;
 pub mod jsonl;
 pub mod media;
+pub mod region;
 pub mod service;
 pub mod socket;
 pub mod state;
 pub mod sys;
-
-pub mod daemon;
-pub mod region;
 
 use std::io;
 
