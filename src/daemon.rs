@@ -174,7 +174,16 @@ pub fn serve(config: Config) -> Result<(), Error> {
     let vsock = socket::bind(&config.socket_path, config.socket_group.as_deref())?;
     if let Some(path) = &config.control_socket {
         let csock = socket::bind(path, config.socket_group.as_deref())?;
-        control::spawn(csock, daemon.clone()).map_err(io_err("start control socket"))?;
+        let handles = control::ControlHandles {
+            status: {
+                let d = daemon.clone();
+                Arc::new(move || d.status_report())
+            },
+            region: daemon.region.clone(),
+            media: daemon.media.clone(),
+            events: daemon.events.clone(),
+        };
+        control::spawn(csock, handles, &daemon.services).map_err(io_err("start control socket"))?;
         info!("control socket: {}", path.display());
     }
 

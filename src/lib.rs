@@ -40,7 +40,6 @@ use crate::{
     backing::BackingError, blockmap::guard::GuardError, durability::ModeError, socket::SocketError,
 };
 
-
 /// Everything that can stop the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

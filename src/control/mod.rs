@@ -5,7 +5,8 @@
 //! per event until the subscriber disconnects).
 //!
 //! Owns: the wire format of control requests and the server thread. Never changes the
-//! device; every command here only reads (commands that act are added with care).
+//! device or the durability policy; the only commands that act are
+//! `badblocks-inject` and `badblocks-clear` (operators recording media errors).
 
 pub mod events;
 pub mod status;
@@ -24,10 +25,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::{
-    daemon::Daemon,
+    control::{events::EventHub, status::StatusReport},
     jsonl::{self, Line, LineReader},
     media::ranges::BadRange,
+    media::MediaErrors,
     media::Source,
+    region::Region,
+    service::Services,
     socket::BoundSocket,
 };
 
@@ -56,8 +60,20 @@ pub enum Request {
 /// How often a streaming connection checks whether its subscriber left.
 const EVENTS_IDLE_CHECK: Duration = Duration::from_millis(500);
 
+/// What the control socket serves, and nothing more: the `status` document, the
+/// flush counters, the bad-range set (which `badblocks-inject`/`-clear` change: the
+/// only commands that act), and the event hub.
+#[derive(Clone)]
+pub struct ControlHandles {
+    pub status: Arc<dyn Fn() -> StatusReport + Send + Sync>,
+    /// For the flush counters.
+    pub region: Arc<Region>,
+    pub media: Arc<MediaErrors>,
+    pub events: Arc<EventHub>,
+}
+
 /// Answers one request line (decoded with its version checked).
-pub fn answer(daemon: &Daemon, line: &str) -> Value {
+pub fn answer(daemon: &ControlHandles, line: &str) -> Value {
     match jsonl::decode::<Request>(line) {
         Ok(req) => answer_request(daemon, req),
         Err(e) => json!({"ok": false, "error": format!("bad request {line:?}: {e}")}),
@@ -65,9 +81,9 @@ pub fn answer(daemon: &Daemon, line: &str) -> Value {
 }
 
 /// Answers one request.
-pub fn answer_request(daemon: &Daemon, req: Request) -> Value {
+pub fn answer_request(daemon: &ControlHandles, req: Request) -> Value {
     match req {
-        Request::Status => json!({"ok": true, "status": daemon.status_report()}),
+        Request::Status => json!({"ok": true, "status": (daemon.status)()}),
         Request::Stats => json!({"ok": true, "stats": daemon.region.flusher.stats.snapshot()}),
         Request::BadblocksList => json!({"ok": true, "ranges": daemon.media.list()}),
         Request::BadblocksInject { offset, length } => match checked_range(offset, length) {
@@ -106,8 +122,11 @@ fn checked_range(offset: u64, length: u64) -> Result<BadRange, String> {
 }
 
 /// Serves the control socket on a background thread, one thread per client.
-pub fn spawn(sock: BoundSocket, daemon: Arc<Daemon>) -> std::io::Result<()> {
-    let services = daemon.services.clone();
+pub fn spawn(
+    sock: BoundSocket,
+    daemon: ControlHandles,
+    services: &Arc<Services>,
+) -> std::io::Result<()> {
     services.spawn(
         "control",
         |_| {},
@@ -129,7 +148,7 @@ pub fn spawn(sock: BoundSocket, daemon: Arc<Daemon>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn serve_client(stream: UnixStream, daemon: &Daemon) {
+fn serve_client(stream: UnixStream, daemon: &ControlHandles) {
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
@@ -160,7 +179,7 @@ fn serve_client(stream: UnixStream, daemon: &Daemon) {
 
 /// Sends events to the subscriber until it disconnects (or a write fails). Whatever
 /// it sends meanwhile is read and ignored.
-fn stream_events(out: &mut UnixStream, daemon: &Daemon, backlog: bool) -> io::Result<()> {
+fn stream_events(out: &mut UnixStream, daemon: &ControlHandles, backlog: bool) -> io::Result<()> {
     let rx = daemon.events.subscribe(backlog);
     jsonl::write_message(out, &json!({"ok": true, "events": "subscribed"}))?;
     loop {
@@ -257,11 +276,12 @@ mod tests {
     use super::*;
     use crate::{
         control::{events::EventKind, status::DeviceStatus},
+        daemon::Daemon,
         durability::{Flusher, Mode, Policy},
         region::Region,
     };
 
-    fn daemon() -> Arc<Daemon> {
+    fn daemon() -> ControlHandles {
         let dir = tempfile::tempdir().unwrap();
         let d = daemon_with_state(dir.path());
         std::mem::forget(dir); // lives as long as the test process
@@ -269,7 +289,7 @@ mod tests {
     }
 
     /// A daemon whose backing file is `img` in `state_dir`, its records there too.
-    fn daemon_with_state(state_dir: &std::path::Path) -> Arc<Daemon> {
+    fn daemon_with_state(state_dir: &std::path::Path) -> ControlHandles {
         let img = state_dir.join("img");
         let f = std::fs::OpenOptions::new()
             .read(true)
@@ -283,7 +303,7 @@ mod tests {
         let media =
             crate::media::MediaErrors::load(&img, 2 << 20, state, events.clone(), Arc::default())
                 .unwrap();
-        Arc::new(Daemon {
+        let d = Arc::new(Daemon {
             region: Arc::new(Region {
                 path: PathBuf::from("/img"),
                 file: f.try_clone().unwrap(),
@@ -301,7 +321,16 @@ mod tests {
             media,
             agent: None,
             services: Arc::default(),
-        })
+        });
+        ControlHandles {
+            status: {
+                let d = d.clone();
+                Arc::new(move || d.status_report())
+            },
+            region: d.region.clone(),
+            media: d.media.clone(),
+            events: d.events.clone(),
+        }
     }
 
     #[test]
@@ -340,7 +369,7 @@ mod tests {
             (a["changed"].clone(), a["ranges"].clone()),
             (json!(true), json!([]))
         );
-        assert_eq!(d.status_report().bad_ranges, vec![]);
+        assert_eq!((d.status)().bad_ranges, vec![]);
     }
 
     #[test]
