@@ -77,7 +77,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS")]
     pub scrub_interval: Option<u64>,
     /// Scrub at most this many bytes per second (suffixes K, M, G). Default 64M.
-    #[arg(long, value_name = "BYTES", value_parser = crate::blockmap::prepare::parse_size)]
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub scrub_rate: Option<u64>,
     /// TOML file with any of the keys above (kebab-case, e.g. `socket-path`).
     #[arg(long, value_name = "FILE.toml")]
@@ -182,11 +182,71 @@ impl TryFrom<ServeArgs> for Config {
     }
 }
 
+/// Parses a size: bytes, or a number with a binary suffix K, M, G, T (also KiB, MiB,
+/// GiB, TiB). Decimal suffixes (MB, GB) are refused as ambiguous.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    match parse_bytes(s)? {
+        0 => Err(format!("bad size {s:?}: must be positive")),
+        n => Ok(n),
+    }
+}
+
+/// Parses an offset: like [`parse_size`], but 0 is an offset too.
+pub fn parse_offset(s: &str) -> Result<u64, String> {
+    parse_bytes(s)
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad size {s:?}: expected a number with an optional K, M, G or T suffix (powers of 1024), e.g. 64M or 4G"))?;
+    let shift = match suffix.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KIB" => 10,
+        "M" | "MIB" => 20,
+        "G" | "GIB" => 30,
+        "T" | "TIB" => 40,
+        "KB" | "MB" | "GB" | "TB" => {
+            return Err(format!(
+                "bad size {s:?}: {suffix} is ambiguous; use {} (powers of 1024)",
+                &suffix[..1].to_ascii_uppercase()
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "bad size {s:?}: unknown suffix {suffix:?}; use K, M, G or T"
+            ))
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("bad size {s:?}: does not fit in 64 bits"))
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;
 
     use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes_and_refuse_ambiguity() {
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("4G").unwrap(), 4 << 30);
+        assert_eq!(parse_size("4GiB").unwrap(), 4 << 30);
+        assert_eq!(parse_size("2097152").unwrap(), 2 << 20);
+        assert_eq!(parse_size("1t").unwrap(), 1 << 40);
+        assert!(parse_size("4GB").unwrap_err().contains("ambiguous"));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        // An offset may be 0.
+        assert_eq!(parse_offset("0").unwrap(), 0);
+        assert_eq!(parse_offset("4K").unwrap(), 4096);
+        assert!(parse_offset("99999999999T").is_err());
+    }
 
     fn toml_file(text: &str) -> tempfile::NamedTempFile {
         let mut f = tempfile::NamedTempFile::new().unwrap();

@@ -39,7 +39,7 @@ use crate::{
     service::Services,
     socket,
     state::{Kind, StateFiles},
-    Error,
+    sys, Error,
 };
 
 /// State shared by the vhost-user connections, the control socket and the logs.
@@ -105,29 +105,13 @@ impl Daemon {
     }
 }
 
-/// Blocks SIGINT and SIGTERM in this thread (and every thread it starts later) so a
-/// dedicated thread can take them with sigwait.
-fn block_shutdown_signals() -> io::Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointers to a local sigset_t.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-    }
-    // SAFETY: valid set pointer, null old-set pointer.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc));
-    }
-    Ok(set)
-}
-
 /// Runs the daemon until SIGINT/SIGTERM: serves one VMM connection after another on
 /// the same socket, resetting the device between them.
 pub fn serve(config: Config) -> Result<(), Error> {
-    let sigset = block_shutdown_signals().map_err(io_err("block signals"))?;
+    // SIGINT and SIGTERM are blocked in this thread and every thread it starts, so
+    // the signal thread alone takes them.
+    let sigset = sys::sigset_of(&[libc::SIGINT, libc::SIGTERM]);
+    sys::block_signals(&sigset).map_err(io_err("block signals"))?;
     let (region, policy_reason) = open_region(&config)?;
     let events: Arc<EventHub> = Arc::default();
     let state = StateFiles::new(

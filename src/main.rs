@@ -10,7 +10,7 @@ use vhost_device_pmem::{
         check,
         prepare::{self, Progress},
     },
-    config::{Config, ServeArgs},
+    config::{parse_offset, parse_size, Config, ServeArgs},
     control,
     durability::SyncFailure,
     state::{Kind, StateFiles},
@@ -56,7 +56,7 @@ enum Command {
         file: PathBuf,
         /// Size, e.g. 64M or 4G (K, M, G, T are powers of 1024); default: the
         /// current size. Required to create a file.
-        #[arg(long, value_parser = prepare::parse_size)]
+        #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
     },
     /// List, inject or clear bad ranges of a running daemon's backing file (byte
@@ -101,16 +101,16 @@ enum BadblocksAction {
     List,
     /// Record [OFFSET, OFFSET+LEN) as bad (it reaches the guest through the agent).
     Inject {
-        #[arg(value_parser = prepare::parse_size)]
+        #[arg(value_parser = parse_offset)]
         offset: u64,
-        #[arg(value_parser = prepare::parse_size)]
+        #[arg(value_parser = parse_size)]
         len: u64,
     },
     /// Forget [OFFSET, OFFSET+LEN) (after the media was repaired or replaced).
     Clear {
-        #[arg(value_parser = prepare::parse_size)]
+        #[arg(value_parser = parse_offset)]
         offset: u64,
-        #[arg(value_parser = prepare::parse_size)]
+        #[arg(value_parser = parse_size)]
         len: u64,
     },
 }

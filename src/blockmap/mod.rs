@@ -392,15 +392,9 @@ pub fn inspect(file: &File) -> io::Result<Verdict> {
     })
 }
 
-/// Re-reads only the fingerprint.
-pub fn current_fingerprint(file: &File) -> io::Result<u64> {
-    let size = file.metadata()?.len();
-    Ok(fingerprint(&read_extents(file, size)?))
-}
-
 /// The fingerprint without writing back dirty data first: for periodic watching of a
 /// served file, where forcing writeback of the guest's data every interval would
-/// cost I/O for nothing. Equals [`current_fingerprint`] while the map is immutable;
+/// cost I/O for nothing. Equals the verdict's fingerprint while the map is immutable;
 /// any hole, delayed or unwritten extent that appears changes it.
 pub fn watch_fingerprint(file: &File) -> io::Result<u64> {
     let size = file.metadata()?.len();

@@ -104,13 +104,17 @@ pub enum PrepareError {
     },
 }
 
+/// Wraps an I/O error with what was being done to which file.
+fn io_err(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> PrepareError {
+    let path = path.to_owned();
+    move |source| PrepareError::Io { what, path, source }
+}
+
 /// How progress is shown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Progress {
     /// A progress bar when stderr is a terminal, log lines otherwise.
     Auto,
-    /// Log lines only.
-    Lines,
     /// Nothing (library use, tests).
     Quiet,
 }
@@ -133,38 +137,6 @@ pub struct PrepareReport {
     pub passes: usize,
     pub seconds: f64,
     pub verdict: Verdict,
-}
-
-/// Parses a size: bytes, or a number with a binary suffix K, M, G, T (also KiB, MiB,
-/// GiB, TiB). Decimal suffixes (MB, GB) are refused as ambiguous.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("bad size {s:?}: expected a number with an optional K, M, G or T suffix (powers of 1024), e.g. 64M or 4G"))?;
-    let shift = match suffix.to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KIB" => 10,
-        "M" | "MIB" => 20,
-        "G" | "GIB" => 30,
-        "T" | "TIB" => 40,
-        "KB" | "MB" | "GB" | "TB" => {
-            return Err(format!(
-                "bad size {s:?}: {suffix} is ambiguous; use {} (powers of 1024)",
-                &suffix[..1].to_ascii_uppercase()
-            ))
-        }
-        _ => {
-            return Err(format!(
-                "bad size {s:?}: unknown suffix {suffix:?}; use K, M, G or T"
-            ))
-        }
-    };
-    n.checked_mul(1u64 << shift)
-        .filter(|&v| v > 0)
-        .ok_or_else(|| format!("bad size {s:?}: must be positive and fit in 64 bits"))
 }
 
 /// Rounds up to the 2 MiB region alignment.
@@ -217,10 +189,7 @@ pub fn prepare(
     progress: Progress,
 ) -> Result<PrepareReport, PrepareError> {
     let started = Instant::now();
-    let io_err = |what: &'static str| {
-        let path = path.to_owned();
-        move |source| PrepareError::Io { what, path, source }
-    };
+    let io_err = |what| io_err(path, what);
     // Ctrl-C, SIGTERM and the lease signal are taken between chunks, never mid-chunk.
     // Blocked before any thread (the progress bar's) starts, so they all inherit it.
     let lease_sig = libc::SIGRTMIN() + 2;
@@ -333,10 +302,7 @@ fn prepare_locked(
     lease_sig: libc::c_int,
     started: Instant,
 ) -> Result<PrepareReport, PrepareError> {
-    let io_err = |what: &'static str| {
-        let path = path.to_owned();
-        move |source| PrepareError::Io { what, path, source }
-    };
+    let io_err = |what| io_err(path, what);
     let fs = blockmap::filesystem_of(file).map_err(io_err("statfs"))?;
     if fs == Filesystem::Btrfs {
         let flags = sys::get_flags(file).map_err(io_err("read attributes of"))?;
@@ -504,8 +470,7 @@ struct Worker<'a> {
 
 impl Worker<'_> {
     fn io_err(&self, what: &'static str) -> impl FnOnce(io::Error) -> PrepareError {
-        let path = self.path.to_owned();
-        move |source| PrepareError::Io { what, path, source }
+        io_err(self.path, what)
     }
 
     fn fix(&mut self, p: &Problem) -> Result<(), PrepareError> {
@@ -714,16 +679,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_parse_with_binary_suffixes_and_refuse_ambiguity() {
-        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
-        assert_eq!(parse_size("4G").unwrap(), 4 << 30);
-        assert_eq!(parse_size("4GiB").unwrap(), 4 << 30);
-        assert_eq!(parse_size("2097152").unwrap(), 2 << 20);
-        assert_eq!(parse_size("1t").unwrap(), 1 << 40);
-        assert!(parse_size("4GB").unwrap_err().contains("ambiguous"));
-        assert!(parse_size("0").is_err());
-        assert!(parse_size("x").is_err());
-        assert!(parse_size("99999999999T").is_err());
+    fn sizes_round_up_to_the_region_alignment() {
         assert_eq!(round_to_region(1), 2 << 20);
         assert_eq!(round_to_region(2 << 20), 2 << 20);
         assert_eq!(round_to_region((2 << 20) + 1), 4 << 20);
