@@ -87,7 +87,7 @@ fn memory() -> GuestMemoryMmap {
 fn bench_process_queue(c: &mut Criterion) {
     let mem = memory();
     let flusher = Flusher::new(tempfile::tempfile().unwrap(), Policy::Volatile);
-    let mut state = QueueState::new();
+    let mut state = QueueState::new(Default::default());
     let mut group = c.benchmark_group("process_queue");
     for n in [1u16, 16, MAX_CHAINS] {
         let mut ring = Ring::new(&mem);

@@ -31,7 +31,7 @@ use crate::{
         events::{EventHub, EventKind},
         status::{DeviceStatus, StatusReport},
     },
-    device::{wire::VIRTIO_PMEM_F_SHMEM_REGION, PmemBackend},
+    device::{queue::QueueStats, wire::VIRTIO_PMEM_F_SHMEM_REGION, PmemBackend},
     durability::{Flusher, Health, Mode, Policy, SyncContext, SyncFailure},
     io_err,
     media::{channel::GuestChannel, MediaErrors},
@@ -59,6 +59,8 @@ pub struct Daemon {
     pub agent: Option<Arc<GuestChannel>>,
     /// The long-lived threads, and those that died.
     pub services: Arc<Services>,
+    /// What the guest put on the ring that was not a flush, over all connections.
+    pub queue_stats: Arc<QueueStats>,
 }
 
 impl Daemon {
@@ -145,6 +147,7 @@ pub fn serve(config: Config) -> Result<(), Error> {
         media,
         agent,
         services,
+        queue_stats: Arc::default(),
     });
     start_media_errors(&daemon, &config)?;
     // Lease, seal and block-map watcher; dropped (unsealing) however serve returns.
@@ -164,6 +167,7 @@ pub fn serve(config: Config) -> Result<(), Error> {
                 Arc::new(move || d.status_report())
             },
             region: daemon.region.clone(),
+            queue_stats: daemon.queue_stats.clone(),
             media: daemon.media.clone(),
             events: daemon.events.clone(),
         };
@@ -354,6 +358,7 @@ fn serve_connection(
             daemon.region.clone(),
             daemon.status.clone(),
             daemon.events.clone(),
+            daemon.queue_stats.clone(),
         )
         .map_err(io_err("create device"))?,
     ));

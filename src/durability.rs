@@ -295,8 +295,6 @@ pub struct FlushStats {
     pub batches: AtomicU64,
     pub syncs: AtomicU64,
     pub errors: AtomicU64,
-    pub malformed: AtomicU64,
-    pub unsupported: AtomicU64,
     latency: Mutex<LatencyHistogram>,
 }
 
@@ -347,8 +345,6 @@ pub struct StatsSnapshot {
     pub batches: u64,
     pub syncs: u64,
     pub errors: u64,
-    pub malformed_chains: u64,
-    pub unsupported_requests: u64,
     pub latency_us: LatencySummary,
 }
 
@@ -369,8 +365,6 @@ impl FlushStats {
             batches: self.batches.load(Ordering::Relaxed),
             syncs: self.syncs.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
-            malformed_chains: self.malformed.load(Ordering::Relaxed),
-            unsupported_requests: self.unsupported.load(Ordering::Relaxed),
             latency_us: LatencySummary {
                 count: h.count,
                 mean: h.sum_us.checked_div(h.count).unwrap_or(0),

@@ -26,10 +26,10 @@ use serde_json::{json, Value};
 
 use crate::{
     control::{events::EventHub, status::StatusReport},
+    device::queue::{QueueCounters, QueueStats},
+    durability::StatsSnapshot,
     jsonl::{self, Line, LineReader},
-    media::ranges::BadRange,
-    media::MediaErrors,
-    media::Source,
+    media::{ranges::BadRange, MediaErrors, Source},
     region::Region,
     service::Services,
     socket::BoundSocket,
@@ -68,8 +68,18 @@ pub struct ControlHandles {
     pub status: Arc<dyn Fn() -> StatusReport + Send + Sync>,
     /// For the flush counters.
     pub region: Arc<Region>,
+    pub queue_stats: Arc<QueueStats>,
     pub media: Arc<MediaErrors>,
     pub events: Arc<EventHub>,
+}
+
+/// The `stats` answer: the flush counters and the queue's, side by side.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StatsReport {
+    #[serde(flatten)]
+    pub flush: StatsSnapshot,
+    #[serde(flatten)]
+    pub queue: QueueCounters,
 }
 
 /// Answers one request line (decoded with its version checked).
@@ -84,7 +94,10 @@ pub fn answer(daemon: &ControlHandles, line: &str) -> Value {
 pub fn answer_request(daemon: &ControlHandles, req: Request) -> Value {
     match req {
         Request::Status => json!({"ok": true, "status": (daemon.status)()}),
-        Request::Stats => json!({"ok": true, "stats": daemon.region.flusher.stats.snapshot()}),
+        Request::Stats => json!({"ok": true, "stats": StatsReport {
+            flush: daemon.region.flusher.stats.snapshot(),
+            queue: daemon.queue_stats.snapshot(),
+        }}),
         Request::BadblocksList => json!({"ok": true, "ranges": daemon.media.list()}),
         Request::BadblocksInject { offset, length } => match checked_range(offset, length) {
             Err(e) => json!({"ok": false, "error": e}),
@@ -321,6 +334,7 @@ mod tests {
             media,
             agent: None,
             services: Arc::default(),
+            queue_stats: Arc::default(),
         });
         ControlHandles {
             status: {
@@ -328,6 +342,7 @@ mod tests {
                 Arc::new(move || d.status_report())
             },
             region: d.region.clone(),
+            queue_stats: d.queue_stats.clone(),
             media: d.media.clone(),
             events: d.events.clone(),
         }

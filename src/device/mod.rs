@@ -43,7 +43,7 @@ use vmm_sys_util::{
 use crate::{
     control::events::{EventHub, EventKind},
     control::status::DeviceStatus,
-    device::queue::{process_queue, QueueState},
+    device::queue::{process_queue, QueueState, QueueStats},
     device::wire::{PmemConfig, VIRTIO_PMEM_F_SHMEM_REGION, VIRTIO_PMEM_SHMEM_REGION_ID},
     region::Region,
 };
@@ -78,6 +78,7 @@ impl PmemBackend {
         region: Arc<Region>,
         status: Arc<DeviceStatus>,
         events: Arc<EventHub>,
+        queue_stats: Arc<QueueStats>,
     ) -> io::Result<Self> {
         let (exit_consumer, exit_notifier) =
             new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
@@ -89,7 +90,7 @@ impl PmemBackend {
             events,
             mem: None,
             event_idx: false,
-            queue_state: QueueState::new(),
+            queue_state: QueueState::new(queue_stats),
             frontend: None,
             map_requested: false,
             exit_consumer,

@@ -8,11 +8,15 @@
 //! guest (the caller does, once per pass).
 
 use std::{
-    sync::atomic::Ordering,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
 use log::{error, warn};
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemory;
 
@@ -110,25 +114,45 @@ struct Taken {
     request: Option<Request>,
 }
 
-/// What the queue keeps from one pass to the next: the list of chains a pass took
-/// (allocated once, for the largest ring, so a pass never allocates) and the log of
-/// guest-caused problems.
-pub struct QueueState {
-    taken: Vec<Taken>,
-    pub log: GuestLog,
+/// Counters of what the guest put on the ring that was not a flush, over the
+/// daemon's life (every connection adds to the same ones).
+#[derive(Default)]
+pub struct QueueStats {
+    pub malformed: AtomicU64,
+    pub unsupported: AtomicU64,
 }
 
-impl Default for QueueState {
-    fn default() -> Self {
-        Self::new()
+/// A point-in-time copy of [`QueueStats`], for `stats`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueueCounters {
+    pub malformed_chains: u64,
+    pub unsupported_requests: u64,
+}
+
+impl QueueStats {
+    pub fn snapshot(&self) -> QueueCounters {
+        QueueCounters {
+            malformed_chains: self.malformed.load(Ordering::Relaxed),
+            unsupported_requests: self.unsupported.load(Ordering::Relaxed),
+        }
     }
 }
 
+/// What the queue keeps from one pass to the next: the list of chains a pass took
+/// (allocated once, for the largest ring, so a pass never allocates), the log of
+/// guest-caused problems and their counters.
+pub struct QueueState {
+    taken: Vec<Taken>,
+    pub log: GuestLog,
+    pub stats: Arc<QueueStats>,
+}
+
 impl QueueState {
-    pub fn new() -> Self {
+    pub fn new(stats: Arc<QueueStats>) -> Self {
         Self {
             taken: Vec::with_capacity(usize::from(MAX_QUEUE_SIZE)),
             log: GuestLog::default(),
+            stats,
         }
     }
 }
@@ -187,14 +211,14 @@ pub fn process_queue<M: GuestMemory>(
     for Taken { head, request } in state.taken.drain(..) {
         let len = match request {
             None => {
-                flusher.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                state.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 0
             }
             Some(req) => {
                 let status = match req.kind {
                     RequestType::Flush => flush_status,
                     RequestType::Unsupported(ty) => {
-                        flusher.stats.unsupported.fetch_add(1, Ordering::Relaxed);
+                        state.stats.unsupported.fetch_add(1, Ordering::Relaxed);
                         if state.log.allow(taken_at) {
                             warn!("virtio-pmem: unsupported request type {ty}; answering EIO");
                         }
@@ -275,7 +299,7 @@ mod tests {
                 next_buf: DATA_START,
                 used_seen: 0,
                 flusher: Flusher::new(file, policy),
-                state: QueueState::new(),
+                state: QueueState::new(Arc::default()),
             }
         }
 
@@ -365,7 +389,7 @@ mod tests {
             if let Some(s) = status {
                 assert_eq!(self.status(s), UNTOUCHED, "a rejected chain got a response");
             }
-            assert_eq!(self.stat(&self.flusher.stats.malformed), 1);
+            assert_eq!(self.stat(&self.state.stats.malformed), 1);
             assert_eq!(self.stat(&self.flusher.stats.requests), 0);
 
             let (good, status) = self.request(VIRTIO_PMEM_REQ_TYPE_FLUSH);
@@ -378,7 +402,7 @@ mod tests {
             );
             assert_eq!(self.used(), vec![(good, 4)]);
             assert_eq!(self.status(status), VIRTIO_PMEM_RESP_OK);
-            assert_eq!(self.stat(&self.flusher.stats.malformed), 1);
+            assert_eq!(self.stat(&self.state.stats.malformed), 1);
         }
     }
 
@@ -552,8 +576,7 @@ mod tests {
     #[test]
     fn thousands_of_distinct_unsupported_types_are_all_answered_and_counted() {
         let mem = memory();
-        let mut state = QueueState::new();
-        let mut counted = 0;
+        let mut state = QueueState::new(Arc::default());
         // The mock ring does not wrap: a fresh queue every 16 requests, one log.
         for round in 0..80u32 {
             let mut d = Driver::new(&mem, Policy::Fsync);
@@ -563,11 +586,10 @@ mod tests {
             for (_, status) in reqs {
                 assert_eq!(d.status(status), VIRTIO_PMEM_RESP_EIO);
             }
-            counted += d.flusher.stats.snapshot().unsupported_requests;
             state = d.state;
         }
+        assert_eq!(state.stats.snapshot().unsupported_requests, 1280);
         let log = state.log;
-        assert_eq!(counted, 1280);
         assert_eq!(log.logged, GuestLog::BURST);
         assert_eq!(log.suppressed, 1280 - u64::from(GuestLog::BURST));
     }
@@ -588,9 +610,9 @@ mod tests {
         assert_eq!(d.used(), vec![(head, 4), (again, 4)]);
         assert_eq!(d.status(status), VIRTIO_PMEM_RESP_EIO);
         assert_eq!(d.status(status2), VIRTIO_PMEM_RESP_EIO);
-        let s = d.flusher.stats.snapshot();
+        let (s, q) = (d.flusher.stats.snapshot(), d.state.stats.snapshot());
         assert_eq!(
-            (s.unsupported_requests, s.flush_requests, s.syncs),
+            (q.unsupported_requests, s.flush_requests, s.syncs),
             (2, 0, 0)
         );
     }
@@ -757,7 +779,7 @@ mod tests {
         );
         assert_eq!(d.used(), vec![(head, 4)]);
         assert_eq!(d.status(status), VIRTIO_PMEM_RESP_OK);
-        assert_eq!(d.flusher.stats.snapshot().malformed_chains, 0);
+        assert_eq!(d.state.stats.snapshot().malformed_chains, 0);
     }
 
     #[test]
@@ -784,13 +806,13 @@ mod tests {
         assert_eq!(d.status(sa), VIRTIO_PMEM_RESP_OK);
         assert_eq!(d.status(sb), VIRTIO_PMEM_RESP_OK);
         assert_eq!(d.status(su), VIRTIO_PMEM_RESP_EIO);
-        let s = d.flusher.stats.snapshot();
+        let (s, q) = (d.flusher.stats.snapshot(), d.state.stats.snapshot());
         assert_eq!(
             (
                 s.flush_requests,
                 s.syncs,
-                s.malformed_chains,
-                s.unsupported_requests
+                q.malformed_chains,
+                q.unsupported_requests
             ),
             (2, 1, 1, 1)
         );
