@@ -37,7 +37,7 @@ use crate::{
     media::{channel::GuestChannel, MediaErrors},
     region::{open_region, Region},
     service::Services,
-    socket,
+    socket::{self, BoundSocket},
     state::{Kind, StateFiles},
     sys, Error,
 };
@@ -149,7 +149,9 @@ pub fn serve(config: Config) -> Result<(), Error> {
         services,
         queue_stats: Arc::default(),
     });
-    start_media_errors(&daemon, &config)?;
+    // Sockets this daemon bound; dropped (their paths removed) when serve returns.
+    let mut bound = Vec::new();
+    bound.extend(start_media_errors(&daemon, &config)?);
     // Lease, seal and block-map watcher; dropped (unsealing) however serve returns.
     let guard_handles = GuardHandles {
         region: daemon.region.clone(),
@@ -171,7 +173,10 @@ pub fn serve(config: Config) -> Result<(), Error> {
             media: daemon.media.clone(),
             events: daemon.events.clone(),
         };
-        control::spawn(csock, handles, &daemon.services).map_err(io_err("start control socket"))?;
+        let listener = csock.listener.try_clone().map_err(io_err("dup listener"))?;
+        control::spawn(listener, handles, &daemon.services)
+            .map_err(io_err("start control socket"))?;
+        bound.push(csock);
         info!("control socket: {}", path.display());
     }
 
@@ -220,6 +225,7 @@ pub fn serve(config: Config) -> Result<(), Error> {
         ))),
     };
     drop(vsock);
+    drop(bound);
     result
 }
 
@@ -267,16 +273,20 @@ fn watch_health(
     Ok(())
 }
 
-/// Starts the media-error sources and the guest channel.
-fn start_media_errors(daemon: &Daemon, config: &Config) -> Result<(), Error> {
+/// Starts the media-error sources and the guest channel; returns the channel's
+/// bound socket, if any.
+fn start_media_errors(daemon: &Daemon, config: &Config) -> Result<Option<BoundSocket>, Error> {
     let media = &daemon.media;
+    let mut bound = None;
     if let (Some(path), Some(agent)) = (&config.agent_socket, &daemon.agent) {
         let sock = socket::bind(path, config.socket_group.as_deref())?;
+        let listener = sock.listener.try_clone().map_err(io_err("dup listener"))?;
         agent
-            .spawn(sock, &daemon.services)
+            .spawn(listener, &daemon.services)
             .map_err(io_err("start the guest channel"))?;
         media.attach_channel(agent.clone());
         info!("guest agent channel: {}", path.display());
+        bound = Some(sock);
     }
     // Sources read through duplicates of the daemon's descriptor: a new open of the
     // file would break the daemon's lease.
@@ -304,7 +314,7 @@ fn start_media_errors(daemon: &Daemon, config: &Config) -> Result<(), Error> {
             )
             .map_err(io_err("start the scrub"))?;
     }
-    Ok(())
+    Ok(bound)
 }
 
 /// Re-read of the device's badblocks for the changes the kernel does not notify

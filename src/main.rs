@@ -64,8 +64,9 @@ enum Command {
     Badblocks {
         #[arg(long, value_name = "SOCK")]
         control_socket: PathBuf,
-        /// Print the daemon's JSON answer instead of a table.
-        #[arg(long)]
+        /// Print the daemon's JSON answer instead of a table (before or after the
+        /// action).
+        #[arg(long, global = true)]
         json: bool,
         #[command(subcommand)]
         action: BadblocksAction,
@@ -131,13 +132,9 @@ fn run_badblocks(
             length: len,
         },
     };
-    let answer = control::call(sock, &req).map_err(|e| format!("{}: {e}", sock.display()))?;
-    if answer["ok"] != true {
-        return Err(answer["error"]
-            .as_str()
-            .unwrap_or("request failed")
-            .to_string());
-    }
+    let answer = control::request(sock, &req)
+        .map_err(|e| format!("{}: {e}", sock.display()))?
+        .into_result()?;
     if json {
         println!(
             "{}",
@@ -145,20 +142,21 @@ fn run_badblocks(
         );
         return Ok(());
     }
-    let ranges = answer["ranges"].as_array().cloned().unwrap_or_default();
+    let ranges = answer.ranges.unwrap_or_default();
     if ranges.is_empty() {
         println!("no bad ranges");
     }
     for r in ranges {
-        let (o, l) = (
-            r["offset"].as_u64().unwrap_or(0),
-            r["length"].as_u64().unwrap_or(0),
-        );
         println!(
-            "offset {o:#x} length {l:#x} (sectors {} +{})",
-            o / 512,
-            l / 512
+            "offset {:#x} length {:#x} (sectors {} +{})",
+            r.offset,
+            r.length,
+            r.offset / 512,
+            r.length / 512
         );
+    }
+    if let Some(e) = answer.persist_error {
+        eprintln!("warning: the bad ranges are not on disk yet: {e}");
     }
     Ok(())
 }
@@ -206,19 +204,12 @@ fn run(cli: Cli) -> Result<(), String> {
 }
 
 fn print_call(sock: &std::path::Path, req: control::Request) -> Result<(), String> {
-    let answer = control::call(sock, &req).map_err(|e| format!("{}: {e}", sock.display()))?;
+    let answer = control::request(sock, &req).map_err(|e| format!("{}: {e}", sock.display()))?;
     println!(
         "{}",
         serde_json::to_string_pretty(&answer).unwrap_or_default()
     );
-    if answer["ok"] == true {
-        Ok(())
-    } else {
-        Err(answer["error"]
-            .as_str()
-            .unwrap_or("request failed")
-            .to_string())
-    }
+    answer.into_result().map(drop)
 }
 
 /// `check` has its own exit statuses: 0 immutable, 1 not immutable, 2 error.

@@ -651,3 +651,21 @@ fn an_overlong_control_request_is_refused_and_the_connection_keeps_serving() {
     r.read_line(&mut line).unwrap();
     assert!(line.contains("protocol version 9"), "{line}");
 }
+
+#[test]
+fn the_sockets_the_daemon_bound_are_removed_when_it_exits() {
+    let s = Scratch::new();
+    let agent = s.path("agent.sock");
+    let (mut d, _) = daemon(
+        &s,
+        &["--mode", "fsync", "--agent-socket", agent.to_str().unwrap()],
+    );
+    for p in [&d.socket, &d.control, &agent] {
+        assert!(p.exists(), "{} missing while serving", p.display());
+    }
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit().success(), "{}", d.log_text());
+    for p in [&d.socket, &d.control, &agent] {
+        assert!(!p.exists(), "{} left behind after exit", p.display());
+    }
+}

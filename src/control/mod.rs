@@ -13,7 +13,10 @@ pub mod status;
 
 use std::{
     io,
-    os::{fd::AsRawFd, unix::net::UnixStream},
+    os::{
+        fd::AsRawFd,
+        unix::net::{UnixListener, UnixStream},
+    },
     path::Path,
     sync::{mpsc::RecvTimeoutError, Arc},
     thread,
@@ -22,7 +25,7 @@ use std::{
 
 use log::{debug, warn};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::{
     control::{events::EventHub, status::StatusReport},
@@ -32,7 +35,6 @@ use crate::{
     media::{ranges::BadRange, MediaErrors, Source},
     region::Region,
     service::Services,
-    socket::BoundSocket,
 };
 
 /// A control request.
@@ -83,40 +85,112 @@ pub struct StatsReport {
 }
 
 /// Answers one request line (decoded with its version checked).
-pub fn answer(daemon: &ControlHandles, line: &str) -> Value {
+pub fn answer(daemon: &ControlHandles, line: &str) -> Answer {
     match jsonl::decode::<Request>(line) {
         Ok(req) => answer_request(daemon, req),
-        Err(e) => json!({"ok": false, "error": format!("bad request {line:?}: {e}")}),
+        Err(e) => Answer::error(format!("bad request {line:?}: {e}")),
+    }
+}
+
+/// One answer of the control socket; which fields are set depends on the request.
+/// Built typed here and read typed by the CLI ([`request`]).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Answer {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Box<StatusReport>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<StatsReport>,
+    /// The bad ranges now (badblocks commands).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranges: Option<Vec<BadRange>>,
+    /// Ranges an inject added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub added: Option<Vec<BadRange>>,
+    /// Whether a clear changed anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed: Option<bool>,
+    /// Why the bad ranges are not on disk, if they are not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persist_error: Option<String>,
+    /// "subscribed", the acknowledgement of an events stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<String>,
+}
+
+impl Answer {
+    fn ok() -> Self {
+        Self {
+            ok: true,
+            ..Self::default()
+        }
+    }
+
+    fn error(e: impl Into<String>) -> Self {
+        Self {
+            error: Some(e.into()),
+            ..Self::default()
+        }
+    }
+
+    /// The answer, or its error as an `Err`.
+    pub fn into_result(self) -> Result<Self, String> {
+        if self.ok {
+            Ok(self)
+        } else {
+            Err(self.error.unwrap_or_else(|| "request failed".into()))
+        }
     }
 }
 
 /// Answers one request.
-pub fn answer_request(daemon: &ControlHandles, req: Request) -> Value {
+pub fn answer_request(daemon: &ControlHandles, req: Request) -> Answer {
+    let ranges = |persist| Answer {
+        ranges: Some(daemon.media.list()),
+        persist_error: if persist {
+            daemon.media.persist_error()
+        } else {
+            None
+        },
+        ..Answer::ok()
+    };
     match req {
-        Request::Status => json!({"ok": true, "status": (daemon.status)()}),
-        Request::Stats => json!({"ok": true, "stats": StatsReport {
-            flush: daemon.region.flusher.stats.snapshot(),
-            queue: daemon.queue_stats.snapshot(),
-        }}),
-        Request::BadblocksList => json!({"ok": true, "ranges": daemon.media.list()}),
+        Request::Status => Answer {
+            status: Some(Box::new((daemon.status)())),
+            ..Answer::ok()
+        },
+        Request::Stats => Answer {
+            stats: Some(StatsReport {
+                flush: daemon.region.flusher.stats.snapshot(),
+                queue: daemon.queue_stats.snapshot(),
+            }),
+            ..Answer::ok()
+        },
+        Request::BadblocksList => ranges(false),
         Request::BadblocksInject { offset, length } => match checked_range(offset, length) {
-            Err(e) => json!({"ok": false, "error": e}),
+            Err(e) => Answer::error(e),
             Ok(range) => {
                 let added = daemon.media.report(Source::Operator, &[range]);
-                json!({"ok": true, "added": added, "ranges": daemon.media.list(),
-                       "persist_error": daemon.media.persist_error()})
+                Answer {
+                    added: Some(added),
+                    ..ranges(true)
+                }
             }
         },
         Request::BadblocksClear { offset, length } => match checked_range(offset, length) {
-            Err(e) => json!({"ok": false, "error": e}),
+            Err(e) => Answer::error(e),
             Ok(range) => {
                 let changed = daemon.media.clear(range);
-                json!({"ok": true, "changed": changed, "ranges": daemon.media.list(),
-                       "persist_error": daemon.media.persist_error()})
+                Answer {
+                    changed: Some(changed),
+                    ..ranges(true)
+                }
             }
         },
         Request::Events { .. } => {
-            json!({"ok": false, "error": "events is a stream: send it on its own connection"})
+            Answer::error("events is a stream: send it on its own connection")
         }
     }
 }
@@ -134,9 +208,11 @@ fn checked_range(offset: u64, length: u64) -> Result<BadRange, String> {
     Ok(BadRange { offset, length })
 }
 
-/// Serves the control socket on a background thread, one thread per client.
+/// Serves the control socket on a background thread, one thread per client. The
+/// caller keeps the bound socket (and removes its path at exit); this takes a
+/// duplicate of its listener.
 pub fn spawn(
-    sock: BoundSocket,
+    listener: UnixListener,
     daemon: ControlHandles,
     services: &Arc<Services>,
 ) -> std::io::Result<()> {
@@ -144,8 +220,7 @@ pub fn spawn(
         "control",
         |_| {},
         move || {
-            let sock = sock; // dropped (and unlinked) only with the process
-            for conn in sock.listener.incoming() {
+            for conn in listener.incoming() {
                 match conn {
                     Ok(stream) => {
                         let d = daemon.clone();
@@ -180,7 +255,7 @@ fn serve_client(stream: UnixStream, daemon: &ControlHandles) {
                 if let jsonl::MessageError::TooLong { .. } = e {
                     warn!("control socket: {e}");
                 }
-                json!({"ok": false, "error": format!("bad request: {e}")})
+                Answer::error(format!("bad request: {e}"))
             }
         };
         if jsonl::write_message(&mut out, &reply).is_err() {
@@ -194,7 +269,13 @@ fn serve_client(stream: UnixStream, daemon: &ControlHandles) {
 /// it sends meanwhile is read and ignored.
 fn stream_events(out: &mut UnixStream, daemon: &ControlHandles, backlog: bool) -> io::Result<()> {
     let rx = daemon.events.subscribe(backlog);
-    jsonl::write_message(out, &json!({"ok": true, "events": "subscribed"}))?;
+    jsonl::write_message(
+        out,
+        &Answer {
+            events: Some("subscribed".into()),
+            ..Answer::ok()
+        },
+    )?;
     loop {
         match rx.recv_timeout(EVENTS_IDLE_CHECK) {
             Ok(event) => {
@@ -262,7 +343,18 @@ pub fn subscribe(
     Ok(())
 }
 
-/// Client side: sends one request and returns the answer (used by the CLI and tests).
+/// Client side: sends one request and returns the typed answer (the CLI).
+pub fn request(path: &Path, request: &Request) -> io::Result<Answer> {
+    serde_json::from_value(call(path, request)?).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the daemon's answer is not what this version expects: {e}"),
+        )
+    })
+}
+
+/// Client side: sends one request and returns the answer as JSON, whatever it says
+/// (tests check the wire form with it).
 pub fn call(path: &Path, request: &Request) -> std::io::Result<Value> {
     let stream = UnixStream::connect(path)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -293,6 +385,13 @@ mod tests {
         durability::{Flusher, Mode, Policy},
         region::Region,
     };
+
+    use serde_json::json;
+
+    /// The answer to `line` in its wire form.
+    fn ask(d: &ControlHandles, line: &str) -> Value {
+        serde_json::to_value(answer(d, line)).unwrap()
+    }
 
     fn daemon() -> ControlHandles {
         let dir = tempfile::tempdir().unwrap();
@@ -353,14 +452,14 @@ mod tests {
         let state = tempfile::tempdir().unwrap();
         let d = daemon_with_state(state.path());
         let rx = d.events.subscribe(false);
-        let a = answer(
+        let a = ask(
             &d,
             r#"{"command":"badblocks-inject","offset":4100,"length":10}"#,
         );
         assert_eq!(a["ok"], true, "{a}");
         assert_eq!(a["ranges"], json!([{"offset": 4096, "length": 512}]));
         // Outside the 2 MiB file: ignored, not an error.
-        let a = answer(
+        let a = ask(
             &d,
             r#"{"command":"badblocks-inject","offset":4194304,"length":512}"#,
         );
@@ -373,10 +472,10 @@ mod tests {
         // Persisted before it was published: a fresh daemon on the same state has it.
         let again = daemon_with_state(state.path());
         assert_eq!(
-            answer(&again, r#"{"command":"badblocks-list"}"#)["ranges"],
+            ask(&again, r#"{"command":"badblocks-list"}"#)["ranges"],
             json!([{"offset": 4096, "length": 512}])
         );
-        let a = answer(
+        let a = ask(
             &d,
             r#"{"command":"badblocks-clear","offset":4096,"length":512}"#,
         );
@@ -431,19 +530,19 @@ mod tests {
     fn a_range_past_two_to_the_64_is_refused_and_status_keeps_working() {
         let d = daemon();
         for (offset, length) in [(u64::MAX - 100, 512), (u64::MAX, 1), (4096, 0)] {
-            let a = answer(
+            let a = ask(
                 &d,
                 &format!(r#"{{"command":"badblocks-inject","offset":{offset},"length":{length}}}"#),
             );
             assert_eq!(a["ok"], false, "{a}");
-            let a = answer(
+            let a = ask(
                 &d,
                 &format!(r#"{{"command":"badblocks-clear","offset":{offset},"length":{length}}}"#),
             );
             assert_eq!(a["ok"], false, "{a}");
         }
         // The largest range that fits is fine, clipped to the file.
-        let a = answer(
+        let a = ask(
             &d,
             &format!(
                 r#"{{"command":"badblocks-inject","offset":{},"length":512}}"#,
@@ -455,14 +554,14 @@ mod tests {
             (json!(true), json!([])),
             "{a}"
         );
-        assert_eq!(answer(&d, r#"{"command":"status"}"#)["ok"], true);
+        assert_eq!(ask(&d, r#"{"command":"status"}"#)["ok"], true);
     }
 
     #[test]
     fn events_on_a_request_connection_is_refused_cleanly() {
-        let v = answer(&daemon(), r#"{"command":"events"}"#);
+        let v = ask(&daemon(), r#"{"command":"events"}"#);
         assert_eq!(v["ok"], false);
-        let v = answer(&daemon(), r#"{"command":"status"}"#);
+        let v = ask(&daemon(), r#"{"command":"status"}"#);
         assert_eq!(v["status"]["guard"]["lease"], "");
     }
 

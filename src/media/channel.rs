@@ -9,7 +9,7 @@
 
 use std::{
     io::Write,
-    os::unix::net::UnixStream,
+    os::unix::net::{UnixListener, UnixStream},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Condvar, Mutex,
@@ -26,7 +26,6 @@ use crate::{
     jsonl::{self, LineReader},
     media::ranges::BadRange,
     service::Services,
-    socket::BoundSocket,
 };
 
 /// Name of the virtio-serial port the agent looks for by default.
@@ -111,10 +110,11 @@ impl GuestChannel {
         self.changed.notify_all();
     }
 
-    /// Accepts agent connections on `sock` forever (background thread).
+    /// Accepts agent connections on `listener` forever (background thread); the
+    /// caller keeps the bound socket and removes its path at exit.
     pub fn spawn(
         self: &Arc<Self>,
-        sock: BoundSocket,
+        listener: UnixListener,
         services: &Arc<Services>,
     ) -> std::io::Result<()> {
         let me = self.clone();
@@ -122,8 +122,7 @@ impl GuestChannel {
             "guest-channel",
             |_| {},
             move || {
-                let sock = sock;
-                for conn in sock.listener.incoming() {
+                for conn in listener.incoming() {
                     match conn {
                         Ok(stream) => me.serve(stream),
                         Err(e) => warn!("guest channel accept failed: {e}"),
