@@ -63,11 +63,9 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<BoundSocket, SocketError
         }
     }
     // Bind under a umask that leaves no window in which others could connect.
-    // SAFETY: umask only swaps the process's file mode mask.
-    let old = unsafe { libc::umask(0o177) };
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
     let bound = UnixListener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
+    rustix::process::umask(old);
     let listener = bound.map_err(|source| SocketError::Bind {
         path: path.to_owned(),
         source,

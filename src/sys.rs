@@ -42,32 +42,27 @@ fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
 
 /// The inode flags (`lsattr`) of the file.
 pub fn get_flags(file: &File) -> io::Result<libc::c_int> {
-    let mut flags: libc::c_int = 0;
-    // SAFETY: valid fd; the kernel writes one int to the valid out-pointer.
-    check(unsafe { libc::ioctl(file.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) })?;
-    Ok(flags)
+    Ok(rustix::fs::ioctl_getflags(file)?.bits() as libc::c_int)
 }
 
 /// Sets or clears `flag` in the inode flags, leaving the others as they are.
 pub fn set_flag(file: &File, flag: libc::c_int, on: bool) -> io::Result<()> {
     let old = get_flags(file)?;
-    let mut new = if on { old | flag } else { old & !flag };
+    let new = if on { old | flag } else { old & !flag };
     if new == old {
         return Ok(());
     }
-    // SAFETY: valid fd; the kernel reads one int from the valid pointer.
-    check(unsafe { libc::ioctl(file.as_raw_fd(), libc::FS_IOC_SETFLAGS, &mut new) })?;
+    rustix::fs::ioctl_setflags(file, rustix::fs::IFlags::from_bits_retain(new as u32))?;
     Ok(())
 }
 
 /// fallocate(2) with `mode` over `[offset, offset + len)`.
 pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let mode = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
     loop {
-        // SAFETY: plain syscall on a valid fd.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
-        match check(rc) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            r => return r.map(drop),
+        match rustix::fs::fallocate(file, mode, offset, len) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => return Ok(r?),
         }
     }
 }
@@ -142,8 +137,7 @@ pub fn release_lease(file: &File) -> io::Result<()> {
 
 /// The calling thread's kernel thread id.
 pub fn gettid() -> libc::pid_t {
-    // SAFETY: gettid cannot fail.
-    unsafe { libc::gettid() }
+    rustix::thread::gettid().as_raw_nonzero().get()
 }
 
 /// A signal set holding just `sig`.

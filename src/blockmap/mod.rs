@@ -20,8 +20,9 @@ use std::{
 
 use serde::Serialize;
 
-// linux/fiemap.h
-const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+// linux/fiemap.h: _IOWR('f', 11, struct fiemap), the header without its extents.
+const FS_IOC_FIEMAP: rustix::ioctl::Opcode =
+    rustix::ioctl::opcode::read_write::<FiemapHeader>(b'f', 11);
 const FIEMAP_FLAG_SYNC: u32 = 0x0000_0001;
 const FIEMAP_EXTENT_LAST: u32 = 0x0000_0001;
 const FIEMAP_EXTENT_UNKNOWN: u32 = 0x0000_0002;
@@ -35,8 +36,6 @@ const FIEMAP_EXTENT_UNWRITTEN: u32 = 0x0000_0800;
 const FIEMAP_EXTENT_SHARED: u32 = 0x0000_2000;
 /// Extents fetched per ioctl call.
 const EXTENTS_PER_CALL: usize = 512;
-// linux/stat.h
-const STATX_ATTR_DAX: u64 = 0x0020_0000;
 
 /// Flags that break the promise "a write through the mapping needs no metadata", each
 /// with the name used in reports.
@@ -63,14 +62,21 @@ struct FiemapExtent {
     fe_reserved: [u32; 3],
 }
 
+/// `struct fiemap` (its size is part of the ioctl number).
 #[repr(C)]
-struct FiemapRequest {
+struct FiemapHeader {
     fm_start: u64,
     fm_length: u64,
     fm_flags: u32,
     fm_mapped_extents: u32,
     fm_extent_count: u32,
     fm_reserved: u32,
+}
+
+/// `struct fiemap` followed by room for the extents the kernel fills in.
+#[repr(C)]
+struct FiemapRequest {
+    header: FiemapHeader,
     fm_extents: [FiemapExtent; EXTENTS_PER_CALL],
 }
 
@@ -201,21 +207,29 @@ pub fn read_extents_with(file: &File, size: u64, sync: bool) -> io::Result<Vec<E
 
 fn fiemap(fd: RawFd, start: u64, length: u64, flags: u32) -> io::Result<Vec<Extent>> {
     let mut req = Box::new(FiemapRequest {
-        fm_start: start,
-        fm_length: length,
-        fm_flags: flags,
-        fm_mapped_extents: 0,
-        fm_extent_count: EXTENTS_PER_CALL as u32,
-        fm_reserved: 0,
+        header: FiemapHeader {
+            fm_start: start,
+            fm_length: length,
+            fm_flags: flags,
+            fm_mapped_extents: 0,
+            fm_extent_count: EXTENTS_PER_CALL as u32,
+            fm_reserved: 0,
+        },
         fm_extents: [FiemapExtent::default(); EXTENTS_PER_CALL],
     });
     // SAFETY: `req` is a properly laid out `struct fiemap` followed by room for
     // `fm_extent_count` extents, valid and exclusively borrowed for the call.
-    let rc = unsafe { libc::ioctl(fd, FS_IOC_FIEMAP as _, &mut *req as *mut FiemapRequest) };
+    let rc = unsafe {
+        libc::ioctl(
+            fd,
+            FS_IOC_FIEMAP as libc::c_ulong,
+            &mut *req as *mut FiemapRequest,
+        )
+    };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    let n = (req.fm_mapped_extents as usize).min(EXTENTS_PER_CALL);
+    let n = (req.header.fm_mapped_extents as usize).min(EXTENTS_PER_CALL);
     Ok(req.fm_extents[..n]
         .iter()
         .map(|e| Extent {
@@ -294,35 +308,17 @@ pub fn fingerprint(extents: &[Extent]) -> u64 {
 
 /// The filesystem type of the file (fstatfs magic).
 pub fn filesystem_of(file: &File) -> io::Result<Filesystem> {
-    // SAFETY: zeroed statfs is a valid out-parameter.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd and a valid, exclusively borrowed out-parameter.
-    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let st = rustix::fs::fstatfs(file)?;
     #[allow(clippy::unnecessary_cast)]
     Ok(Filesystem::from_magic(st.f_type as i64))
 }
 
 /// Whether DAX is in effect for this file (statx STATX_ATTR_DAX, Linux >= 5.8).
 pub fn dax_active(file: &File) -> io::Result<bool> {
-    // SAFETY: zeroed statx is a valid out-parameter.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    let empty = c"";
-    // SAFETY: valid fd, NUL-terminated empty path with AT_EMPTY_PATH, valid out-param.
-    let rc = unsafe {
-        libc::statx(
-            file.as_raw_fd(),
-            empty.as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_BASIC_STATS,
-            &mut stx,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(stx.stx_attributes_mask & STATX_ATTR_DAX != 0 && stx.stx_attributes & STATX_ATTR_DAX != 0)
+    use rustix::fs::{statx, AtFlags, StatxAttributes, StatxFlags};
+    let stx = statx(file, "", AtFlags::EMPTY_PATH, StatxFlags::BASIC_STATS)?;
+    let dax = StatxAttributes::DAX;
+    Ok(stx.stx_attributes_mask.contains(dax) && stx.stx_attributes.contains(dax))
 }
 
 /// Whether the kernel grants a MAP_SHARED_VALIDATE|MAP_SYNC mapping of the file (only
@@ -331,9 +327,9 @@ pub fn dax_active(file: &File) -> io::Result<bool> {
 /// same way for both).
 pub fn map_sync_possible(file: &File) -> bool {
     let len = 4096;
-    // SAFETY: plain fcntl on a valid fd.
-    let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-    let prot = if fl >= 0 && fl & libc::O_ACCMODE == libc::O_RDONLY {
+    let read_only = rustix::fs::fcntl_getfl(file)
+        .is_ok_and(|fl| fl & rustix::fs::OFlags::ACCMODE == rustix::fs::OFlags::RDONLY);
+    let prot = if read_only {
         libc::PROT_READ
     } else {
         libc::PROT_READ | libc::PROT_WRITE
@@ -404,6 +400,13 @@ pub fn watch_fingerprint(file: &File) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fiemap_ioctl_number_is_the_kernels() {
+        // linux/fs.h on x86_64: _IOWR('f', 11, struct fiemap) with a 32-byte header.
+        assert_eq!(std::mem::size_of::<FiemapHeader>(), 32);
+        assert_eq!(FS_IOC_FIEMAP as u64, 0xC020_660B);
+    }
 
     fn ext(logical: u64, length: u64, flags: u32) -> Extent {
         Extent {

@@ -13,10 +13,7 @@ pub mod status;
 
 use std::{
     io,
-    os::{
-        fd::AsRawFd,
-        unix::net::{UnixListener, UnixStream},
-    },
+    os::unix::net::{UnixListener, UnixStream},
     path::Path,
     sync::{mpsc::RecvTimeoutError, Arc},
     thread,
@@ -295,26 +292,11 @@ fn stream_events(out: &mut UnixStream, daemon: &ControlHandles, backlog: bool) -
 fn peer_closed(stream: &UnixStream) -> io::Result<bool> {
     let mut buf = [0u8; 512];
     loop {
-        // SAFETY: valid fd and buffer of the given length.
-        let n = unsafe {
-            libc::recv(
-                stream.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        match n {
-            0 => return Ok(true),
-            n if n > 0 => continue,
-            _ => {
-                let e = io::Error::last_os_error();
-                return match e.kind() {
-                    io::ErrorKind::WouldBlock => Ok(false),
-                    io::ErrorKind::Interrupted => continue,
-                    _ => Err(e),
-                };
-            }
+        match rustix::net::recv(stream, &mut buf[..], rustix::net::RecvFlags::DONTWAIT) {
+            Ok((0, _)) => return Ok(true),
+            Ok(_) | Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::AGAIN) => return Ok(false),
+            Err(e) => return Err(e.into()),
         }
     }
 }
