@@ -33,9 +33,12 @@ pub enum Mode {
     Auto,
     /// DAX host file, MAP_SYNC-capable, immutable block map: flushes make no syscall.
     Direct,
-    /// Page-cache host, immutable block map: one fdatasync per batch of flushes.
+    /// Any writable file: one fdatasync per batch of flushes. Correct for any file
+    /// (fdatasync commits the allocation metadata a later read needs); with an
+    /// immutable block map it needs no journal commit.
     Datasync,
-    /// Any file: one fsync per batch of flushes (the compatibility floor).
+    /// One fsync per batch of flushes (also commits timestamps; never needed for
+    /// the guest's data, kept for operators who want it).
     Fsync,
     /// No persistence at all; for scratch guests only.
     Volatile,
@@ -48,7 +51,8 @@ pub enum Mode {
 pub enum Policy {
     /// Data reaches media through the guest's own cache flushes; nothing to do.
     Direct = 0,
-    /// fdatasync: data writeback only, no journal commit needed.
+    /// fdatasync: data writeback, plus a journal commit only when the block map
+    /// changed since the last one (never, for an immutable map).
     Datasync = 1,
     /// fsync: data and metadata.
     Fsync = 2,
@@ -69,9 +73,10 @@ impl Policy {
         }
     }
 
-    /// Whether this policy relies on the block map staying immutable.
+    /// Whether this policy relies on the block map staying immutable (only `direct`:
+    /// its flushes make no syscall, so nothing would commit a changed map).
     pub fn needs_immutable_map(self) -> bool {
-        matches!(self, Self::Direct | Self::Datasync)
+        matches!(self, Self::Direct)
     }
 
     /// What the policy promises a guest, in one line (for logs and `status`).
@@ -80,9 +85,7 @@ impl Policy {
             Self::Direct => {
                 "a guest cache flush is durable by itself; flush requests make no syscall"
             }
-            Self::Datasync => {
-                "each flush request is durable after one shared fdatasync (no journal commit)"
-            }
+            Self::Datasync => "each flush request is durable after one shared fdatasync",
             Self::Fsync => "each flush request is durable after one shared fsync",
             Self::Volatile => {
                 "NOTHING IS PERSISTENT: flushes are acknowledged without making data durable"
@@ -122,8 +125,6 @@ pub enum ModeError {
         dax: bool,
         map_sync: bool,
     },
-    #[error("mode auto found no durable mode for {0}; pass --mode volatile explicitly for a scratch guest")]
-    NothingDurable(String),
 }
 
 /// Picks the policy for `mode`, returning it with the reason (for logs and `status`).
@@ -169,38 +170,50 @@ pub fn choose_policy(
             if !immutable {
                 return Err(not_immutable(mode));
             }
-            Ok((Policy::Direct, "requested; DAX with MAP_SYNC and an immutable block map".into()))
+            Ok((
+                Policy::Direct,
+                "requested; DAX with MAP_SYNC and an immutable block map".into(),
+            ))
         }
-        Mode::Datasync => {
-            if !immutable {
-                return Err(not_immutable(mode));
-            }
-            Ok((Policy::Datasync, "requested; the block map is immutable".into()))
-        }
+        Mode::Datasync => Ok((
+            Policy::Datasync,
+            format!("requested; {}", datasync_cost(verdict)),
+        )),
         Mode::Fsync => Ok((Policy::Fsync, "requested".into())),
-        Mode::Volatile => Ok((Policy::Volatile, "requested explicitly with --mode volatile".into())),
+        Mode::Volatile => Ok((
+            Policy::Volatile,
+            "requested explicitly with --mode volatile".into(),
+        )),
         Mode::Auto => match verdict {
             Some(v) if v.immutable() && v.dax && v.map_sync => Ok((
                 Policy::Direct,
-                format!("auto: {} with DAX and MAP_SYNC, immutable block map ({} extents)", v.filesystem, v.extents),
-            )),
-            Some(v) if v.immutable() => Ok((
-                Policy::Datasync,
-                format!("auto: immutable block map ({} extents) on {} without DAX", v.extents, v.filesystem),
-            )),
-            Some(v) => Ok((
-                Policy::Fsync,
                 format!(
-                    "auto: block map not immutable ({} problem range(s), first: {}); every flush needs fsync",
-                    v.problems.len(),
-                    v.problems.first().map_or("empty file".to_string(), ToString::to_string)
+                    "auto: {} with DAX and MAP_SYNC, immutable block map ({} extents)",
+                    v.filesystem, v.extents
                 ),
             )),
-            None => Ok((
-                Policy::Fsync,
-                "auto: the block map could not be read (no FIEMAP on this filesystem); every flush needs fsync".into(),
+            _ => Ok((
+                Policy::Datasync,
+                format!("auto: {}", datasync_cost(verdict)),
             )),
         },
+    }
+}
+
+/// What a `datasync` flush costs for this verdict: whether it will commit the journal.
+fn datasync_cost(verdict: Option<&Verdict>) -> String {
+    match verdict {
+        Some(v) if v.immutable() => format!(
+            "immutable block map ({} extents) on {}: a flush is data writeback only, no journal commit",
+            v.extents, v.filesystem
+        ),
+        Some(v) => format!(
+            "block map not immutable ({} problem range(s), first: {}): a flush that follows an allocation \
+             or conversion also commits the journal (`vhost-device-pmem prepare` avoids that)",
+            v.problems.len(),
+            v.problems.first().map_or("empty file".to_string(), ToString::to_string)
+        ),
+        None => "the block map could not be read (no FIEMAP here): a flush may commit the journal".into(),
     }
 }
 
@@ -539,20 +552,22 @@ impl Flusher {
         }
     }
 
-    /// The block-map promise is gone: from now on every flush is an fsync. One way:
-    /// only a restart (and a fresh verdict) goes back. Before it returns, the whole
-    /// file is made durable, which covers the flushes acknowledged while the map was
-    /// already changing and the change not yet seen (in `direct` mode those made no
-    /// syscall). Returns false if the policy did not rely on the map (nothing to do).
-    pub fn downgrade_to_fsync(&self, reason: &str) -> bool {
+    /// The block-map promise `direct` relies on is gone: from now on every flush is
+    /// an fdatasync (correct for any file). One way: only a restart (and a fresh
+    /// verdict) goes back. Before it returns, the whole file is made durable, which
+    /// covers the flushes acknowledged while the map was already changing and the
+    /// change not yet seen (they made no syscall). Returns false if the policy did
+    /// not rely on the map (nothing to do: a `datasync` flush commits whatever
+    /// changed).
+    pub fn downgrade(&self, reason: &str) -> bool {
         let old = self.policy();
         if !old.needs_immutable_map() {
             return false;
         }
         *lock(&self.downgrade_reason) = Some(reason.to_string());
-        self.policy.store(Policy::Fsync as u8, Ordering::Release);
+        self.policy.store(Policy::Datasync as u8, Ordering::Release);
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        log::error!("durability downgraded from {old} to fsync: {reason}");
+        log::error!("durability downgraded from {old} to datasync: {reason}");
         if !self.failed() {
             if let Err(e) = self.sync(Policy::Fsync) {
                 self.latch(SyncContext::Downgrade, &e, 0);
@@ -618,15 +633,26 @@ mod tests {
         let p = |v: &Verdict| choose_policy(Mode::Auto, false, Some(v), f).unwrap().0;
         assert_eq!(p(&verdict(vec![], true)), Policy::Direct);
         assert_eq!(p(&verdict(vec![], false)), Policy::Datasync);
-        assert_eq!(p(&verdict(vec![hole()], true)), Policy::Fsync);
+        // fdatasync is correct for any file; a map that is not immutable only costs
+        // journal commits.
+        assert_eq!(p(&verdict(vec![hole()], true)), Policy::Datasync);
+        assert_eq!(p(&verdict(vec![hole()], false)), Policy::Datasync);
         assert_eq!(
             choose_policy(Mode::Auto, false, None, f).unwrap().0,
-            Policy::Fsync
+            Policy::Datasync
         );
         assert_eq!(
             choose_policy(Mode::Auto, true, None, f).unwrap().0,
             Policy::ReadOnly
         );
+        let (_, why) =
+            choose_policy(Mode::Auto, false, Some(&verdict(vec![hole()], false)), f).unwrap();
+        assert!(
+            why.contains("commits the journal") && why.contains("prepare"),
+            "{why}"
+        );
+        let (_, why) = choose_policy(Mode::Auto, false, Some(&verdict(vec![], false)), f).unwrap();
+        assert!(why.contains("no journal commit"), "{why}");
     }
 
     #[test]
@@ -636,14 +662,21 @@ mod tests {
             choose_policy(Mode::Direct, false, Some(&verdict(vec![], false)), f),
             Err(ModeError::NotDax { .. })
         ));
-        let e = choose_policy(
-            Mode::Datasync,
-            false,
-            Some(&verdict(vec![hole()], false)),
-            f,
-        )
-        .unwrap_err();
+        let e =
+            choose_policy(Mode::Direct, false, Some(&verdict(vec![hole()], true)), f).unwrap_err();
         assert!(e.to_string().contains("prepare"), "{e}");
+        // Only direct needs an immutable map.
+        assert_eq!(
+            choose_policy(
+                Mode::Datasync,
+                false,
+                Some(&verdict(vec![hole()], false)),
+                f
+            )
+            .unwrap()
+            .0,
+            Policy::Datasync
+        );
         assert_eq!(
             choose_policy(Mode::Fsync, false, None, f).unwrap().0,
             Policy::Fsync
@@ -656,15 +689,19 @@ mod tests {
 
     #[test]
     fn downgrade_is_one_way_and_counts_syncs() {
-        let fl = Flusher::new(tempfile::tempfile().unwrap(), Policy::Datasync);
+        let fl = Flusher::new(tempfile::tempfile().unwrap(), Policy::Direct);
         fl.flush_batch(3, Instant::now()).unwrap();
-        assert!(fl.downgrade_to_fsync("map changed"));
-        assert_eq!(fl.policy(), Policy::Fsync);
-        assert!(!fl.downgrade_to_fsync("again"));
+        assert!(fl.downgrade("map changed"));
+        assert_eq!(fl.policy(), Policy::Datasync);
+        assert!(!fl.downgrade("again"));
         fl.flush_batch(1, Instant::now()).unwrap();
         let s = fl.stats.snapshot();
-        // One sync per batch, and one for the downgrade itself.
-        assert_eq!((s.flush_requests, s.batches, s.syncs), (4, 2, 3));
+        // No sync for the direct batch; one for the downgrade, one for the next batch.
+        assert_eq!((s.flush_requests, s.batches, s.syncs), (4, 2, 2));
+        // datasync and fsync do not rely on the map: nothing to downgrade.
+        for p in [Policy::Datasync, Policy::Fsync] {
+            assert!(!Flusher::new(tempfile::tempfile().unwrap(), p).downgrade("map changed"));
+        }
         assert_eq!(fl.downgrade_reason().as_deref(), Some("map changed"));
     }
 
@@ -732,12 +769,12 @@ mod tests {
         let fl = Flusher::new(tempfile::tempfile().unwrap(), Policy::Direct);
         fl.flush_batch(4, Instant::now()).unwrap();
         assert_eq!(fl.stats.snapshot().syncs, 0);
-        assert!(fl.downgrade_to_fsync("map changed"));
+        assert!(fl.downgrade("map changed"));
         assert_eq!(fl.stats.snapshot().syncs, 1);
         assert_eq!(fl.health(), Health::Downgraded);
         // And a downgrade whose sync fails latches the failure.
         let fl = Flusher::new(failing_file(), Policy::Direct);
-        assert!(fl.downgrade_to_fsync("map changed"));
+        assert!(fl.downgrade("map changed"));
         assert_eq!(fl.failure().unwrap().context, SyncContext::Downgrade);
         assert_eq!(fl.health(), Health::Failed);
     }

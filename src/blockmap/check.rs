@@ -93,7 +93,7 @@ pub fn check(path: &Path) -> io::Result<CheckReport> {
             .map_or_else(|_| "an unknown filesystem".to_string(), |f| f.to_string());
         io::Error::new(
             e.kind(),
-            format!("cannot read the block map (FIEMAP) on {fs}: {e}; serve --mode auto would fall back to fsync"),
+            format!("cannot read the block map (FIEMAP) on {fs}: {e}; serve --mode auto would use datasync, whose flushes may then commit the journal"),
         )
     })?;
     Ok(report(path, &file, &verdict))
@@ -220,7 +220,12 @@ mod tests {
         assert!(!r.immutable);
         assert_eq!(r.exit_code(), EXIT_NOT_IMMUTABLE);
         assert_eq!(r.problems[0].kinds, vec!["hole".to_string()]);
-        assert_eq!(r.auto_policy, Policy::Fsync);
+        assert_eq!(r.auto_policy, Policy::Datasync);
+        assert!(
+            r.auto_reason.contains("commits the journal"),
+            "{}",
+            r.auto_reason
+        );
         let text = render_text(&r);
         assert!(text.contains("NOT IMMUTABLE"), "{text}");
         assert!(text.contains("prepare"), "{text}");
@@ -240,7 +245,7 @@ mod tests {
         ] {
             assert!(v.get(key).is_some(), "missing {key}: {v}");
         }
-        assert_eq!(v["auto_policy"], "fsync");
+        assert_eq!(v["auto_policy"], "datasync");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //!
 //! Owns: the watcher thread, the lease and the seal. Never writes file data and never
 //! strengthens the policy: when the map changed it only calls the one-way
-//! [`Flusher::downgrade_to_fsync`](crate::durability::Flusher::downgrade_to_fsync).
+//! [`Flusher::downgrade`](crate::durability::Flusher::downgrade).
 
 use std::{
     fs::File,
@@ -201,7 +201,7 @@ pub fn start(
                 let from = flusher.policy();
                 let reason =
                     format!("the block-map guard stopped ({why}); the map is no longer watched");
-                if flusher.downgrade_to_fsync(&reason) {
+                if flusher.downgrade(&reason) {
                     orphan.events.publish(EventKind::PolicyDowngraded {
                         from: from.to_string(),
                         to: flusher.policy().to_string(),
@@ -456,7 +456,7 @@ impl Watcher {
         self.change_reported = true;
         let flusher = &self.daemon.region.flusher;
         let from = flusher.policy();
-        if flusher.downgrade_to_fsync(&reason) {
+        if flusher.downgrade(&reason) {
             self.daemon.events.publish(EventKind::PolicyDowngraded {
                 from: from.to_string(),
                 to: flusher.policy().to_string(),
