@@ -107,6 +107,9 @@ impl Daemon {
     }
 }
 
+/// How long the services may take to stop at exit.
+const SERVICE_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs the daemon until SIGINT/SIGTERM: serves one VMM connection after another on
 /// the same socket, resetting the device between them.
 pub fn serve(config: Config) -> Result<(), Error> {
@@ -211,6 +214,9 @@ pub fn serve(config: Config) -> Result<(), Error> {
         serve_connection(&daemon, &mut listener, &current, &stop)?;
     }
 
+    // One signal stops every service (accept loops, media sources, retries); then
+    // the data is made durable.
+    daemon.services.stop_all(SERVICE_STOP_GRACE);
     let result = match daemon.region.flusher.final_sync(SyncContext::Shutdown) {
         Ok(()) => {
             info!(

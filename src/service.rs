@@ -2,19 +2,23 @@
 //! The daemon's long-lived threads (guard, media sources, control server, guest
 //! channel): one way to start them, so that none dies silently.
 //!
-//! Owns: the thread boundary. A panic there is caught, logged, recorded for `status`
-//! and handed to the service's own last word (the guard's is "make the data durable
-//! and stop claiming an immutable map"). Never decides what a service does.
+//! Owns: the thread boundary and the one shutdown signal. A panic is caught there,
+//! logged, recorded for `status` and handed to the service's own last word (the
+//! guard's is "make the data durable and stop claiming an immutable map"). At exit
+//! every service is asked to stop at once and joined. Never decides what a service
+//! does.
 
 use std::{
     any::Any,
     io,
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     panic::{self, AssertUnwindSafe},
-    sync::{Arc, Mutex},
+    sync::{Arc, Condvar, Mutex},
     thread::{self, JoinHandle},
+    time::{Duration, Instant},
 };
 
-use log::error;
+use log::{error, warn};
 use serde::{Deserialize, Serialize};
 
 /// A service thread that ended by panicking.
@@ -26,16 +30,113 @@ pub struct ServiceFailure {
     pub at: String,
 }
 
-/// The record of service threads that died.
-#[derive(Default)]
+/// The daemon's service threads: how they started, which died, and the signal that
+/// stops them all.
 pub struct Services {
     failed: Mutex<Vec<ServiceFailure>>,
+    stopping: Mutex<bool>,
+    stop_wake: Condvar,
+    /// Readable once shutdown was asked for (never reset), for services that wait in
+    /// poll(2).
+    stop_fd: OwnedFd,
+    threads: Mutex<Vec<(String, JoinHandle<()>)>>,
+    /// Run once at shutdown, for services that wait in something neither a sleep
+    /// nor a poll of `stop_fd` can interrupt (a connection's read).
+    on_shutdown: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Default for Services {
+    fn default() -> Self {
+        Self {
+            failed: Mutex::default(),
+            stopping: Mutex::new(false),
+            stop_wake: Condvar::new(),
+            stop_fd: rustix::event::eventfd(
+                0,
+                rustix::event::EventfdFlags::NONBLOCK | rustix::event::EventfdFlags::CLOEXEC,
+            )
+            .expect("eventfd"),
+            threads: Mutex::default(),
+            on_shutdown: Mutex::default(),
+        }
+    }
 }
 
 impl Services {
-    /// Starts `body` on a thread called `name`. If it panics, the panic is logged and
-    /// recorded, then `last_word` runs with the reason (on the same thread).
-    pub fn spawn<F, L>(
+    /// Starts a service that runs until [`Self::shutdown`]; it is joined by
+    /// [`Self::stop_all`]. See [`Self::spawn_owned`] for the panic handling.
+    pub fn spawn<F, L>(self: &Arc<Self>, name: &str, last_word: L, body: F) -> io::Result<()>
+    where
+        F: FnOnce() + Send + 'static,
+        L: FnOnce(&str) + Send + 'static,
+    {
+        let handle = self.spawn_owned(name, last_word, body)?;
+        lock(&self.threads).push((name.to_string(), handle));
+        Ok(())
+    }
+
+    /// Whether shutdown was asked for.
+    pub fn stopping(&self) -> bool {
+        *lock(&self.stopping)
+    }
+
+    /// Sleeps up to `d`, or less if shutdown is asked for; returns whether it was.
+    pub fn sleep(&self, d: Duration) -> bool {
+        let guard = lock(&self.stopping);
+        let (guard, _) = self
+            .stop_wake
+            .wait_timeout_while(guard, d, |stopping| !*stopping)
+            .unwrap_or_else(|p| p.into_inner());
+        *guard
+    }
+
+    /// A descriptor that becomes readable when shutdown is asked for.
+    pub fn stop_fd(&self) -> BorrowedFd<'_> {
+        self.stop_fd.as_fd()
+    }
+
+    /// Runs `f` at shutdown (at once if shutdown was already asked for).
+    pub fn on_shutdown(&self, f: Box<dyn FnOnce() + Send>) {
+        if self.stopping() {
+            f();
+        } else {
+            lock(&self.on_shutdown).push(f);
+        }
+    }
+
+    /// The one shutdown signal: every service sees it at its next wait.
+    pub fn shutdown(&self) {
+        *lock(&self.stopping) = true;
+        self.stop_wake.notify_all();
+        let _ = rustix::io::write(&self.stop_fd, &1u64.to_ne_bytes());
+        for f in std::mem::take(&mut *lock(&self.on_shutdown)) {
+            f();
+        }
+    }
+
+    /// Asks every service to stop and joins them, waiting at most `grace` in all; a
+    /// service still busy then (a scrub in the middle of a read) is named and left
+    /// to end with the process.
+    pub fn stop_all(&self, grace: Duration) {
+        self.shutdown();
+        let deadline = Instant::now() + grace;
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        for (name, handle) in threads {
+            while !handle.is_finished() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
+            }
+            if handle.is_finished() {
+                let _ = handle.join();
+            } else {
+                warn!("service {name} did not stop within {grace:?}; it ends with the process");
+            }
+        }
+    }
+
+    /// Starts `body` on a thread called `name` and hands back its handle (the caller
+    /// stops and joins it). If it panics, the panic is logged and recorded, then
+    /// `last_word` runs with the reason (on the same thread).
+    pub fn spawn_owned<F, L>(
         self: &Arc<Self>,
         name: &str,
         last_word: L,
@@ -51,14 +152,11 @@ impl Services {
             if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(body)) {
                 let reason = panic_message(payload.as_ref());
                 error!("service thread {service} died: {reason}");
-                me.failed
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(ServiceFailure {
-                        service,
-                        reason: reason.clone(),
-                        at: crate::control::events::rfc3339_now(),
-                    });
+                lock(&me.failed).push(ServiceFailure {
+                    service,
+                    reason: reason.clone(),
+                    at: crate::control::events::rfc3339_now(),
+                });
                 last_word(&reason);
             }
         })
@@ -66,10 +164,33 @@ impl Services {
 
     /// Services that died, in order.
     pub fn failures(&self) -> Vec<ServiceFailure> {
-        self.failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.failed).clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Waits until `fd` is readable (true) or shutdown is asked for (false).
+pub fn wait_readable(services: &Services, fd: BorrowedFd<'_>) -> io::Result<bool> {
+    use rustix::event::{poll, PollFd, PollFlags};
+    loop {
+        let mut fds = [
+            PollFd::new(&fd, PollFlags::IN),
+            PollFd::new(&services.stop_fd, PollFlags::IN),
+        ];
+        match poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        if !fds[1].revents().is_empty() {
+            return Ok(false);
+        }
+        if !fds[0].revents().is_empty() {
+            return Ok(true);
+        }
     }
 }
 
@@ -92,7 +213,7 @@ mod tests {
         let services = Arc::new(Services::default());
         let (tx, rx) = mpsc::channel();
         services
-            .spawn(
+            .spawn_owned(
                 "doomed",
                 move |why| tx.send(why.to_string()).unwrap(),
                 || panic!("boom {}", 7),
@@ -108,7 +229,7 @@ mod tests {
         );
         // A service that returns normally is no failure.
         services
-            .spawn("fine", |_| unreachable!(), || {})
+            .spawn_owned("fine", |_| unreachable!(), || {})
             .unwrap()
             .join()
             .unwrap();

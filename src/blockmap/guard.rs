@@ -193,7 +193,7 @@ pub fn start(
     };
     let orphan = daemon.clone();
     let handle = services
-        .spawn(
+        .spawn_owned(
             "guard",
             // Nothing watches the map any more: stop relying on it, durably.
             move |why| {

@@ -13,7 +13,10 @@ pub mod status;
 
 use std::{
     io,
-    os::unix::net::{UnixListener, UnixStream},
+    os::{
+        fd::AsFd,
+        unix::net::{UnixListener, UnixStream},
+    },
     path::Path,
     sync::{mpsc::RecvTimeoutError, Arc},
     thread,
@@ -31,7 +34,7 @@ use crate::{
     jsonl::{self, Line, LineReader},
     media::{ranges::BadRange, MediaErrors, Source},
     region::Region,
-    service::Services,
+    service::{self, Services},
 };
 
 /// A control request.
@@ -213,13 +216,14 @@ pub fn spawn(
     daemon: ControlHandles,
     services: &Arc<Services>,
 ) -> std::io::Result<()> {
+    let svc = services.clone();
     services.spawn(
         "control",
         |_| {},
         move || {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(stream) => {
+            while let Ok(true) = service::wait_readable(&svc, listener.as_fd()) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
                         let d = daemon.clone();
                         let _ = thread::Builder::new()
                             .name("control-client".into())
@@ -229,8 +233,7 @@ pub fn spawn(
                 }
             }
         },
-    )?;
-    Ok(())
+    )
 }
 
 fn serve_client(stream: UnixStream, daemon: &ControlHandles) {

@@ -9,7 +9,10 @@
 
 use std::{
     io::Write,
-    os::unix::net::{UnixListener, UnixStream},
+    os::{
+        fd::AsFd,
+        unix::net::{UnixListener, UnixStream},
+    },
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Condvar, Mutex,
@@ -25,7 +28,7 @@ use crate::{
     device::queue::GuestLog,
     jsonl::{self, LineReader},
     media::ranges::BadRange,
-    service::Services,
+    service::{self, Services},
 };
 
 /// Name of the virtio-serial port the agent looks for by default.
@@ -83,6 +86,8 @@ pub struct GuestChannel {
     list: Mutex<(u64, Vec<BadRange>)>,
     changed: Condvar,
     pub state: Mutex<AgentState>,
+    /// The connection being served, so shutdown can end it.
+    current: Arc<Mutex<Option<UnixStream>>>,
     /// Lines from the agent that were not a message (too long, not JSON, ...).
     pub bad_messages: AtomicU64,
 }
@@ -98,6 +103,7 @@ impl GuestChannel {
             list: Mutex::new((0, ranges)),
             changed: Condvar::new(),
             state: Mutex::default(),
+            current: Arc::default(),
             bad_messages: AtomicU64::new(0),
         })
     }
@@ -118,19 +124,35 @@ impl GuestChannel {
         services: &Arc<Services>,
     ) -> std::io::Result<()> {
         let me = self.clone();
+        // A connection in progress ends at shutdown: its stream is shut down, the
+        // reader sees the end and wakes the pushing side.
+        let current = self.current.clone();
+        services.on_shutdown(Box::new(move || {
+            if let Some(s) = current.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }));
+        let svc = services.clone();
         services.spawn(
             "guest-channel",
             |_| {},
             move || {
-                for conn in listener.incoming() {
-                    match conn {
-                        Ok(stream) => me.serve(stream),
+                while let Ok(true) = service::wait_readable(&svc, listener.as_fd()) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            if let Ok(s) = stream.try_clone() {
+                                *me.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+                            }
+                            if !svc.stopping() {
+                                me.serve(stream);
+                            }
+                            me.current.lock().unwrap_or_else(|p| p.into_inner()).take();
+                        }
                         Err(e) => warn!("guest channel accept failed: {e}"),
                     }
                 }
             },
-        )?;
-        Ok(())
+        )
     }
 
     fn serve(self: &Arc<Self>, stream: UnixStream) {

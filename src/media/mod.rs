@@ -15,7 +15,6 @@ use std::{
     fmt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    thread,
     time::{Duration, Instant},
 };
 
@@ -30,7 +29,7 @@ use self::{
 use crate::{
     blockmap,
     control::events::{EventHub, EventKind},
-    service::Services,
+    service::{self, Services},
     state::{Kind, StateFiles},
 };
 
@@ -151,7 +150,8 @@ impl MediaErrors {
             "badblocks-save",
             |_| {},
             move || loop {
-                thread::sleep(PERSIST_RETRY);
+                // At shutdown: one last try, then give up (the error is logged).
+                let last = me.services.sleep(PERSIST_RETRY);
                 let set = lock(&me.ranges).clone();
                 match me.state.save(Kind::BadRanges, &RangesRecord::from(&set)) {
                     Ok(()) => {
@@ -164,10 +164,15 @@ impl MediaErrors {
                         return;
                     }
                     Err(e) => {
-                        *lock(&me.persist_error) = Some(format!(
+                        let msg = format!(
                             "cannot write {}: {e}",
                             me.state.path(Kind::BadRanges).display()
-                        ));
+                        );
+                        if last {
+                            error!("media errors: at exit, {msg}: the last bad-range changes are lost with the process");
+                            return;
+                        }
+                        *lock(&me.persist_error) = Some(msg);
                     }
                 }
             },
@@ -315,7 +320,10 @@ impl MediaErrors {
                     }
                     if let Err(e) = watch.wait(period) {
                         error!("media errors: poll {}: {e}", path.display());
-                        thread::sleep(period);
+                        me.services.sleep(period);
+                    }
+                    if me.services.stopping() {
+                        return;
                     }
                 }
             },
@@ -356,13 +364,14 @@ impl MediaErrors {
             "poison-watch",
             |_| {},
             move || loop {
-                let mut pfd = libc::pollfd {
-                    fd: watch.fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd for the duration of the call.
-                unsafe { libc::poll(&mut pfd, 1, -1) };
+                match service::wait_readable(&me.services, watch.fd()) {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => {
+                        error!("memory-failure notices: poll: {e}");
+                        return;
+                    }
+                }
                 let ranges = watch.take();
                 if !ranges.is_empty() {
                     me.report(Source::MemoryFailure, &ranges);
@@ -393,7 +402,9 @@ impl MediaErrors {
                     Ok(_) => info!("scrub of {} found no read errors", me.backing.display()),
                     Err(e) => error!("scrub of {} failed: {e}", me.backing.display()),
                 }
-                thread::sleep(interval);
+                if me.services.sleep(interval) {
+                    return;
+                }
             },
         )?;
         Ok(())

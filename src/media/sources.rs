@@ -354,8 +354,10 @@ impl PoisonWatch {
     }
 
     /// The fd that becomes readable when notices are pending.
-    pub fn fd(&self) -> RawFd {
-        self.read_fd
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        // SAFETY: `read_fd` is this watch's own pipe end, open until it is dropped,
+        // which the borrow's lifetime cannot outlive.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(self.read_fd) }
     }
 
     /// Takes the pending notices that fall in our mapping, as file ranges.
