@@ -177,13 +177,8 @@ impl GuestEnv {
     pub fn boot_vm(&self, dir: &Path, script: &str, opts: &Boot) -> Guest {
         let initrd = self.initrd_for(dir, script, opts);
         let mut cmd = self.qemu(&initrd, "memory-backend=mem");
-        cmd.args([
-            "-object",
-            "memory-backend-ram,id=mem,size=1G",
-            "-m",
-            "1G",
-        ])
-        .args(&opts.qemu_args);
+        cmd.args(["-object", "memory-backend-ram,id=mem,size=1G", "-m", "1G"])
+            .args(&opts.qemu_args);
         Guest::spawn(cmd, dir.join("console.log"))
     }
 
@@ -520,6 +515,30 @@ impl Guest {
         }
         self.save_log();
         rc
+    }
+
+    /// Waits for QEMU to exit on its own (a guest that reset itself: QEMU runs with
+    /// -no-reboot), collecting the console; returns its exit code, or `None` if it
+    /// still ran after `timeout` (it is then killed).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                break Some(st.code().unwrap_or(-1));
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return None;
+            }
+            while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(50)) {
+                self.console.push(l);
+            }
+        };
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.console.push(l);
+        }
+        self.save_log();
+        status
     }
 
     /// SIGKILL, as a crashing VMM would die.
