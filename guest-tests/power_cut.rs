@@ -27,7 +27,7 @@
 //! Knobs (environment): VDP_POWER_CUT_ROUNDS (boots per mode, default 1),
 //! VDP_POWER_CUT_RECORDS (default 40), VDP_POWER_CUT_AT (`last`, the default for the
 //! first round, `random`, the default for later ones, or a record number),
-//! VDP_POWER_CUT_SEED, VDP_LOG_WRITES_RECORDS (default 1000), VDP_LOG_WRITES_MODE
+//! VDP_POWER_CUT_SEED, VDP_LOG_WRITES_RECORDS (default 2000), VDP_LOG_WRITES_MODE
 //! (default `datasync`; `volatile` runs the log-writes negative control, which must
 //! find lost records). Needs `guest-tests/setup.sh` (skips loudly without; fails with
 //! VDP_REQUIRE_GUEST=1).
@@ -419,6 +419,20 @@ impl Binaries {
     }
 }
 
+/// Shell that waits (up to 30 s) for the virtio-blk disks `disks` to appear: the
+/// driver probes them asynchronously. Exits 20 if one does not.
+fn wait_for_disks(disks: &[&str]) -> String {
+    disks
+        .iter()
+        .map(|d| {
+            format!(
+                "i=0; while [ ! -b {d} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done\n\
+                 [ -b {d} ] || {{ echo 'VDP-NO-DISK {d}'; exit 20; }}\n"
+            )
+        })
+        .collect()
+}
+
 /// Shell that makes and mounts ext4 on `$DEV` with background writeback off (so
 /// only what the daemon syncs reaches the disk before a cut) and prepares the served
 /// file. Exits 21 (mkfs), 22 (mount), 23 (prepare).
@@ -645,7 +659,8 @@ fn cut_once(
     File::create(&disk).unwrap().set_len(DISK_SIZE).unwrap();
     let boot = bins.boot(&["mkfs.ext4"], &[&disk]);
     let script = format!(
-        "export PATH=/usr/bin:/bin:/sbin\n{}\n{}\nrc=$?\necho \"VDP-NO-CUT $rc\"\nexit $rc\n",
+        "export PATH=/usr/bin:/bin:/sbin\n{}{}\n{}\nrc=$?\necho \"VDP-NO-CUT $rc\"\nexit $rc\n",
+        wait_for_disks(&["/dev/vda"]),
         host_setup("/dev/vda"),
         inside_cmd(
             mode,
@@ -869,7 +884,7 @@ fn log_writes_every_flush_point() {
     let Some(env) = GuestEnv::load("log_writes_every_flush_point") else {
         return;
     };
-    let records = env_u64("VDP_LOG_WRITES_RECORDS", 1000);
+    let records = env_u64("VDP_LOG_WRITES_RECORDS", 2000);
     let mode = std::env::var("VDP_LOG_WRITES_MODE").unwrap_or_else(|_| "datasync".into());
     let negative = mode == "volatile";
     let nonce = splitmix(seed());
@@ -885,7 +900,7 @@ fn log_writes_every_flush_point() {
     let script = format!(
         r#"export PATH=/usr/bin:/bin:/sbin
 export DM_DISABLE_UDEV=1
-sectors=$(cat /sys/block/vda/size)
+{}sectors=$(cat /sys/block/vda/size)
 /usr/bin/dmsetup --noudevsync create lw --table "0 $sectors log-writes /dev/vda /dev/vdb" || exit 30
 [ -b /dev/mapper/lw ] || exit 30
 {}
@@ -896,6 +911,7 @@ umount /mnt/host || exit 24
 sync
 exit $rc
 "#,
+        wait_for_disks(&["/dev/vda", "/dev/vdb"]),
         host_setup("/dev/mapper/lw"),
         inside_cmd(
             &mode,
@@ -910,7 +926,7 @@ exit $rc
     let boot_time = started.elapsed();
     if rc != 0 {
         guest.dump();
-        panic!("the VM's script failed with {rc} (21 mkfs, 22 mount, 23 prepare, 24 umount, 30 dmsetup create, 31 dmsetup remove, else the test inside)");
+        panic!("the VM's script failed with {rc} (20 no disk, 21 mkfs, 22 mount, 23 prepare, 24 umount, 30 dmsetup create, 31 dmsetup remove, else the test inside)");
     }
     let acks = console_numbers(&guest, "VDP-ACK ");
     assert_eq!(acks, (0..records).collect::<Vec<_>>(), "acknowledgements");
