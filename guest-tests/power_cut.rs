@@ -7,7 +7,8 @@
 //! - `power_cut_datasync`, `power_cut_fsync`: a VM (its disk a file here, QEMU
 //!   cache=writeback, so killing the VM keeps what reached its disk and loses its page
 //!   cache) makes ext4 on /dev/vda with background writeback off, prepares a 64 MiB
-//!   file and runs [`inside_the_host_vm`] from this very test binary (built static):
+//!   file and runs [`inside_the_host_vm`] from this very test binary (built static;
+//!   `#[ignore]`d on the host, where it cannot run):
 //!   it starts the static daemon, plays the VMM with the in-process frontend (plain
 //!   MAP_SHARED mapping, as QEMU 11.1 maps the region), writes numbered 4 KiB records
 //!   through the mapping, sends one FLUSH per record and prints `VDP-ACK i` for each
@@ -150,19 +151,16 @@ const INSIDE_VARS: [&str; 5] = [
 ];
 
 impl Inside {
-    /// The run's parameters, or `None` (said loudly) outside the VM.
-    fn from_env() -> Option<Self> {
+    /// The run's parameters; panics outside the VM (the test is `#[ignore]`d, so it
+    /// runs only when asked for, and asked for outside the VM it must not pass).
+    fn from_env() -> Self {
         let vars: Vec<Option<String>> = INSIDE_VARS.iter().map(|v| std::env::var(v).ok()).collect();
-        if vars.iter().all(Option::is_none) {
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n******** inside_the_host_vm SKIPPED: it runs only inside the VM that \
-                 plays the host (power_cut_* and log_writes_every_flush_point boot it and \
-                 run it there); {} are not set ********\n",
-                INSIDE_VARS.join(", ")
-            );
-            return None;
-        }
+        assert!(
+            vars.iter().any(Option::is_some),
+            "inside_the_host_vm runs only inside the VM that plays the host (power_cut_* and \
+             log_writes_every_flush_point boot it and run it there); {} are not set",
+            INSIDE_VARS.join(", ")
+        );
         let get = |i: usize| {
             vars[i]
                 .clone()
@@ -182,7 +180,7 @@ impl Inside {
                 PathBuf::from(std::env::var("VDP_PC_DMSETUP").expect("VDP_PC_DMSETUP")),
             )
         });
-        Some(Self {
+        Self {
             daemon: get(0).into(),
             file: get(1).into(),
             mode: get(2),
@@ -190,19 +188,19 @@ impl Inside {
             nonce: num(4),
             cut_after,
             mark,
-        })
+        }
     }
 }
 
 /// Runs in the VM that plays the host: serves the prepared file with the static
 /// daemon, writes and flushes records through the frontend's mapping, prints an
 /// acknowledgement per record, then either resets the machine at once (a power cut)
-/// or, with marks, stops cleanly.
+/// or, with marks, stops cleanly. Ignored on the host (where it cannot run); the VM
+/// runs it with `--ignored`.
 #[test]
+#[ignore = "runs only inside the VM that plays the host (power_cut_* and log_writes_every_flush_point run it there)"]
 fn inside_the_host_vm() {
-    let Some(run) = Inside::from_env() else {
-        return;
-    };
+    let run = Inside::from_env();
     if let Some(cut) = run.cut_after {
         assert!(
             cut < run.records,
@@ -459,7 +457,7 @@ fn inside_cmd(mode: &str, records: u64, nonce: u64, extra: &str) -> String {
     format!(
         "VDP_PC_DAEMON=/vdp/vhost-device-pmem VDP_PC_FILE=/mnt/host{SERVED_PATH} \
          VDP_PC_MODE={mode} VDP_PC_RECORDS={records} VDP_PC_NONCE={nonce} {extra} \
-         RUST_BACKTRACE=1 /vdp/power-cut --exact inside_the_host_vm --nocapture --test-threads=1"
+         RUST_BACKTRACE=1 /vdp/power-cut --exact inside_the_host_vm --ignored --nocapture --test-threads=1"
     )
 }
 
