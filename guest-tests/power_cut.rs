@@ -883,6 +883,7 @@ fn log_writes_every_flush_point() {
         return;
     };
     let records = env_u64("VDP_LOG_WRITES_RECORDS", 2000);
+    assert!(records >= 1, "VDP_LOG_WRITES_RECORDS must be at least 1");
     let mode = std::env::var("VDP_LOG_WRITES_MODE").unwrap_or_else(|_| "datasync".into());
     let negative = mode == "volatile";
     let nonce = splitmix(seed());
