@@ -517,6 +517,30 @@ impl Guest {
         rc
     }
 
+    /// Waits for QEMU to exit on its own (a guest that reset itself: QEMU runs with
+    /// -no-reboot), collecting the console; returns its exit code, or `None` if it
+    /// still ran after `timeout` (it is then killed).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                break Some(st.code().unwrap_or(-1));
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return None;
+            }
+            while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(50)) {
+                self.console.push(l);
+            }
+        };
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.console.push(l);
+        }
+        self.save_log();
+        status
+    }
+
     /// SIGKILL, as a crashing VMM would die.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

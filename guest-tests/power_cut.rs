@@ -1,0 +1,1148 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Durability tests that a page-cache read cannot fool: a VM plays the host, serves a
+//! file on its virtio-blk disk and loses power right after acknowledging flushes.
+//! Owns the power-cut and flush-point checks; never changes the daemon, and never
+//! calls a record safe unless it was read back from the disk as the cut left it.
+//!
+//! - `power_cut_datasync`, `power_cut_fsync`: a VM (its disk a file here, QEMU
+//!   cache=writeback, so killing the VM keeps what reached its disk and loses its page
+//!   cache) makes ext4 on /dev/vda with background writeback off, prepares a 64 MiB
+//!   file and runs [`inside_the_host_vm`] from this very test binary (built static;
+//!   `#[ignore]`d on the host, where it cannot run):
+//!   it starts the static daemon, plays the VMM with the in-process frontend (plain
+//!   MAP_SHARED mapping, as QEMU 11.1 maps the region), writes numbered 4 KiB records
+//!   through the mapping, sends one FLUSH per record and prints `VDP-ACK i` for each
+//!   one acknowledged; after the last one (or one picked at random) it resets the
+//!   machine through sysrq at once. Here the file is read back from the disk image
+//!   (journal replayed on a copy, `debugfs dump`): every acknowledged record must be
+//!   intact.
+//! - `power_cut_volatile_loses_records`: the negative control; the same run with
+//!   `--mode volatile` must lose acknowledged records, or the test could not fail.
+//! - `log_writes_every_flush_point`: the VM's disk sits under dm-log-writes; after
+//!   each acknowledgement the frontend drops a mark in the log. Here the log is
+//!   replayed ([`logwrites`]) and at every FLUSH/FUA entry and every mark, every
+//!   record acknowledged so far must be intact on the replayed disk (read at the
+//!   file's fixed extents); a sample of points is also checked through a repaired
+//!   filesystem.
+//!
+//! Knobs (environment): VDP_POWER_CUT_ROUNDS (boots per mode, default 1),
+//! VDP_POWER_CUT_RECORDS (default 40), VDP_POWER_CUT_AT (`last`, the default for the
+//! first round, `random`, the default for later ones, or a record number),
+//! VDP_POWER_CUT_SEED, VDP_LOG_WRITES_RECORDS (default 2000), VDP_LOG_WRITES_MODE
+//! (default `datasync`; `volatile` runs the log-writes negative control, which must
+//! find lost records). Needs `guest-tests/setup.sh` (skips loudly without; fails with
+//! VDP_REQUIRE_GUEST=1).
+
+#[path = "../tests/support/frontend.rs"]
+mod frontend;
+mod harness;
+mod logwrites;
+
+use std::{
+    collections::HashMap,
+    fs::{self, File, OpenOptions},
+    io::Write,
+    ops::Range,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use harness::{static_binaries, static_test_binary, Boot, Guest, GuestEnv};
+use serde_json::{json, Value};
+use vhost_device_pmem::{
+    blockmap::{self, Extent},
+    control::{self, Request},
+};
+
+/// One record: 4 KiB, one page of the served file.
+const RECORD: usize = 4096;
+const RECORD_MAGIC: &[u8; 8] = b"VDPREC01";
+/// The file the daemon serves inside the VM.
+const SERVED_SIZE: u64 = 64 << 20;
+/// Path of the served file inside the VM, and in its filesystem.
+const SERVED_PATH: &str = "/pmem.img";
+/// The VM's disk (a sparse file here); for log-writes, the data device.
+const DISK_SIZE: u64 = 128 << 20;
+/// The log-writes log device (sparse): mkfs, prepare's 64 MiB and the records.
+const LOG_DISK_SIZE: u64 = 512 << 20;
+/// Hard limit for one boot, QEMU start to the cut or power-off (TCG).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long QEMU may take to go away after the guest said it cuts power.
+const CUT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Every this many flush points (and at the last one) the log-writes check also
+/// repairs the filesystem and reads the records through it.
+const FS_SAMPLE_EVERY: u64 = 100;
+
+// ---- records ------------------------------------------------------------------------
+
+/// Record `i` of the run with `nonce`: magic, i, nonce, a checksum of the rest, and
+/// filler that differs per record and per run.
+fn record(nonce: u64, i: u64) -> Vec<u8> {
+    let mut r = vec![0u8; RECORD];
+    r[..8].copy_from_slice(RECORD_MAGIC);
+    r[8..16].copy_from_slice(&i.to_le_bytes());
+    r[16..24].copy_from_slice(&nonce.to_le_bytes());
+    let mut x = nonce ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5851_f42d_4c95_7f2d;
+    for chunk in r[32..].chunks_mut(8) {
+        x = splitmix(x);
+        chunk.copy_from_slice(&x.to_le_bytes());
+    }
+    let sum = fnv1a(&r[32..]);
+    r[24..32].copy_from_slice(&sum.to_le_bytes());
+    r
+}
+
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// What a record slot holds when read back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Found {
+    Intact,
+    /// All zeros: the write never reached the disk.
+    Zero,
+    /// Anything else (torn, stale, garbage).
+    Other,
+}
+
+fn classify(found: &[u8], expected: &[u8]) -> Found {
+    if found == expected {
+        Found::Intact
+    } else if found.iter().all(|&b| b == 0) {
+        Found::Zero
+    } else {
+        Found::Other
+    }
+}
+
+// ---- inside the VM ------------------------------------------------------------------
+
+/// What the VM's script passes to [`inside_the_host_vm`].
+struct Inside {
+    daemon: PathBuf,
+    file: PathBuf,
+    mode: String,
+    records: u64,
+    nonce: u64,
+    /// Reset the machine right after acknowledging this record.
+    cut_after: Option<u64>,
+    /// dm-log-writes device to mark after each acknowledgement, and dmsetup.
+    mark: Option<(String, PathBuf)>,
+}
+
+const INSIDE_VARS: [&str; 5] = [
+    "VDP_PC_DAEMON",
+    "VDP_PC_FILE",
+    "VDP_PC_MODE",
+    "VDP_PC_RECORDS",
+    "VDP_PC_NONCE",
+];
+
+impl Inside {
+    /// The run's parameters; panics outside the VM (the test is `#[ignore]`d, so it
+    /// runs only when asked for, and asked for outside the VM it must not pass).
+    fn from_env() -> Self {
+        let vars: Vec<Option<String>> = INSIDE_VARS.iter().map(|v| std::env::var(v).ok()).collect();
+        assert!(
+            vars.iter().any(Option::is_some),
+            "inside_the_host_vm runs only inside the VM that plays the host (power_cut_* and \
+             log_writes_every_flush_point boot it and run it there); {} are not set",
+            INSIDE_VARS.join(", ")
+        );
+        let get = |i: usize| {
+            vars[i]
+                .clone()
+                .unwrap_or_else(|| panic!("{} is not set (half an environment)", INSIDE_VARS[i]))
+        };
+        let num = |i: usize| -> u64 {
+            get(i)
+                .parse()
+                .unwrap_or_else(|e| panic!("{}: {e}", INSIDE_VARS[i]))
+        };
+        let cut_after = std::env::var("VDP_PC_CUT_AFTER")
+            .ok()
+            .map(|v| v.parse().expect("VDP_PC_CUT_AFTER"));
+        let mark = std::env::var("VDP_PC_MARK_DEVICE").ok().map(|dev| {
+            (
+                dev,
+                PathBuf::from(std::env::var("VDP_PC_DMSETUP").expect("VDP_PC_DMSETUP")),
+            )
+        });
+        Self {
+            daemon: get(0).into(),
+            file: get(1).into(),
+            mode: get(2),
+            records: num(3),
+            nonce: num(4),
+            cut_after,
+            mark,
+        }
+    }
+}
+
+/// Runs in the VM that plays the host: serves the prepared file with the static
+/// daemon, writes and flushes records through the frontend's mapping, prints an
+/// acknowledgement per record, then either resets the machine at once (a power cut)
+/// or, with marks, stops cleanly. Ignored on the host (where it cannot run); the VM
+/// runs it with `--ignored`.
+#[test]
+#[ignore = "runs only inside the VM that plays the host (power_cut_* and log_writes_every_flush_point run it there)"]
+fn inside_the_host_vm() {
+    let run = Inside::from_env();
+    if let Some(cut) = run.cut_after {
+        assert!(
+            cut < run.records,
+            "cut after {cut} of {} records",
+            run.records
+        );
+    }
+    let scratch = tempfile::tempdir().unwrap();
+
+    // The file's extents, read before the daemon serves it (opening it later would
+    // break the daemon's lease). Its block map is immutable from here on, so the
+    // host can find every record at a fixed offset of the disk.
+    let extents = blockmap::read_extents(&File::open(&run.file).unwrap(), SERVED_SIZE).unwrap();
+    let ext: Vec<[u64; 3]> = extents
+        .iter()
+        .map(|e| [e.logical, e.physical, e.length])
+        .collect();
+    say(&format!("VDP-EXTENTS {}", json!(ext)));
+
+    // Everything the cut needs is ready before the first record: nothing but one
+    // write(2) runs between the last acknowledgement and the reset.
+    let mut sysrq = run.cut_after.map(|_| {
+        fs::write("/proc/sys/kernel/sysrq", "1").expect("enable sysrq");
+        OpenOptions::new()
+            .write(true)
+            .open("/proc/sysrq-trigger")
+            .expect("/proc/sysrq-trigger")
+    });
+
+    let mut daemon = VmDaemon::start(&run, scratch.path());
+    let status = daemon.status();
+    assert_eq!(status["policy"], run.mode.as_str(), "{status:#}");
+
+    let mut fe = frontend::TestFrontend::connect(&daemon.socket).unwrap();
+    fe.start().unwrap();
+    assert_eq!(
+        fe.maps.wait_for(1, frontend::TIMEOUT),
+        1,
+        "no SHMEM_MAP:\n{}",
+        daemon.log()
+    );
+    assert_eq!(fe.maps.with(0, |m| m.len), SERVED_SIZE);
+    // Plain MAP_SHARED, exactly as QEMU 11.1 maps a SHMEM_MAP region.
+    fe.map_region(0).unwrap();
+
+    let t0 = Instant::now();
+    for i in 0..run.records {
+        fe.write_pmem(i * RECORD as u64, &record(run.nonce, i))
+            .unwrap();
+        let status = fe.flush(1).unwrap_or_else(|e| {
+            panic!("flush of record {i}: {e}\n{}", daemon.log());
+        });
+        assert_eq!(status, vec![0], "flush of record {i}\n{}", daemon.log());
+        say(&format!("VDP-ACK {i}"));
+        if run.cut_after == Some(i) {
+            say(&format!("VDP-CUT {i}"));
+            // The console line must leave the UART before the machine goes.
+            // SAFETY: tcdrain on our own stdout.
+            unsafe { libc::tcdrain(1) };
+            let _ = sysrq.as_mut().unwrap().write_all(b"b");
+            // Not reached: the reset ends QEMU (-no-reboot).
+            loop {
+                thread::sleep(Duration::from_secs(1));
+            }
+        }
+        if let Some((dev, dmsetup)) = &run.mark {
+            let out = Command::new(dmsetup)
+                .args(["message", dev, "0", "mark", &format!("ack-{i}")])
+                .env("DM_DISABLE_UDEV", "1")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "dmsetup message {dev} mark ack-{i}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let stats = daemon.stats();
+    drop(fe);
+    assert_eq!(daemon.terminate(), 0, "{}", daemon.log());
+    say(&format!(
+        "VDP-INSIDE-DONE records={} secs={secs:.1} flush_requests={} syncs={}",
+        run.records, stats["flush_requests"], stats["syncs"]
+    ));
+}
+
+/// One console line, on its way before this returns.
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// The static daemon inside the VM.
+struct VmDaemon {
+    child: Child,
+    socket: PathBuf,
+    control: PathBuf,
+    log: PathBuf,
+}
+
+impl VmDaemon {
+    fn start(run: &Inside, dir: &Path) -> Self {
+        let (socket, control, log) = (
+            dir.join("vu.sock"),
+            dir.join("ctl.sock"),
+            dir.join("daemon.log"),
+        );
+        let child = Command::new(&run.daemon)
+            .arg("serve")
+            .args(["--mode", &run.mode])
+            .arg("--file")
+            .arg(&run.file)
+            .arg("--socket-path")
+            .arg(&socket)
+            .arg("--control-socket")
+            .arg(&control)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut d = Self {
+            child,
+            socket,
+            control,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while control::call(&d.control, &Request::Status).is_err() {
+            if let Some(st) = d.child.try_wait().unwrap() {
+                panic!("the daemon exited with {st}:\n{}", d.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not come up:\n{}",
+                d.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn call(&self, req: Request) -> Value {
+        let v = control::call(&self.control, &req).unwrap();
+        assert_eq!(v["ok"], true, "{v}");
+        v
+    }
+
+    fn status(&self) -> Value {
+        self.call(Request::Status)["status"].clone()
+    }
+
+    fn stats(&self) -> Value {
+        self.call(Request::Stats)["stats"].clone()
+    }
+
+    /// SIGTERM and wait; the exit code.
+    fn terminate(&mut self) -> i32 {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "the daemon ignored SIGTERM");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for VmDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---- host side: the VM that plays the host ------------------------------------------
+
+/// The static daemon and this test binary, built static, for the VM.
+struct Binaries {
+    daemon: PathBuf,
+    test: PathBuf,
+}
+
+impl Binaries {
+    fn build() -> Self {
+        Self {
+            daemon: static_binaries().join("vhost-device-pmem"),
+            test: static_test_binary("power_cut"),
+        }
+    }
+
+    /// The extras of one boot: mkfs (and dmsetup), our binaries, the disks.
+    fn boot(&self, tools: &[&str], disks: &[&Path]) -> Boot {
+        let mut boot = Boot::default()
+            .with_host_tools(tools)
+            .with_host_files(&["/etc/mke2fs.conf"]);
+        boot.add_file("vdp/vhost-device-pmem", &self.daemon);
+        boot.add_file("vdp/power-cut", &self.test);
+        for d in disks {
+            boot = boot.with_disk(d);
+        }
+        boot
+    }
+}
+
+/// Shell that waits (up to 30 s) for the virtio-blk disks `disks` to appear: the
+/// driver probes them asynchronously. Exits 20 if one does not.
+fn wait_for_disks(disks: &[&str]) -> String {
+    disks
+        .iter()
+        .map(|d| {
+            format!(
+                "i=0; while [ ! -b {d} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done\n\
+                 [ -b {d} ] || {{ echo 'VDP-NO-DISK {d}'; exit 20; }}\n"
+            )
+        })
+        .collect()
+}
+
+/// Shell that makes and mounts ext4 on `$DEV` with background writeback off (so
+/// only what the daemon syncs reaches the disk before a cut) and prepares the served
+/// file. Exits 21 (mkfs), 22 (mount), 23 (prepare).
+fn host_setup(dev: &str) -> String {
+    format!(
+        r#"
+echo 95 > /proc/sys/vm/dirty_ratio
+echo 90 > /proc/sys/vm/dirty_background_ratio
+echo 0 > /proc/sys/vm/dirty_writeback_centisecs
+echo 8640000 > /proc/sys/vm/dirty_expire_centisecs
+/usr/bin/mkfs.ext4 -q -F -b 4096 -E nodiscard {dev} || exit 21
+mkdir -p /mnt/host
+mount -t ext4 -o commit=600,noinit_itable {dev} /mnt/host || exit 22
+/vdp/vhost-device-pmem prepare /mnt/host{SERVED_PATH} --size {SERVED_SIZE} || exit 23
+sync
+echo "VDP-PREPARED $(grep ' /mnt/host ' /proc/mounts)"
+"#
+    )
+}
+
+/// The command line that runs [`inside_the_host_vm`] in the VM, with `extra`
+/// variables.
+fn inside_cmd(mode: &str, records: u64, nonce: u64, extra: &str) -> String {
+    format!(
+        "VDP_PC_DAEMON=/vdp/vhost-device-pmem VDP_PC_FILE=/mnt/host{SERVED_PATH} \
+         VDP_PC_MODE={mode} VDP_PC_RECORDS={records} VDP_PC_NONCE={nonce} {extra} \
+         RUST_BACKTRACE=1 /vdp/power-cut --exact inside_the_host_vm --ignored --nocapture --test-threads=1"
+    )
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).map_or(default, |v| {
+        v.parse().unwrap_or_else(|e| panic!("{name}={v}: {e}"))
+    })
+}
+
+/// A seed for this run: VDP_POWER_CUT_SEED, or the clock.
+fn seed() -> u64 {
+    std::env::var("VDP_POWER_CUT_SEED").map_or_else(
+        |_| {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            splitmix(t.as_nanos() as u64 ^ u64::from(std::process::id()))
+        },
+        |v| v.parse().expect("VDP_POWER_CUT_SEED"),
+    )
+}
+
+/// The numbers after `prefix` on the console, in order (console lines may carry a
+/// carriage return or kernel noise before the marker).
+fn console_numbers(guest: &Guest, prefix: &str) -> Vec<u64> {
+    guest
+        .console
+        .iter()
+        .filter_map(|l| l.split_once(prefix))
+        .filter_map(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+fn console_value(guest: &Guest, prefix: &str) -> Option<String> {
+    guest
+        .console
+        .iter()
+        .find_map(|l| l.split_once(prefix))
+        .map(|(_, rest)| rest.trim().to_string())
+}
+
+/// Repairs a copy of the ext4 image at `image` (journal replayed, as a mount after
+/// the crash would) and reads the served file out of it.
+fn recover_served_file(image: &Path, scratch: &Path) -> Result<Vec<u8>, String> {
+    let copy = scratch.join("fsck-copy.img");
+    fs::copy(image, &copy).map_err(|e| format!("copy {}: {e}", image.display()))?;
+    let result = recover_in_place(&copy, scratch);
+    let _ = fs::remove_file(&copy);
+    result
+}
+
+/// [`recover_served_file`] on an image that may be changed.
+fn recover_in_place(image: &Path, scratch: &Path) -> Result<Vec<u8>, String> {
+    let out = Command::new("e2fsck")
+        .arg("-fy")
+        .arg(image)
+        .output()
+        .map_err(|e| format!("e2fsck: {e}"))?;
+    // 0: clean, 1: errors corrected (the journal replayed counts); else a failure.
+    let code = out.status.code().unwrap_or(-1);
+    if code != 0 && code != 1 {
+        return Err(format!(
+            "e2fsck -fy exited {code}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let dump = scratch.join("served-file.out");
+    let _ = fs::remove_file(&dump);
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("dump {SERVED_PATH} {}", dump.display()))
+        .arg(image)
+        .output()
+        .map_err(|e| format!("debugfs: {e}"))?;
+    let data = fs::read(&dump).map_err(|e| {
+        format!(
+            "debugfs dump of {SERVED_PATH} made nothing ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let _ = fs::remove_file(&dump);
+    if data.len() as u64 != SERVED_SIZE {
+        return Err(format!(
+            "{SERVED_PATH} has {} bytes after recovery, not {SERVED_SIZE}",
+            data.len()
+        ));
+    }
+    Ok(data)
+}
+
+// ---- power cut ----------------------------------------------------------------------
+
+#[test]
+fn power_cut_datasync() {
+    power_cut("datasync");
+}
+
+#[test]
+fn power_cut_fsync() {
+    power_cut("fsync");
+}
+
+/// The negative control: without syncs, records acknowledged before a power cut are
+/// gone. If this ever keeps every record, the power-cut tests prove nothing.
+#[test]
+fn power_cut_volatile_loses_records() {
+    power_cut("volatile");
+}
+
+/// What one cut left.
+struct Cut {
+    acked: u64,
+    intact: u64,
+    zero: u64,
+    other: u64,
+    cut_after: u64,
+    boot: Duration,
+}
+
+fn power_cut(mode: &str) {
+    let test = if mode == "volatile" {
+        "power_cut_volatile_loses_records".to_string()
+    } else {
+        format!("power_cut_{mode}")
+    };
+    let Some(env) = GuestEnv::load(&test) else {
+        return;
+    };
+    let rounds = env_u64("VDP_POWER_CUT_ROUNDS", 1);
+    let records = env_u64("VDP_POWER_CUT_RECORDS", 40);
+    assert!(rounds >= 1 && records >= 1);
+    let at = std::env::var("VDP_POWER_CUT_AT").ok();
+    let mut rng = seed();
+    let bins = Binaries::build();
+    let mut cuts = Vec::new();
+    for round in 1..=rounds {
+        rng = splitmix(rng);
+        let cut_after = match at.as_deref() {
+            None if round == 1 => records - 1,
+            Some("last") => records - 1,
+            None | Some("random") => rng % records,
+            Some(n) => n.parse::<u64>().expect("VDP_POWER_CUT_AT").min(records - 1),
+        };
+        let cut = cut_once(&env, &bins, mode, records, cut_after, splitmix(rng));
+        let _ = writeln!(
+            std::io::stderr(),
+            "VDP-POWER-CUT mode={mode} round={round} records_acked={} records_intact={} \
+             lost={} lost_zero={} lost_other={} cut_after={} boot_secs={:.1} accel={}",
+            cut.acked,
+            cut.intact,
+            cut.acked - cut.intact,
+            cut.zero,
+            cut.other,
+            cut.cut_after,
+            cut.boot.as_secs_f64(),
+            env.accel
+        );
+        cuts.push(cut);
+    }
+    for (round, c) in cuts.iter().enumerate() {
+        let round = round + 1;
+        if mode == "volatile" {
+            assert!(
+                c.intact < c.acked,
+                "round {round}: --mode volatile kept all {} acknowledged records through a \
+                 power cut: this harness cannot see lost data (is background writeback on?)",
+                c.acked
+            );
+        } else {
+            assert_eq!(
+                c.intact,
+                c.acked,
+                "round {round}: --mode {mode} lost {} of {} acknowledged records in a power cut \
+                 after record {} ({} never reached the disk, {} damaged)",
+                c.acked - c.intact,
+                c.acked,
+                c.cut_after,
+                c.zero,
+                c.other
+            );
+        }
+    }
+}
+
+/// One boot: records 0..=cut_after acknowledged, then the power goes.
+fn cut_once(
+    env: &GuestEnv,
+    bins: &Binaries,
+    mode: &str,
+    records: u64,
+    cut_after: u64,
+    nonce: u64,
+) -> Cut {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    File::create(&disk).unwrap().set_len(DISK_SIZE).unwrap();
+    let boot = bins.boot(&["mkfs.ext4"], &[&disk]);
+    let script = format!(
+        "export PATH=/usr/bin:/bin:/sbin\n{}{}\n{}\nrc=$?\necho \"VDP-NO-CUT $rc\"\nexit $rc\n",
+        wait_for_disks(&["/dev/vda"]),
+        host_setup("/dev/vda"),
+        inside_cmd(
+            mode,
+            records,
+            nonce,
+            &format!("VDP_PC_CUT_AFTER={cut_after}")
+        )
+    );
+    let started = Instant::now();
+    let mut guest = env.boot_vm(dir.path(), &script, &boot);
+    guest.expect("VDP-CUT ", BOOT_TIMEOUT);
+    let exit = guest.wait_exit(CUT_TIMEOUT);
+    let took = started.elapsed();
+    if exit.is_none() {
+        guest.dump();
+        panic!("QEMU still ran {CUT_TIMEOUT:?} after the guest cut the power");
+    }
+    if guest
+        .console
+        .iter()
+        .any(|l| l.contains("VDP-RESULT") || l.contains("VDP-NO-CUT"))
+    {
+        guest.dump();
+        panic!("the guest went on after the cut: the reset did not happen at once");
+    }
+    let acks = console_numbers(&guest, "VDP-ACK ");
+    let expected: Vec<u64> = (0..=cut_after).collect();
+    if acks != expected {
+        guest.dump();
+        panic!("acknowledgements on the console: {acks:?}, expected 0..={cut_after}");
+    }
+
+    let file = recover_served_file(&disk, dir.path()).unwrap_or_else(|e| {
+        guest.dump();
+        panic!("recovering the VM's filesystem after the cut: {e}")
+    });
+    let mut cut = Cut {
+        acked: acks.len() as u64,
+        intact: 0,
+        zero: 0,
+        other: 0,
+        cut_after,
+        boot: took,
+    };
+    for &i in &acks {
+        let at = i as usize * RECORD;
+        match classify(&file[at..at + RECORD], &record(nonce, i)) {
+            Found::Intact => cut.intact += 1,
+            Found::Zero => cut.zero += 1,
+            Found::Other => cut.other += 1,
+        }
+    }
+    cut
+}
+
+// ---- every flush point: dm-log-writes --------------------------------------------------
+
+/// Where the records sit on the data device: the served file's extents as the VM
+/// printed them.
+struct Layout {
+    /// Device byte offset of record i.
+    offsets: Vec<u64>,
+    /// Device block (offset / RECORD) to record index.
+    by_block: HashMap<u64, usize>,
+}
+
+impl Layout {
+    fn new(extents: &[Extent], records: u64) -> Result<Self, String> {
+        let mut offsets = Vec::new();
+        for i in 0..records {
+            let logical = i * RECORD as u64;
+            let e = extents
+                .iter()
+                .find(|e| e.logical <= logical && logical + RECORD as u64 <= e.logical + e.length)
+                .ok_or_else(|| format!("no extent holds record {i} (file offset {logical})"))?;
+            let physical = e.physical + (logical - e.logical);
+            if physical % RECORD as u64 != 0 {
+                return Err(format!("record {i} at unaligned device offset {physical}"));
+            }
+            offsets.push(physical);
+        }
+        let by_block = offsets
+            .iter()
+            .enumerate()
+            .map(|(i, &o)| (o / RECORD as u64, i))
+            .collect();
+        Ok(Self { offsets, by_block })
+    }
+
+    /// Records a written byte range touches.
+    fn touched(&self, range: &Range<u64>) -> Vec<usize> {
+        let first = range.start / RECORD as u64;
+        let last = range.end.div_ceil(RECORD as u64);
+        (first..last)
+            .filter_map(|b| self.by_block.get(&b).copied())
+            .collect()
+    }
+}
+
+/// What the replay found.
+#[derive(Debug, Default)]
+struct ReplayReport {
+    entries: u64,
+    flush_points: u64,
+    /// Flush points at which at least one record was acknowledged.
+    flush_points_with_acks: u64,
+    marks: u64,
+    /// Crash points (flush points and marks) where an acknowledged record was not
+    /// intact.
+    failed_points: u64,
+    first_failure: Option<String>,
+    fs_checks: u64,
+    fs_failures: u64,
+    first_fs_failure: Option<String>,
+    acked: u64,
+}
+
+/// Replays `log_bytes` onto `image` (the data device as it was before the log
+/// started) and checks, at every flush point and mark, that every record
+/// acknowledged so far (marks `ack-N`) is intact. `fs_check`, called at every
+/// [`FS_SAMPLE_EVERY`]th flush point with acknowledged records and at the last flush
+/// point, gets the replayed disk and the acknowledged count and says whether the
+/// records read through the repaired filesystem.
+fn check_log(
+    log_bytes: &[u8],
+    image: &mut [u8],
+    layout: &Layout,
+    nonce: u64,
+    mut fs_check: impl FnMut(&[u8], u64) -> Result<(), String>,
+) -> Result<ReplayReport, String> {
+    let log = logwrites::parse(log_bytes)?;
+    let expected: Vec<Vec<u8>> = (0..layout.offsets.len() as u64)
+        .map(|i| record(nonce, i))
+        .collect();
+    let state = |img: &[u8], i: usize| {
+        let at = layout.offsets[i] as usize;
+        classify(&img[at..at + RECORD], &expected[i])
+    };
+    let mut intact: Vec<bool> = (0..expected.len())
+        .map(|i| state(image, i) == Found::Intact)
+        .collect();
+    let last_flush = log
+        .entries
+        .iter()
+        .rev()
+        .find(|e| e.mark.is_none() && e.is_flush_point())
+        .map(|e| e.index);
+    let mut r = ReplayReport {
+        entries: log.entries.len() as u64,
+        ..Default::default()
+    };
+    let mut acked = 0u64;
+    let outcome = logwrites::replay(log_bytes, &log, image, |point, img, changed| {
+        for range in changed {
+            for i in layout.touched(range) {
+                intact[i] = state(img, i) == Found::Intact;
+            }
+        }
+        let what = match &point {
+            logwrites::Point::Mark(m) => {
+                r.marks += 1;
+                if let Some(n) = m.strip_prefix("ack-") {
+                    let n: u64 = n.parse().map_err(|_| format!("bad mark {m:?}"))?;
+                    if n != acked {
+                        return Err(format!("mark {m:?} after {acked} acknowledgements"));
+                    }
+                    acked = n + 1;
+                }
+                format!("mark {m:?}")
+            }
+            logwrites::Point::Flush(e) => {
+                r.flush_points += 1;
+                if acked > 0 {
+                    r.flush_points_with_acks += 1;
+                }
+                format!(
+                    "flush point at log entry {} (flags {:#x})",
+                    e.index, e.flags
+                )
+            }
+        };
+        if let Some(i) = (0..acked as usize).find(|&i| !intact[i]) {
+            r.failed_points += 1;
+            if r.first_failure.is_none() {
+                let lost = (0..acked as usize).filter(|&i| !intact[i]).count();
+                r.first_failure = Some(format!(
+                    "at the {what}: {lost} of {acked} acknowledged records not on the disk, \
+                     first record {i} ({:?})",
+                    state(img, i)
+                ));
+            }
+        }
+        if let logwrites::Point::Flush(e) = point {
+            let sample = acked > 0 && r.flush_points_with_acks % FS_SAMPLE_EVERY == 1;
+            if sample || Some(e.index) == last_flush {
+                r.fs_checks += 1;
+                if let Err(msg) = fs_check(img, acked) {
+                    r.fs_failures += 1;
+                    if r.first_fs_failure.is_none() {
+                        r.first_fs_failure = Some(format!("at the {what}: {msg}"));
+                    }
+                }
+            }
+        }
+        Ok::<(), String>(())
+    });
+    match outcome {
+        Ok(()) => {}
+        Err(logwrites::ReplayError::Log(m)) | Err(logwrites::ReplayError::Check(m)) => {
+            return Err(m)
+        }
+    }
+    r.acked = acked;
+    Ok(r)
+}
+
+/// Every flush point of a real run: the VM's disk under dm-log-writes, a mark after
+/// each acknowledgement, the log replayed and checked here.
+#[test]
+fn log_writes_every_flush_point() {
+    let Some(env) = GuestEnv::load("log_writes_every_flush_point") else {
+        return;
+    };
+    let records = env_u64("VDP_LOG_WRITES_RECORDS", 2000);
+    assert!(records >= 1, "VDP_LOG_WRITES_RECORDS must be at least 1");
+    let mode = std::env::var("VDP_LOG_WRITES_MODE").unwrap_or_else(|_| "datasync".into());
+    let negative = mode == "volatile";
+    let nonce = splitmix(seed());
+    let bins = Binaries::build();
+    let dir = tempfile::tempdir().unwrap();
+    let (data, logdev) = (dir.path().join("data.img"), dir.path().join("log.img"));
+    File::create(&data).unwrap().set_len(DISK_SIZE).unwrap();
+    File::create(&logdev)
+        .unwrap()
+        .set_len(LOG_DISK_SIZE)
+        .unwrap();
+    let boot = bins.boot(&["mkfs.ext4", "dmsetup"], &[&data, &logdev]);
+    let script = format!(
+        r#"export PATH=/usr/bin:/bin:/sbin
+export DM_DISABLE_UDEV=1
+{}sectors=$(cat /sys/block/vda/size)
+/usr/bin/dmsetup --noudevsync create lw --table "0 $sectors log-writes /dev/vda /dev/vdb" || exit 30
+[ -b /dev/mapper/lw ] || exit 30
+{}
+{}
+rc=$?
+umount /mnt/host || exit 24
+/usr/bin/dmsetup --noudevsync remove lw || exit 31
+sync
+exit $rc
+"#,
+        wait_for_disks(&["/dev/vda", "/dev/vdb"]),
+        host_setup("/dev/mapper/lw"),
+        inside_cmd(
+            &mode,
+            records,
+            nonce,
+            "VDP_PC_MARK_DEVICE=lw VDP_PC_DMSETUP=/usr/bin/dmsetup"
+        )
+    );
+    let started = Instant::now();
+    let mut guest = env.boot_vm(dir.path(), &script, &boot);
+    let rc = guest.finish(BOOT_TIMEOUT);
+    let boot_time = started.elapsed();
+    if rc != 0 {
+        guest.dump();
+        panic!("the VM's script failed with {rc} (20 no disk, 21 mkfs, 22 mount, 23 prepare, 24 umount, 30 dmsetup create, 31 dmsetup remove, else the test inside)");
+    }
+    let acks = console_numbers(&guest, "VDP-ACK ");
+    assert_eq!(acks, (0..records).collect::<Vec<_>>(), "acknowledgements");
+    let inside = console_value(&guest, "VDP-INSIDE-DONE ").unwrap_or_default();
+    let extents: Vec<[u64; 3]> = serde_json::from_str(
+        &console_value(&guest, "VDP-EXTENTS ").expect("the VM printed no extents"),
+    )
+    .unwrap();
+    let extents: Vec<Extent> = extents
+        .iter()
+        .map(|&[logical, physical, length]| Extent {
+            logical,
+            physical,
+            length,
+            flags: 0,
+        })
+        .collect();
+    let layout = Layout::new(&extents, records).unwrap();
+
+    let t0 = Instant::now();
+    let log_bytes = fs::read(&logdev).unwrap();
+    let mut image = vec![0u8; DISK_SIZE as usize]; // the data disk started out zero
+    let scratch = dir.path().join("sample.img");
+    let mut fs_time = Duration::ZERO;
+    let report = check_log(&log_bytes, &mut image, &layout, nonce, |img, acked| {
+        let t = Instant::now();
+        fs::write(&scratch, img).map_err(|e| e.to_string())?;
+        let file = recover_in_place(&scratch, dir.path());
+        let _ = fs::remove_file(&scratch);
+        fs_time += t.elapsed();
+        let file = file?;
+        for i in 0..acked {
+            let at = i as usize * RECORD;
+            let found = classify(&file[at..at + RECORD], &record(nonce, i));
+            if found != Found::Intact {
+                return Err(format!(
+                    "record {i} of {acked} acknowledged is {found:?} in the repaired filesystem"
+                ));
+            }
+        }
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("the log does not replay: {e}"));
+    let replay_time = t0.elapsed();
+    let _ = writeln!(
+        std::io::stderr(),
+        "VDP-LOG-WRITES mode={mode} records_acked={} log_entries={} flush_points={} \
+         flush_points_with_acks={} marks={} crash_points_checked={} failed_points={} \
+         fs_checks={} fs_failures={} boot_secs={:.1} replay_secs={:.1} fs_check_secs={:.1} \
+         accel={} inside: {inside}",
+        report.acked,
+        report.entries,
+        report.flush_points,
+        report.flush_points_with_acks,
+        report.marks,
+        report.flush_points + report.marks,
+        report.failed_points,
+        report.fs_checks,
+        report.fs_failures,
+        boot_time.as_secs_f64(),
+        replay_time.as_secs_f64(),
+        fs_time.as_secs_f64(),
+        env.accel
+    );
+    assert_eq!(report.acked, records, "marks in the log: {report:?}");
+    if negative {
+        assert!(
+            report.failed_points > 0,
+            "--mode volatile lost nothing at any flush point: the replay check cannot see lost \
+             data ({report:?})"
+        );
+        return;
+    }
+    if let Some(f) = &report.first_failure {
+        panic!(
+            "--mode {mode}: acknowledged records missing at {} of {} crash points; first {f}",
+            report.failed_points,
+            report.flush_points + report.marks
+        );
+    }
+    if let Some(f) = &report.first_fs_failure {
+        panic!(
+            "--mode {mode}: {} of {} filesystem checks failed; first {f}",
+            report.fs_failures, report.fs_checks
+        );
+    }
+    // Every acknowledgement came after at least one flush that reached the device.
+    assert!(
+        report.flush_points_with_acks >= records - 1,
+        "only {} flush points after the first acknowledgement for {records} records",
+        report.flush_points_with_acks
+    );
+    // The replay ends where the VM's disk ended: the replayer applied every write.
+    let disk = fs::read(&data).unwrap();
+    if let Some(at) = disk.iter().zip(&image).position(|(a, b)| a != b) {
+        panic!("the replayed log differs from the VM's data disk at byte {at}");
+    }
+}
+
+// ---- the checker without a VM -----------------------------------------------------------
+
+/// A synthetic log, as the kernel would lay it out with 512-byte sectors.
+#[cfg(test)]
+fn synthetic_log(entries: &[(u64, u64, Vec<u8>, &str)]) -> Vec<u8> {
+    let mut buf = vec![0u8; 512];
+    for (sector, flags, data, mark) in entries {
+        let mut h = vec![0u8; 512];
+        h[0..8].copy_from_slice(&sector.to_le_bytes());
+        h[8..16].copy_from_slice(&(data.len() as u64 / 512).to_le_bytes());
+        h[16..24].copy_from_slice(&flags.to_le_bytes());
+        h[24..32].copy_from_slice(&(mark.len() as u64).to_le_bytes());
+        h[32..32 + mark.len()].copy_from_slice(mark.as_bytes());
+        buf.extend_from_slice(&h);
+        buf.extend_from_slice(data);
+    }
+    buf[0..8].copy_from_slice(&logwrites::MAGIC.to_le_bytes());
+    buf[8..16].copy_from_slice(&logwrites::VERSION.to_le_bytes());
+    buf[16..24].copy_from_slice(&(entries.len() as u64).to_le_bytes());
+    buf[24..28].copy_from_slice(&512u32.to_le_bytes());
+    buf
+}
+
+/// The checker passes a log where each record is flushed before its mark, and
+/// fails one where a record reaches the disk only after its acknowledgement (what a
+/// daemon that does not sync leaves), or is torn.
+#[test]
+fn log_check_finds_records_written_after_their_acknowledgement() {
+    use logwrites::{FLUSH, FUA, MARK};
+    let nonce = 7;
+    // The file: two extents, records 0 and 1 at device blocks 10 and 3.
+    let extents = [
+        Extent {
+            logical: 0,
+            physical: 10 * 4096,
+            length: 4096,
+            flags: 0,
+        },
+        Extent {
+            logical: 4096,
+            physical: 3 * 4096,
+            length: 4096,
+            flags: 0,
+        },
+    ];
+    let layout = Layout::new(&extents, 2).unwrap();
+    let sector = |block: u64| block * 8;
+    let rec = |i| record(nonce, i);
+    let good = synthetic_log(&[
+        (sector(10), 0, rec(0), ""),
+        (0, FLUSH, vec![], ""),
+        (0, MARK, vec![], "ack-0"),
+        (sector(3), 0, rec(1), ""),
+        (sector(20), FLUSH | FUA, vec![1u8; 512], ""),
+        (0, MARK, vec![], "ack-1"),
+        (0, FLUSH, vec![], ""),
+    ]);
+    let mut image = vec![0u8; 64 * 4096];
+    let mut fs_calls = Vec::new();
+    let r = check_log(&good, &mut image, &layout, nonce, |_, acked| {
+        fs_calls.push(acked);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(r.failed_points, 0, "{r:?}");
+    assert_eq!((r.flush_points, r.marks, r.acked), (3, 2, 2), "{r:?}");
+    assert_eq!(r.flush_points_with_acks, 2, "{r:?}");
+    // The first flush point with an acknowledged record, and the last one.
+    assert_eq!(fs_calls, vec![1, 2]);
+
+    // No sync: the writes come with the flush of unmount, after the marks.
+    let unsynced = synthetic_log(&[
+        (0, MARK, vec![], "ack-0"),
+        (0, MARK, vec![], "ack-1"),
+        (sector(10), 0, rec(0), ""),
+        (sector(3), 0, rec(1), ""),
+        (0, FLUSH, vec![], ""),
+    ]);
+    let mut image = vec![0u8; 64 * 4096];
+    let r = check_log(&unsynced, &mut image, &layout, nonce, |_, _| Ok(())).unwrap();
+    assert_eq!(r.failed_points, 2, "{r:?}");
+    let first = r.first_failure.unwrap();
+    assert!(
+        first.contains("mark \"ack-0\"") && first.contains("Zero"),
+        "{first}"
+    );
+
+    // A torn record: half of it flushed before its mark.
+    let mut half = rec(1);
+    half[2048..].fill(0);
+    let torn = synthetic_log(&[
+        (sector(10), 0, rec(0), ""),
+        (sector(3), 0, half, ""),
+        (0, FLUSH, vec![], ""),
+        (0, MARK, vec![], "ack-0"),
+        (0, MARK, vec![], "ack-1"),
+    ]);
+    let mut image = vec![0u8; 64 * 4096];
+    let r = check_log(&torn, &mut image, &layout, nonce, |_, _| Ok(())).unwrap();
+    assert_eq!(r.failed_points, 1, "{r:?}");
+    assert!(r.first_failure.unwrap().contains("record 1 (Other)"));
+
+    // Marks out of order are a broken run, not a pass.
+    let skipped = synthetic_log(&[(0, MARK, vec![], "ack-1")]);
+    let mut image = vec![0u8; 64 * 4096];
+    let e = check_log(&skipped, &mut image, &layout, nonce, |_, _| Ok(())).unwrap_err();
+    assert!(e.contains("after 0 acknowledgements"), "{e}");
+}
+
+#[test]
+fn records_differ_per_index_and_run_and_classify() {
+    let a = record(1, 0);
+    assert_eq!(a.len(), RECORD);
+    assert_eq!(&a[..8], RECORD_MAGIC);
+    assert_ne!(a, record(1, 1));
+    assert_ne!(a, record(2, 0));
+    assert_eq!(a, record(1, 0));
+    assert_eq!(classify(&a, &record(1, 0)), Found::Intact);
+    assert_eq!(classify(&[0u8; RECORD], &a), Found::Zero);
+    assert_eq!(classify(&record(1, 1), &a), Found::Other);
+}
