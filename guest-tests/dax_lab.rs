@@ -32,7 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{static_binaries, static_test_binary, Boot, GuestEnv, LAB_FSDAX};
+use harness::{in_vm::VmDaemon, static_binaries, static_test_binary, Boot, GuestEnv, LAB_FSDAX};
 use serde_json::{json, Value};
 use vhost_device_pmem::{
     blockmap::{self, Extent},
@@ -230,7 +230,7 @@ fn inside_the_lab() {
     let inside_sectors = inside.map(|off| device_sector(&extents, off));
     let outside_sector = sector_outside(&extents, &lab.badblocks);
 
-    let mut daemon = LabDaemon::start(&lab, scratch.path());
+    let mut daemon = VmDaemon::start(&lab.daemon, &lab.file, scratch.path(), "d", &[]);
     let status = daemon.status();
     assert_eq!(status["mode_requested"], "auto", "{status:#}");
     assert_eq!(status["policy"], "direct", "{status:#}");
@@ -323,7 +323,7 @@ fn inside_the_lab() {
     let event_latency = ev.0 - t0;
     assert_eq!(ev.1["source"], "host-device", "{}", ev.1);
     assert_eq!(ev.1["added"], expect(inside[0]), "{}", ev.1);
-    let list = daemon.call(json!({"command": "badblocks-list"}));
+    let list = daemon.call(&Request::BadblocksList);
     let list_latency = t0.elapsed();
     assert_eq!(list["ranges"], expect(inside[0]), "{list}");
     let _ = writeln!(
@@ -337,14 +337,14 @@ fn inside_the_lab() {
     // the daemon read the attribute with the outside one in it.
     write_badblocks(&lab.badblocks, outside_sector);
     thread::sleep(Duration::from_secs(2));
-    let list = daemon.call(json!({"command": "badblocks-list"}));
+    let list = daemon.call(&Request::BadblocksList);
     assert_eq!(list["ranges"], expect(inside[0]), "{list}");
     let t1 = Instant::now();
     write_badblocks(&lab.badblocks, inside_sectors[1]);
     let ev = next_bad_ranges_event(&events, t1 + BADBLOCKS_TIMEOUT);
     let second_latency = ev.0 - t1;
     assert_eq!(ev.1["added"], expect(inside[1]), "{}", ev.1);
-    let list = daemon.call(json!({"command": "badblocks-list"}));
+    let list = daemon.call(&Request::BadblocksList);
     assert_eq!(
         list["ranges"],
         json!([{"offset": inside[0], "length": 512}, {"offset": inside[1], "length": 512}]),
@@ -364,8 +364,10 @@ fn inside_the_lab() {
     // fsync (recording an operator range persists the state file and its directory)
     // must count it.
     let control_counts = strace_window(&lab, daemon.pid(), &[], || {
-        let answer = daemon
-            .call(json!({"command": "badblocks-inject", "offset": 60u64 << 20, "length": 512}));
+        let answer = daemon.call(&Request::BadblocksInject {
+            offset: 60 << 20,
+            length: 512,
+        });
         assert_eq!(answer["ok"], true, "{answer}");
     });
     assert!(
@@ -424,7 +426,7 @@ fn inside_the_lab() {
 
     drop(map);
     drop(fe);
-    assert_eq!(daemon.terminate(), 0, "{}", daemon.log());
+    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log());
     println!("VDP-LAB-RESULT {result}");
 }
 
@@ -629,109 +631,5 @@ impl Drop for SyncMapping {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly our mapping.
         unsafe { libc::munmap(self.addr, self.len) };
-    }
-}
-
-/// The static daemon, started by the test inside the lab.
-struct LabDaemon {
-    child: Child,
-    socket: PathBuf,
-    control: PathBuf,
-    log: PathBuf,
-}
-
-impl LabDaemon {
-    fn start(lab: &Lab, dir: &Path) -> Self {
-        let (socket, control, log) = (
-            dir.join("vu.sock"),
-            dir.join("ctl.sock"),
-            dir.join("daemon.log"),
-        );
-        let child = Command::new(&lab.daemon)
-            .arg("serve")
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--file")
-            .arg(&lab.file)
-            .arg("--control-socket")
-            .arg(&control)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut d = Self {
-            child,
-            socket,
-            control,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while control::call(&d.control, &Request::Status).is_err() {
-            if let Some(st) = d.child.try_wait().unwrap() {
-                panic!("the daemon exited with {st}:\n{}", d.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the daemon did not come up:\n{}",
-                d.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn call(&self, req: Value) -> Value {
-        let req: Request = serde_json::from_value(req).unwrap();
-        let v = control::call(&self.control, &req).unwrap();
-        assert_eq!(v["ok"], true, "{v}");
-        v
-    }
-
-    fn status(&self) -> Value {
-        self.call(json!({"command": "status"}))["status"].clone()
-    }
-
-    fn stats(&self) -> Value {
-        self.call(json!({"command": "stats"}))["stats"].clone()
-    }
-
-    fn wait_status(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let s = self.status();
-            if pred(&s) {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "status never showed {what}: {s:#}\n{}",
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// SIGTERM and wait; the exit code.
-    fn terminate(&mut self) -> i32 {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        wait_child(&mut self.child, "the daemon")
-    }
-}
-
-impl Drop for LabDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

@@ -21,17 +21,13 @@ use std::{
     io::Write,
     os::unix::fs::{FileExt, OpenOptionsExt},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    thread,
+    process::Command,
     time::{Duration, Instant},
 };
 
-use harness::{static_binaries, static_test_binary, Boot, GuestEnv};
+use harness::{in_vm::VmDaemon, static_binaries, static_test_binary, Boot, GuestEnv};
 use serde_json::{json, Value};
-use vhost_device_pmem::{
-    blockmap::{self, Extent},
-    control::{self, Request},
-};
+use vhost_device_pmem::blockmap::{self, Extent};
 
 /// Hard limit for the boot, from QEMU start to power-off (TCG).
 const VM_TIMEOUT: Duration = Duration::from_secs(300);
@@ -363,7 +359,8 @@ fn inside_the_vm() {
     let sectors = vm.disk_sectors();
     r["extents"] = json!(ranges);
 
-    let daemon = VmDaemon::start(&vm, scratch.path(), "first", &state);
+    let args = ["--mode", "datasync", "--state-dir", state.to_str().unwrap()];
+    let mut daemon = VmDaemon::start(&vm.daemon, &vm.file, scratch.path(), "first", &args);
     r["policy"] = daemon.status()["policy"].clone();
     assert_eq!(r["policy"], "datasync", "{}", daemon.log());
     let mut fe = mapped(&daemon);
@@ -410,7 +407,7 @@ fn inside_the_vm() {
     if !out.status.success() {
         r["health_clear_stderr"] = json!(String::from_utf8_lossy(&out.stderr));
     }
-    let daemon = VmDaemon::start(&vm, scratch.path(), "third", &state);
+    let mut daemon = VmDaemon::start(&vm.daemon, &vm.file, scratch.path(), "third", &args);
     let health = daemon.status()["health"].clone();
     let mut fe = mapped(&daemon);
     let c = pattern(0xc3);
@@ -446,101 +443,5 @@ fn write_and_flush(fe: &mut frontend::TestFrontend, offset: u64, data: &[u8]) ->
     match fe.flush(1) {
         Ok(st) => json!(st[0]),
         Err(e) => json!(format!("no answer: {e}")),
-    }
-}
-
-/// The static daemon, started by the test inside the VM.
-struct VmDaemon {
-    child: Child,
-    socket: PathBuf,
-    control: PathBuf,
-    log: PathBuf,
-}
-
-impl VmDaemon {
-    fn start(vm: &Vm, dir: &Path, name: &str, state: &Path) -> Self {
-        let (socket, control, log) = (
-            dir.join(format!("{name}.sock")),
-            dir.join(format!("{name}.ctl")),
-            dir.join(format!("{name}.log")),
-        );
-        let child = Command::new(&vm.daemon)
-            .arg("serve")
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--file")
-            .arg(&vm.file)
-            .arg("--control-socket")
-            .arg(&control)
-            .args(["--mode", "datasync", "--state-dir"])
-            .arg(state)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut d = Self {
-            child,
-            socket,
-            control,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while control::call(&d.control, &Request::Status).is_err() {
-            if let Some(st) = d.child.try_wait().unwrap() {
-                panic!("the daemon exited with {st}:\n{}", d.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the daemon did not come up:\n{}",
-                d.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn call(&self, req: &Request, key: &str) -> Value {
-        let v = control::call(&self.control, req).unwrap();
-        assert_eq!(v["ok"], true, "{v}");
-        v[key].clone()
-    }
-
-    fn status(&self) -> Value {
-        self.call(&Request::Status, "status")
-    }
-
-    fn stats(&self) -> Value {
-        self.call(&Request::Stats, "stats")
-    }
-
-    /// SIGTERM and wait (30 s at most); the exit code, `None` for a signal.
-    fn terminate(mut self) -> Option<i32> {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the daemon ignored SIGTERM:\n{}",
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for VmDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

@@ -44,17 +44,14 @@ use std::{
     io::Write,
     ops::Range,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use harness::{static_binaries, static_test_binary, Boot, Guest, GuestEnv};
-use serde_json::{json, Value};
-use vhost_device_pmem::{
-    blockmap::{self, Extent},
-    control::{self, Request},
-};
+use harness::{in_vm::VmDaemon, static_binaries, static_test_binary, Boot, Guest, GuestEnv};
+use serde_json::json;
+use vhost_device_pmem::blockmap::{self, Extent};
 
 /// One record: 4 KiB, one page of the served file.
 const RECORD: usize = 4096;
@@ -230,7 +227,13 @@ fn inside_the_host_vm() {
             .expect("/proc/sysrq-trigger")
     });
 
-    let mut daemon = VmDaemon::start(&run, scratch.path());
+    let mut daemon = VmDaemon::start(
+        &run.daemon,
+        &run.file,
+        scratch.path(),
+        "d",
+        &["--mode", &run.mode],
+    );
     let status = daemon.status();
     assert_eq!(status["policy"], run.mode.as_str(), "{status:#}");
 
@@ -282,7 +285,7 @@ fn inside_the_host_vm() {
     let secs = t0.elapsed().as_secs_f64();
     let stats = daemon.stats();
     drop(fe);
-    assert_eq!(daemon.terminate(), 0, "{}", daemon.log());
+    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log());
     say(&format!(
         "VDP-INSIDE-DONE records={} secs={secs:.1} flush_requests={} syncs={}",
         run.records, stats["flush_requests"], stats["syncs"]
@@ -294,97 +297,6 @@ fn say(line: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
-}
-
-/// The static daemon inside the VM.
-struct VmDaemon {
-    child: Child,
-    socket: PathBuf,
-    control: PathBuf,
-    log: PathBuf,
-}
-
-impl VmDaemon {
-    fn start(run: &Inside, dir: &Path) -> Self {
-        let (socket, control, log) = (
-            dir.join("vu.sock"),
-            dir.join("ctl.sock"),
-            dir.join("daemon.log"),
-        );
-        let child = Command::new(&run.daemon)
-            .arg("serve")
-            .args(["--mode", &run.mode])
-            .arg("--file")
-            .arg(&run.file)
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--control-socket")
-            .arg(&control)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut d = Self {
-            child,
-            socket,
-            control,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while control::call(&d.control, &Request::Status).is_err() {
-            if let Some(st) = d.child.try_wait().unwrap() {
-                panic!("the daemon exited with {st}:\n{}", d.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the daemon did not come up:\n{}",
-                d.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn call(&self, req: Request) -> Value {
-        let v = control::call(&self.control, &req).unwrap();
-        assert_eq!(v["ok"], true, "{v}");
-        v
-    }
-
-    fn status(&self) -> Value {
-        self.call(Request::Status)["status"].clone()
-    }
-
-    fn stats(&self) -> Value {
-        self.call(Request::Stats)["stats"].clone()
-    }
-
-    /// SIGTERM and wait; the exit code.
-    fn terminate(&mut self) -> i32 {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code().unwrap_or(-1);
-            }
-            assert!(Instant::now() < deadline, "the daemon ignored SIGTERM");
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for VmDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 // ---- host side: the VM that plays the host ------------------------------------------

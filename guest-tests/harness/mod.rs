@@ -6,6 +6,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod in_vm;
+
 use std::{
     collections::HashMap,
     fs,
