@@ -6,6 +6,9 @@
 //! outside its own temp dirs and loop devices, and always unmounts and detaches them.
 //! Needs root: without it a test prints SKIPPED, unless VDP_REQUIRE_ROOT_TESTS=1.
 
+#[path = "support/root.rs"]
+mod root;
+
 use std::{
     collections::hash_map::DefaultHasher,
     fs::{self, File, OpenOptions},
@@ -19,6 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use root::{prerequisites, run};
 use vhost_device_pmem::{
     blockmap::{self, ProblemKind},
     control, sys,
@@ -28,64 +32,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-pmem");
 const MIB: u64 = 1 << 20;
 
 // ---------------------------------------------------------------- prerequisites
-
-fn have_tool(name: &str) -> bool {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/sbin", "/usr/sbin", "/bin", "/usr/bin"])
-        .any(|d| Path::new(d).join(name).exists());
-    found
-}
-
-/// True if the test can run; otherwise prints a loud skip reason, or panics when
-/// VDP_REQUIRE_ROOT_TESTS=1 (CI), so a missing prerequisite cannot pass silently.
-fn prerequisites(test: &str, tools: &[&str]) -> bool {
-    let mut missing = Vec::new();
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        missing.push("root (mkfs, losetup and mount)".to_string());
-    }
-    if !Path::new("/dev/loop-control").exists() {
-        missing.push("/dev/loop-control (loop devices)".to_string());
-    }
-    for t in tools.iter().chain(&["losetup", "mount", "umount"]) {
-        if !have_tool(t) {
-            missing.push(format!("the `{t}` tool"));
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!("{test}: needs {}", missing.join(", "));
-    if std::env::var("VDP_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
-        panic!("VDP_REQUIRE_ROOT_TESTS=1 but a prerequisite is missing: {msg}");
-    }
-    // Straight to fd 2: eprintln! would be captured (hidden) for a passing test.
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n***************************************************************\n\
-         *** SKIPPED (needs root): {msg}\n\
-         *** (set VDP_REQUIRE_ROOT_TESTS=1 to make this a failure)\n\
-         ***************************************************************\n"
-    );
-    false
-}
-
-fn run(cmd: &str, args: &[&str]) -> Result<Output, String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{cmd}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd} {args:?}: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(out)
-}
 
 fn sh(cmd: &str, args: &[&str]) -> Output {
     run(cmd, args).unwrap_or_else(|e| panic!("{e}"))

@@ -9,6 +9,8 @@
 mod daemon;
 #[path = "support/frontend.rs"]
 mod frontend;
+#[path = "support/root.rs"]
+mod root;
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -23,6 +25,7 @@ use std::{
 
 use daemon::{Daemon, Scratch};
 use frontend::TestFrontend;
+use root::{run, unavailable};
 use serde_json::Value;
 use vhost_device_pmem::{
     blockmap::{self, Extent},
@@ -48,69 +51,6 @@ const DATA_LEN: usize = 64 << 10;
 const VIRTIO_PMEM_EIO: u32 = 1;
 
 // ---------------------------------------------------------------- prerequisites
-
-fn have_tool(name: &str) -> bool {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/sbin", "/usr/sbin", "/bin", "/usr/bin"])
-        .any(|d| Path::new(d).join(name).exists());
-    found
-}
-
-/// Says why the test cannot run: a panic with VDP_REQUIRE_ROOT_TESTS=1 (CI), so a
-/// missing capability cannot pass silently; otherwise a loud skip.
-fn unavailable(test: &str, why: &str) {
-    let msg = format!("{test}: needs {why}");
-    if std::env::var("VDP_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
-        panic!("VDP_REQUIRE_ROOT_TESTS=1 but a prerequisite is missing: {msg}");
-    }
-    // Straight to fd 2: eprintln! would be captured (hidden) for a passing test.
-    let _ = writeln!(
-        io::stderr(),
-        "\n***************************************************************\n\
-         *** SKIPPED (needs root): {msg}\n\
-         *** (set VDP_REQUIRE_ROOT_TESTS=1 to make this a failure)\n\
-         ***************************************************************\n"
-    );
-}
-
-/// True if root, loop devices and the tools are there; otherwise [`unavailable`].
-fn prerequisites(test: &str) -> bool {
-    let mut missing = Vec::new();
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        missing.push("root (mount, losetup, mkfs)".to_string());
-    }
-    if !Path::new("/dev/loop-control").exists() {
-        missing.push("/dev/loop-control (loop devices)".to_string());
-    }
-    for t in ["losetup", "mount", "umount", "mkfs.ext4"] {
-        if !have_tool(t) {
-            missing.push(format!("the `{t}` tool"));
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    unavailable(test, &missing.join(", "));
-    false
-}
-
-fn run(cmd: &str, args: &[&str]) -> Result<Output, String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{cmd}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd} {args:?}: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(out)
-}
 
 // ---------------------------------------------------------------- fixture
 
@@ -410,7 +350,7 @@ fn phase(t0: Instant, what: &str) {
 #[test]
 fn a_failed_writeback_latches_eio_until_the_record_is_cleared() {
     let test = "failing_disk";
-    if !prerequisites(test) {
+    if !root::prerequisites(test, &["mkfs.ext4"]) {
         return;
     }
     let t0 = Instant::now();
