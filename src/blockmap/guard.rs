@@ -195,20 +195,7 @@ pub fn start(
     let handle = services
         .spawn_owned(
             "guard",
-            // Nothing watches the map any more: stop relying on it, durably.
-            move |why| {
-                let flusher = &orphan.region.flusher;
-                let from = flusher.policy();
-                let reason =
-                    format!("the block-map guard stopped ({why}); the map is no longer watched");
-                if flusher.downgrade(&reason) {
-                    orphan.events.publish(EventKind::PolicyDowngraded {
-                        from: from.to_string(),
-                        to: flusher.policy().to_string(),
-                        reason,
-                    });
-                }
-            },
+            move |why| abandoned(&orphan, why),
             move || watcher.run(ready_tx),
         )
         .map_err(GuardError::Start)?;
@@ -220,6 +207,22 @@ pub fn start(
         .map_err(|_| GuardError::Start(io::Error::other("watcher did not start")))?
         .map_err(GuardError::Start)?;
     Ok(guard)
+}
+
+/// The guard's last word when its thread died: nothing watches the map any more, so
+/// stop relying on it, durably (a `direct` region is synced whole and downgraded).
+fn abandoned(handles: &GuardHandles, why: &str) {
+    let flusher = &handles.region.flusher;
+    let from = flusher.policy();
+    let reason = format!("the block-map guard stopped ({why}); the map is no longer watched");
+    handles.guard.update(|s| s.watching = false);
+    if flusher.downgrade(&reason) {
+        handles.events.publish(EventKind::PolicyDowngraded {
+            from: from.to_string(),
+            to: flusher.policy().to_string(),
+            reason,
+        });
+    }
 }
 
 struct Watcher {
@@ -471,5 +474,55 @@ fn describe(openers: &[String]) -> String {
         "opener not found in /proc: it already closed the file, or truncated it by path".into()
     } else {
         openers.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::durability::{Flusher, Policy};
+
+    fn handles(policy: Policy) -> GuardHandles {
+        let f = tempfile::tempfile().unwrap();
+        GuardHandles {
+            region: Arc::new(Region {
+                path: PathBuf::from("/img"),
+                file: f.try_clone().unwrap(),
+                size: 2 << 20,
+                readonly: false,
+                flusher: Flusher::new(f, policy),
+                baseline: Some(1),
+            }),
+            events: Arc::default(),
+            guard: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn a_guard_that_dies_leaves_direct_durable_and_downgraded() {
+        let h = handles(Policy::Direct);
+        let rx = h.events.subscribe(false);
+        abandoned(&h, "boom");
+        let fl = &h.region.flusher;
+        assert_eq!(fl.policy(), Policy::Datasync);
+        assert!(fl
+            .downgrade_reason()
+            .unwrap()
+            .contains("guard stopped (boom)"));
+        assert_eq!(
+            fl.stats.snapshot().syncs,
+            1,
+            "the whole file was not synced"
+        );
+        let ev = rx.try_recv().unwrap().to_line();
+        assert!(ev.contains("policy-downgraded"), "{ev}");
+        assert!(!h.guard.snapshot().watching);
+        // datasync never relied on the map: nothing to do but say it is unwatched.
+        let h = handles(Policy::Datasync);
+        abandoned(&h, "boom");
+        assert_eq!(h.region.flusher.policy(), Policy::Datasync);
+        assert!(h.region.flusher.downgrade_reason().is_none());
     }
 }
