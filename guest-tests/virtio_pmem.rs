@@ -81,8 +81,10 @@ umount /mnt/p || exit 12
         stats["flush_requests"].as_u64().unwrap() > 0,
         "no flush reached the daemon: {stats}"
     );
+    // At most one sync per flush request (group commit), plus the one that made the
+    // data durable when the guest powered off and the VMM went away.
     assert!(
-        stats["syncs"].as_u64().unwrap() <= stats["flush_requests"].as_u64().unwrap(),
+        stats["syncs"].as_u64().unwrap() <= stats["flush_requests"].as_u64().unwrap() + 1,
         "{stats}"
     );
     let log = daemon.log_text();
