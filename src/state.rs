@@ -127,6 +127,8 @@ pub struct StateFiles {
     stem: String,
     backing: PathBuf,
     identity: Option<FileIdentity>,
+    /// In a state directory, 0.1 named records after the file's base name only.
+    legacy_stem: Option<String>,
 }
 
 impl StateFiles {
@@ -149,11 +151,17 @@ impl StateFiles {
             ),
         };
         let identity = file.map(FileIdentity::of).transpose()?;
+        let legacy_stem = state_dir.and_then(|_| {
+            canonical
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        });
         Ok(Self {
             dir,
             stem,
             backing: canonical,
             identity,
+            legacy_stem,
         })
     }
 
@@ -168,7 +176,7 @@ impl StateFiles {
         let path = self.path(kind);
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return self.load_legacy(kind),
             Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
         };
         let stored: Stored<T> = serde_json::from_str(&text).map_err(|e| {
@@ -195,6 +203,42 @@ impl StateFiles {
                 path.display()
             );
         }
+        Ok(Some(stored.data))
+    }
+
+    /// A record 0.1 wrote in the state directory under the file's base name: adopted
+    /// only if the path it names is this file (it is then written under the new name
+    /// at the next change), never for another image of the same name.
+    fn load_legacy<T: DeserializeOwned>(&self, kind: Kind) -> io::Result<Option<T>> {
+        let Some(stem) = &self.legacy_stem else {
+            return Ok(None);
+        };
+        let path = self.dir.join(format!("{stem}.{}", kind.suffix()));
+        let Ok(text) = fs::read_to_string(&path) else {
+            return Ok(None);
+        };
+        let stored: Stored<T> = serde_json::from_str(&text).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        })?;
+        let same = fs::canonicalize(&stored.file).is_ok_and(|p| p == self.backing);
+        if !same {
+            warn!(
+                "{} (written by an older version, named after the base name only) belongs to {}, \
+                 not {}: not applied",
+                path.display(),
+                stored.file,
+                self.backing.display()
+            );
+            return Ok(None);
+        }
+        info!(
+            "adopting {} (written by an older version) as {}",
+            path.display(),
+            self.path(kind).display()
+        );
         Ok(Some(stored.data))
     }
 
@@ -311,6 +355,33 @@ mod tests {
         );
         // Only the two records' files are there: no temporary files are left.
         assert_eq!(fs::read_dir(&state).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_base_name_record_of_0_1_is_adopted_only_by_the_file_it_names() {
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("state");
+        fs::create_dir(&state).unwrap();
+        let mut imgs = Vec::new();
+        for vm in ["vm-a", "vm-b"] {
+            fs::create_dir(d.path().join(vm)).unwrap();
+            let p = d.path().join(vm).join("disk.img");
+            File::create(&p).unwrap();
+            imgs.push(p);
+        }
+        // 0.1: `<state>/disk.img.badblocks.json`, naming vm-a's image.
+        fs::write(
+            state.join("disk.img.badblocks.json"),
+            format!(r#"{{"file":"{}","n":5}}"#, imgs[0].display()),
+        )
+        .unwrap();
+        let of =
+            |p: &Path| StateFiles::new(p, Some(&state), Some(&File::open(p).unwrap())).unwrap();
+        assert_eq!(
+            of(&imgs[0]).load::<Rec>(Kind::BadRanges).unwrap(),
+            Some(Rec { n: 5 })
+        );
+        assert_eq!(of(&imgs[1]).load::<Rec>(Kind::BadRanges).unwrap(), None);
     }
 
     #[test]
