@@ -40,8 +40,11 @@ pub struct ServeArgs {
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
     /// Map the region read-only; flushes are answered without syscalls.
-    #[arg(long)]
+    #[arg(long, overrides_with = "no_readonly")]
     pub readonly: bool,
+    /// Turn off a `readonly = true` of the config file.
+    #[arg(long, overrides_with = "readonly")]
+    pub no_readonly: bool,
     /// JSON control socket for `status` and `stats`.
     #[arg(long, value_name = "SOCK")]
     pub control_socket: Option<PathBuf>,
@@ -49,8 +52,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
     /// Serve a backing file that group or others may write.
-    #[arg(long)]
+    #[arg(long, overrides_with = "no_allow_shared_permissions")]
     pub allow_shared_permissions: bool,
+    /// Turn off an `allow-shared-permissions = true` of the config file.
+    #[arg(long, overrides_with = "allow_shared_permissions")]
+    pub no_allow_shared_permissions: bool,
     /// Re-read the block map every SECS seconds (and whenever the file lease breaks);
     /// a changed map downgrades the policy to fsync. 0: only on lease breaks.
     /// Default 60.
@@ -59,8 +65,11 @@ pub struct ServeArgs {
     /// XFS only: set the immutable attribute (chattr +i) while serving, so no other
     /// process can open the file for writing, fallocate or dedupe into it; cleared at
     /// exit. After a crash clear it by hand: `chattr -i FILE`.
-    #[arg(long)]
+    #[arg(long, overrides_with = "no_seal")]
     pub seal: bool,
+    /// Turn off a `seal = true` of the config file.
+    #[arg(long, overrides_with = "seal")]
+    pub no_seal: bool,
     /// Unix socket for the guest agent's virtio-serial port (QEMU connects to it);
     /// bad ranges are pushed to the agent, which records them in the guest.
     #[arg(long, value_name = "SOCK")]
@@ -160,16 +169,19 @@ impl TryFrom<ServeArgs> for Config {
                 .or(file_cfg.file)
                 .ok_or(ConfigError::Missing("file"))?,
             mode: args.mode.or(file_cfg.mode).unwrap_or_default(),
-            readonly: args.readonly || file_cfg.readonly.unwrap_or(false),
+            readonly: flag(args.readonly, args.no_readonly, file_cfg.readonly),
             control_socket: args.control_socket.or(file_cfg.control_socket),
             socket_group: args.socket_group.or(file_cfg.socket_group),
-            allow_shared_permissions: args.allow_shared_permissions
-                || file_cfg.allow_shared_permissions.unwrap_or(false),
+            allow_shared_permissions: flag(
+                args.allow_shared_permissions,
+                args.no_allow_shared_permissions,
+                file_cfg.allow_shared_permissions,
+            ),
             verify_interval: args
                 .verify_interval
                 .or(file_cfg.verify_interval)
                 .unwrap_or(DEFAULT_VERIFY_INTERVAL),
-            seal: args.seal || file_cfg.seal.unwrap_or(false),
+            seal: flag(args.seal, args.no_seal, file_cfg.seal),
             agent_socket: args.agent_socket.or(file_cfg.agent_socket),
             guest_pci_address: args.guest_pci_address.or(file_cfg.guest_pci_address),
             state_dir: args.state_dir.or(file_cfg.state_dir),
@@ -179,6 +191,16 @@ impl TryFrom<ServeArgs> for Config {
                 .or(file_cfg.scrub_rate)
                 .unwrap_or(DEFAULT_SCRUB_RATE),
         })
+    }
+}
+
+/// A boolean option: `--x` or `--no-x` on the command line wins (clap keeps only the
+/// last of the two), then the file, then off.
+fn flag(yes: bool, no: bool, file: Option<bool>) -> bool {
+    if yes || no {
+        yes
+    } else {
+        file.unwrap_or(false)
     }
 }
 
@@ -305,6 +327,33 @@ mod tests {
         })
         .unwrap();
         assert_eq!(c.verify_interval, 1);
+        // A boolean the file turns on, the command line turns off.
+        let c = Config::try_from(ServeArgs {
+            no_seal: true,
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!c.seal);
+    }
+
+    #[test]
+    fn the_last_of_a_flag_and_its_no_form_wins() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["x", "--socket-path", "/s", "--file", "/f"];
+            argv.extend_from_slice(args);
+            Config::try_from(Cli::parse_from(argv).serve).unwrap()
+        };
+        assert!(parse(&["--seal"]).seal);
+        assert!(!parse(&["--seal", "--no-seal"]).seal);
+        assert!(parse(&["--no-readonly", "--readonly"]).readonly);
+        assert!(!parse(&["--no-allow-shared-permissions"]).allow_shared_permissions);
     }
 
     #[test]
