@@ -58,7 +58,8 @@ pub struct ServeArgs {
     #[arg(long, overrides_with = "allow_shared_permissions")]
     pub no_allow_shared_permissions: bool,
     /// Re-read the block map every SECS seconds (and whenever the file lease breaks);
-    /// a changed map downgrades the policy to fsync. 0: only on lease breaks.
+    /// a change is reported, and under `direct` downgrades to datasync. 0: only on
+    /// lease breaks.
     /// Default 60.
     #[arg(long, value_name = "SECS")]
     pub verify_interval: Option<u64>,

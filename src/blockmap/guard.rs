@@ -397,7 +397,8 @@ impl Watcher {
         self.verify("after the lease broke");
     }
 
-    /// Compares the map with the baseline; a difference downgrades the policy.
+    /// Compares the map with the baseline; a difference is reported (and downgrades
+    /// `direct`).
     fn verify(&mut self, why: &str) {
         let Some(baseline) = self.baseline else {
             return;
