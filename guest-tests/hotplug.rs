@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest test: the daemon's device is hot-plugged into a running guest over QMP,
-//! used, unplugged and plugged again, all in one boot on `-machine pc` (ACPI PCI
-//! hot-plug). Owns the plug/unplug sequence and its assertions; never boots q35.
+//! used, unplugged and plugged again, in one boot per test: `-machine pc` (ACPI PCI
+//! hot-plug) and q35 (native PCIe hot-plug into a root port). Owns the plug/unplug
+//! sequence and its assertions; never cold-plugs the device.
 
 mod harness;
 
@@ -63,7 +64,7 @@ umount /mnt/p || exit 17
 
 /// `chardev-add` (a unix socket client to the daemon) then `device_add`: the QMP
 /// sequence configs/qemu-hotplug.md documents.
-fn plug(qmp: &mut Qmp, socket: &Path, n: u32) {
+fn plug(qmp: &mut Qmp, socket: &Path, n: u32, bus: Option<&str>) {
     qmp.execute(
         "chardev-add",
         json!({
@@ -75,18 +76,19 @@ fn plug(qmp: &mut Qmp, socket: &Path, n: u32) {
         }),
     )
     .unwrap_or_else(|e| panic!("chardev-add vu{n}: {e}"));
-    qmp.execute(
-        "device_add",
-        json!({
-            "driver": "vhost-user-test-device-pci",
-            "id": format!("pmem{n}"),
-            "chardev": format!("vu{n}"),
-            "virtio-id": 27,
-            "num_vqs": 1,
-            "config_size": 16
-        }),
-    )
-    .unwrap_or_else(|e| panic!("device_add pmem{n}: {e}"));
+    let mut dev = json!({
+        "driver": "vhost-user-test-device-pci",
+        "id": format!("pmem{n}"),
+        "chardev": format!("vu{n}"),
+        "virtio-id": 27,
+        "num_vqs": 1,
+        "config_size": 16
+    });
+    if let Some(bus) = bus {
+        dev["bus"] = bus.into();
+    }
+    qmp.execute("device_add", dev)
+        .unwrap_or_else(|e| panic!("device_add pmem{n}: {e}"));
 }
 
 /// `device_del`, the guest's eject (DEVICE_DELETED), then `chardev-remove`, which
@@ -142,7 +144,8 @@ fn wait_status(daemon: &DaemonProc, what: &str, ok: impl Fn(&Value) -> bool) -> 
 /// One boot on `-machine pc` without the device: plug it, the guest mounts it with
 /// DAX and writes; unplug it (the guest lets it go, the daemon makes the data
 /// durable as the connection ends); plug it again on a new chardev (the daemon's
-/// second connection) and the guest finds the data intact.
+/// second connection) and the guest finds the data intact. ACPI PCI hot-plug on the
+/// root bus.
 #[test]
 fn the_device_is_hot_plugged_unplugged_and_plugged_again_into_a_running_guest() {
     let Some(env) = GuestEnv::load(
@@ -150,6 +153,32 @@ fn the_device_is_hot_plugged_unplugged_and_plugged_again_into_a_running_guest() 
     ) else {
         return;
     };
+    plug_unplug_plug(&env, "pc", &[], None);
+}
+
+/// The same on q35: native PCIe hot-plug into an empty `pcie-root-port` whose
+/// 64-bit prefetchable window is reserved big enough for the region's BAR
+/// (`pref64-reserve`; without it the firmware gives the port 2 MiB and the guest
+/// cannot assign the 64 MiB BAR).
+#[test]
+fn the_device_is_hot_plugged_into_a_q35_root_port_with_a_reserved_window() {
+    let Some(env) =
+        GuestEnv::load("the_device_is_hot_plugged_into_a_q35_root_port_with_a_reserved_window")
+    else {
+        return;
+    };
+    plug_unplug_plug(
+        &env,
+        "q35",
+        &[
+            "-device",
+            "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1,pref64-reserve=256M",
+        ],
+        Some("rp1"),
+    );
+}
+
+fn plug_unplug_plug(env: &GuestEnv, machine: &str, qemu_args: &[&str], bus: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let seed = dir.path().join("seed");
     fs::create_dir_all(&seed).unwrap();
@@ -158,14 +187,17 @@ fn the_device_is_hot_plugged_unplugged_and_plugged_again_into_a_running_guest() 
     make_ext4_image(&img, 64 << 20, &seed);
     let daemon = DaemonProc::start(dir.path(), &img, &[]);
 
+    let opts = harness::Boot {
+        qemu_args: qemu_args.iter().map(|a| a.to_string()).collect(),
+        ..Default::default()
+    };
     let started = Instant::now();
-    let (mut guest, mut qmp) =
-        env.boot_for_hotplug(dir.path(), "pc", SCRIPT, &harness::Boot::default());
+    let (mut guest, mut qmp) = env.boot_for_hotplug(dir.path(), machine, SCRIPT, &opts);
     guest.expect("VDP-WAIT-1", BOOT);
     let booted = started.elapsed();
 
     // First plug.
-    plug(&mut qmp, &daemon.socket, 1);
+    plug(&mut qmp, &daemon.socket, 1, bus);
     guest.expect("VDP-PLUGGED 1", STEP);
     let plugged = started.elapsed();
     let mount = guest.expect("VDP-MOUNT-1", STEP);
@@ -206,7 +238,7 @@ fn the_device_is_hot_plugged_unplugged_and_plugged_again_into_a_running_guest() 
     );
 
     // Second plug on a new chardev: the daemon's second connection.
-    plug(&mut qmp, &daemon.socket, 2);
+    plug(&mut qmp, &daemon.socket, 2, bus);
     guest.expect("VDP-PLUGGED 2", STEP);
     let rc = guest.finish(STEP);
     if rc != 0 {
@@ -231,7 +263,7 @@ fn the_device_is_hot_plugged_unplugged_and_plugged_again_into_a_running_guest() 
         s["connections"] == 2 && s["connected"] == false
     });
     eprintln!(
-        "hotplug figures: boot to /test.sh {booted:?}, first plug to /dev/pmem0 {:?}, unplug to disconnect {unplugged:?}; status {s}",
+        "hotplug figures ({machine}): boot to /test.sh {booted:?}, first plug to /dev/pmem0 {:?}, unplug to disconnect {unplugged:?}; status {s}",
         plugged - booted
     );
     assert_eq!(daemon.terminate(), 0);
