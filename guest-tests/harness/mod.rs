@@ -184,6 +184,33 @@ impl GuestEnv {
         Guest::spawn(cmd, dir.join("console.log"))
     }
 
+    /// Boots a guest WITHOUT the pmem device, for hot-plug: machine type `machine`
+    /// (`pc`: ACPI PCI hot-plug on the root bus), shareable guest RAM (512 MiB, as
+    /// [`Self::boot`]) and a QMP socket, `qmp.sock` in `dir`, to plug it through.
+    pub fn boot_for_hotplug(
+        &self,
+        dir: &Path,
+        machine: &str,
+        script: &str,
+        opts: &Boot,
+    ) -> (Guest, Qmp) {
+        let initrd = self.initrd_for(dir, script, opts);
+        let qmp_path = dir.join("qmp.sock");
+        let mut cmd = self.qemu_machine(&initrd, machine, "memory-backend=mem");
+        cmd.args([
+            "-object",
+            "memory-backend-memfd,id=mem,size=512M,share=on",
+            "-m",
+            "512M",
+            "-qmp",
+        ])
+        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+        .args(&opts.qemu_args);
+        let guest = Guest::spawn(cmd, dir.join("console.log"));
+        let qmp = Qmp::connect(&qmp_path, Duration::from_secs(20));
+        (guest, qmp)
+    }
+
     fn initrd_for(&self, dir: &Path, script: &str, opts: &Boot) -> PathBuf {
         let files: Vec<(&str, &[u8])> = opts
             .files
@@ -196,6 +223,11 @@ impl GuestEnv {
     /// QEMU from the setup's tree with the guest kernel, `initrd`, a serial console
     /// on stdio and `machine_opts` added to `-machine q35,accel=...`.
     fn qemu(&self, initrd: &Path, machine_opts: &str) -> Command {
+        self.qemu_machine(initrd, "q35", machine_opts)
+    }
+
+    /// [`Self::qemu`] on machine type `machine` (`q35`, `pc`).
+    fn qemu_machine(&self, initrd: &Path, machine: &str, machine_opts: &str) -> Command {
         let root = &self.qemu_root;
         let mut cmd = Command::new(root.join("lib64/ld-linux-x86-64.so.2"));
         cmd.arg("--library-path")
@@ -211,7 +243,7 @@ impl GuestEnv {
             .arg(root.join("usr/share/seabios"))
             .args([
                 "-machine",
-                &format!("q35,accel={},{machine_opts}", self.accel),
+                &format!("{machine},accel={},{machine_opts}", self.accel),
                 "-smp",
                 "2",
                 "-nodefaults",
@@ -752,4 +784,96 @@ pub fn md5_hex(data: &[u8]) -> String {
         .next()
         .unwrap()
         .to_string()
+}
+
+/// A QMP client on QEMU's monitor socket: greeting, capabilities negotiation,
+/// commands and asynchronous events (kept in arrival order until waited for).
+pub struct Qmp {
+    reader: BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+    events: Vec<Value>,
+}
+
+impl Qmp {
+    /// Connects (retrying while QEMU creates the socket), reads the greeting and
+    /// leaves capabilities negotiation mode.
+    pub fn connect(path: &Path, timeout: Duration) -> Self {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "QMP {}: {e}", path.display());
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        let mut qmp = Self {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+            events: Vec::new(),
+        };
+        let greeting = qmp.read(deadline).expect("QMP greeting");
+        assert!(
+            greeting.get("QMP").is_some(),
+            "not a QMP greeting: {greeting}"
+        );
+        qmp.execute("qmp_capabilities", serde_json::json!({}))
+            .unwrap_or_else(|e| panic!("qmp_capabilities: {e}"));
+        qmp
+    }
+
+    /// One JSON message, or `None` at `deadline`.
+    fn read(&mut self, deadline: Instant) -> Option<Value> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        self.reader.get_ref().set_read_timeout(Some(left)).unwrap();
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => panic!("QEMU closed its QMP socket"),
+            Ok(_) => Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                None
+            }
+            Err(e) => panic!("QMP read: {e}"),
+        }
+    }
+
+    /// Runs a command; `Ok(return value)` or `Err(the error object)`. Events that
+    /// arrive meanwhile are kept for [`Self::wait_event`].
+    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, Value> {
+        let req = serde_json::json!({ "execute": command, "arguments": arguments });
+        writeln!(self.writer, "{req}").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let msg = self
+                .read(deadline)
+                .unwrap_or_else(|| panic!("no answer to QMP {command} within 30 s"));
+            if let Some(ret) = msg.get("return") {
+                return Ok(ret.clone());
+            }
+            if let Some(err) = msg.get("error") {
+                return Err(err.clone());
+            }
+            self.events.push(msg);
+        }
+    }
+
+    /// Waits for event `name` (one that already arrived counts) and returns it, or
+    /// `None` if it does not come within `timeout`.
+    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+                return Some(self.events.remove(i));
+            }
+            let msg = self.read(deadline)?;
+            self.events.push(msg);
+        }
+    }
 }
