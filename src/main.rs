@@ -40,6 +40,12 @@ enum Command {
         #[arg(long, value_name = "SOCK")]
         control_socket: PathBuf,
     },
+    /// Print the daemon's metrics in the Prometheus text exposition format (0.0.4)
+    /// from its control socket.
+    Metrics {
+        #[arg(long, value_name = "SOCK")]
+        control_socket: PathBuf,
+    },
     /// Print the daemon's events (JSON lines) as they happen, until interrupted.
     Events {
         #[arg(long, value_name = "SOCK")]
@@ -200,6 +206,13 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Health { .. } => unreachable!("handled in main"),
         Command::Status { control_socket } => print_call(&control_socket, control::Request::Status),
         Command::Stats { control_socket } => print_call(&control_socket, control::Request::Stats),
+        Command::Metrics { control_socket } => {
+            let answer = control::request(&control_socket, &control::Request::Metrics)
+                .map_err(|e| format!("{}: {e}", control_socket.display()))?
+                .into_result()?;
+            print!("{}", answer.metrics.unwrap_or_default());
+            Ok(())
+        }
     }
 }
 
