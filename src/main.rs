@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve a backing file to a VMM over a vhost-user socket.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print the daemon's status (JSON) from its control socket.
     Status {
         #[arg(long, value_name = "SOCK")]
@@ -195,7 +195,7 @@ fn run(cli: Cli) -> Result<(), String> {
         })
         .map_err(|e| format!("{}: {e}", control_socket.display())),
         Command::Serve(args) => {
-            let config = Config::try_from(args).map_err(|e| e.to_string())?;
+            let config = Config::try_from(*args).map_err(|e| e.to_string())?;
             vhost_device_pmem::daemon::serve(config).map_err(|e| e.to_string())
         }
         Command::Badblocks {

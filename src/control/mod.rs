@@ -574,6 +574,19 @@ mod tests {
     }
 
     #[test]
+    fn metrics_answer_the_text_with_the_instance_label() {
+        let d = daemon();
+        let a = answer(&d, r#"{"command":"metrics"}"#);
+        let text = a.metrics.expect("a metrics field");
+        assert!(a.ok && a.error.is_none());
+        assert!(
+            text.contains("vhost_device_pmem_flush_requests_total{instance=\"/img\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("vhost_device_pmem_policy{instance=\"/img\",policy=\"fsync\"} 1\n"));
+    }
+
+    #[test]
     fn events_on_a_request_connection_is_refused_cleanly() {
         let v = ask(&daemon(), r#"{"command":"events"}"#);
         assert_eq!(v["ok"], false);
@@ -592,6 +605,10 @@ mod tests {
             Request::Stats
         );
         assert!(serde_json::from_str::<Request>(r#"{"command":"reboot"}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&Request::Metrics).unwrap(),
+            r#"{"command":"metrics"}"#
+        );
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"command":"events"}"#).unwrap(),
             Request::Events { backlog: false }
