@@ -25,6 +25,12 @@ pub enum ConfigError {
     },
     #[error("missing {0}: give --{0} or set `{0}` in the config file")]
     Missing(&'static str),
+    #[error("metrics file {0}: its name must end in .prom (node_exporter's textfile collector reads only those)")]
+    MetricsFileName(PathBuf),
+    #[error("{0} must be positive")]
+    Zero(&'static str),
+    #[error("metrics-instance must not be empty")]
+    EmptyInstance,
 }
 
 /// `vhost-device-pmem serve` flags.
@@ -89,6 +95,18 @@ pub struct ServeArgs {
     /// Scrub at most this many bytes per second (suffixes K, M, G). Default 64M.
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub scrub_rate: Option<u64>,
+    /// Write the metrics (Prometheus text format) to PATH every --metrics-interval
+    /// seconds, atomically (a temporary file in the same directory, renamed), for
+    /// node_exporter's textfile collector; the name must end in `.prom`.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_file: Option<PathBuf>,
+    /// Seconds between two writes of --metrics-file. Default 15.
+    #[arg(long, value_name = "SECS")]
+    pub metrics_interval: Option<u64>,
+    /// The `instance` label of every metric; default: the backing file's canonical
+    /// path.
+    #[arg(long, value_name = "NAME")]
+    pub metrics_instance: Option<String>,
     /// TOML file with any of the keys above (kebab-case, e.g. `socket-path`).
     #[arg(long, value_name = "FILE.toml")]
     pub config: Option<PathBuf>,
@@ -112,10 +130,16 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     scrub_interval: Option<u64>,
     scrub_rate: Option<u64>,
+    metrics_file: Option<PathBuf>,
+    metrics_interval: Option<u64>,
+    metrics_instance: Option<String>,
 }
 
 /// Default of `scrub-rate`, bytes per second.
 pub const DEFAULT_SCRUB_RATE: u64 = 64 << 20;
+
+/// Default of `metrics-interval`, seconds.
+pub const DEFAULT_METRICS_INTERVAL: u64 = 15;
 
 /// Default of `verify-interval`, seconds.
 pub const DEFAULT_VERIFY_INTERVAL: u64 = 60;
@@ -141,6 +165,12 @@ pub struct Config {
     pub scrub_interval: u64,
     /// Bytes per second a scrub may read.
     pub scrub_rate: u64,
+    /// Where to write the metrics (a `.prom` name), if anywhere.
+    pub metrics_file: Option<PathBuf>,
+    /// Seconds between two writes of the metrics file (positive).
+    pub metrics_interval: u64,
+    /// The `instance` label; `None`: the backing file's canonical path.
+    pub metrics_instance: Option<String>,
 }
 
 impl TryFrom<ServeArgs> for Config {
@@ -160,7 +190,29 @@ impl TryFrom<ServeArgs> for Config {
             }
             None => FileConfig::default(),
         };
+        let metrics_file = args.metrics_file.or(file_cfg.metrics_file);
+        if let Some(p) = &metrics_file {
+            if p.extension().is_none_or(|e| e != "prom")
+                || p.file_stem().is_none_or(|s| s.is_empty())
+            {
+                return Err(ConfigError::MetricsFileName(p.clone()));
+            }
+        }
+        let metrics_interval = args
+            .metrics_interval
+            .or(file_cfg.metrics_interval)
+            .unwrap_or(DEFAULT_METRICS_INTERVAL);
+        if metrics_interval == 0 {
+            return Err(ConfigError::Zero("metrics-interval"));
+        }
+        let metrics_instance = args.metrics_instance.or(file_cfg.metrics_instance);
+        if metrics_instance.as_deref() == Some("") {
+            return Err(ConfigError::EmptyInstance);
+        }
         Ok(Config {
+            metrics_file,
+            metrics_interval,
+            metrics_instance,
             socket_path: args
                 .socket_path
                 .or(file_cfg.socket_path)
@@ -302,6 +354,9 @@ mod tests {
                 state_dir: None,
                 scrub_interval: 0,
                 scrub_rate: DEFAULT_SCRUB_RATE,
+                metrics_file: None,
+                metrics_interval: DEFAULT_METRICS_INTERVAL,
+                metrics_instance: None,
             }
         );
     }
@@ -371,6 +426,47 @@ mod tests {
             e.to_string(),
             "missing socket-path: give --socket-path or set `socket-path` in the config file"
         );
+    }
+
+    #[test]
+    fn metrics_options_are_checked_and_the_file_supplies_them() {
+        let args = |file: &str| ServeArgs {
+            socket_path: Some("/s".into()),
+            file: Some("/f".into()),
+            metrics_file: Some(file.into()),
+            ..Default::default()
+        };
+        for bad in ["/var/lib/node/pmem.txt", "/var/lib/node/pmem", "/x/.prom"] {
+            let e = Config::try_from(args(bad)).unwrap_err();
+            assert!(e.to_string().contains("must end in .prom"), "{bad}: {e}");
+        }
+        let c = Config::try_from(args("/var/lib/node/pmem.prom")).unwrap();
+        assert_eq!(c.metrics_file, Some("/var/lib/node/pmem.prom".into()));
+        assert_eq!(c.metrics_interval, DEFAULT_METRICS_INTERVAL);
+        let e = Config::try_from(ServeArgs {
+            metrics_interval: Some(0),
+            ..args("/a.prom")
+        })
+        .unwrap_err();
+        assert_eq!(e.to_string(), "metrics-interval must be positive");
+        let f = toml_file(
+            "socket-path = \"/s\"\nfile = \"/f\"\nmetrics-file = \"/m/a.prom\"\nmetrics-interval = 5\nmetrics-instance = \"vm1\"\n",
+        );
+        let c = Config::try_from(ServeArgs {
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (c.metrics_file, c.metrics_interval, c.metrics_instance),
+            (Some("/m/a.prom".into()), 5, Some("vm1".into()))
+        );
+        let f = toml_file("socket-path = \"/s\"\nfile = \"/f\"\nmetrics-file = \"/m/a.txt\"\n");
+        assert!(Config::try_from(ServeArgs {
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .is_err());
     }
 
     #[test]

@@ -29,6 +29,7 @@ use crate::{
     control::{
         self,
         events::{EventHub, EventKind},
+        metrics_file,
         status::{DeviceStatus, StatusReport},
     },
     device::{queue::QueueStats, wire::VIRTIO_PMEM_F_SHMEM_REGION, PmemBackend},
@@ -164,23 +165,45 @@ pub fn serve(config: Config) -> Result<(), Error> {
     let _guard = blockmap::guard::start(&guard_handles, &daemon.services, &config)?;
 
     let vsock = socket::bind(&config.socket_path, config.socket_group.as_deref())?;
+    let handles = control::ControlHandles {
+        status: {
+            let d = daemon.clone();
+            Arc::new(move || d.status_report())
+        },
+        region: daemon.region.clone(),
+        queue_stats: daemon.queue_stats.clone(),
+        media: daemon.media.clone(),
+        events: daemon.events.clone(),
+        metrics_instance: metrics_instance(&config, &daemon.region.path).into(),
+    };
     if let Some(path) = &config.control_socket {
         let csock = socket::bind(path, config.socket_group.as_deref())?;
-        let handles = control::ControlHandles {
-            status: {
-                let d = daemon.clone();
-                Arc::new(move || d.status_report())
-            },
-            region: daemon.region.clone(),
-            queue_stats: daemon.queue_stats.clone(),
-            media: daemon.media.clone(),
-            events: daemon.events.clone(),
-        };
         let listener = csock.listener.try_clone().map_err(io_err("dup listener"))?;
-        control::spawn(listener, handles, &daemon.services)
+        control::spawn(listener, handles.clone(), &daemon.services)
             .map_err(io_err("start control socket"))?;
         bound.push(csock);
         info!("control socket: {}", path.display());
+    }
+    if let Some(path) = &config.metrics_file {
+        // The first write is made here, so a path that cannot be written stops the
+        // start-up with a clear error instead of a warning every interval.
+        metrics_file::write_once(path, &handles).map_err(|e| Error::Io {
+            what: "write the metrics file (--metrics-file)",
+            source: io::Error::new(e.kind(), format!("{}: {e}", path.display())),
+        })?;
+        metrics_file::spawn(
+            path.clone(),
+            std::time::Duration::from_secs(config.metrics_interval),
+            handles.clone(),
+            &daemon.services,
+        )
+        .map_err(io_err("start the metrics file writer"))?;
+        info!(
+            "metrics file: {} (every {} s, instance {:?})",
+            path.display(),
+            config.metrics_interval,
+            &*handles.metrics_instance
+        );
     }
 
     let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?);
@@ -230,9 +253,29 @@ pub fn serve(config: Config) -> Result<(), Error> {
             daemon.region.path.display()
         ))),
     };
+    // The last metrics, with the final sync counted and no VMM connected.
+    if let Some(path) = &config.metrics_file {
+        if let Err(e) = metrics_file::write_once(path, &handles) {
+            warn!(
+                "cannot write the metrics file {} at exit: {e}",
+                path.display()
+            );
+        }
+    }
     drop(vsock);
     drop(bound);
     result
+}
+
+/// The `instance` label of the metrics: `--metrics-instance`, or the backing file's
+/// canonical path (as opened; the path given if it cannot be resolved).
+fn metrics_instance(config: &Config, file: &std::path::Path) -> String {
+    config.metrics_instance.clone().unwrap_or_else(|| {
+        std::fs::canonicalize(file)
+            .unwrap_or_else(|_| file.to_path_buf())
+            .display()
+            .to_string()
+    })
 }
 
 /// Restores a sync failure recorded by an earlier run (the file is then served in

@@ -314,7 +314,7 @@ pub struct FlushStats {
 /// Log2 buckets of microseconds: bucket i holds latencies in [2^(i-1), 2^i) µs.
 #[derive(Default, Clone)]
 struct LatencyHistogram {
-    buckets: [u64; 32],
+    buckets: [u64; LATENCY_BUCKETS],
     count: u64,
     sum_us: u64,
     max_us: u64,
@@ -324,7 +324,7 @@ impl LatencyHistogram {
     fn record(&mut self, d: Duration, n: u64) {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         let idx = (64 - us.leading_zeros()) as usize;
-        self.buckets[idx.min(31)] += n;
+        self.buckets[idx.min(LATENCY_BUCKETS - 1)] += n;
         self.count += n;
         self.sum_us = self.sum_us.saturating_add(us.saturating_mul(n));
         self.max_us = self.max_us.max(us);
@@ -351,6 +351,21 @@ impl LatencyHistogram {
     }
 }
 
+/// A point-in-time copy of the latency histogram, for `metrics`: `buckets[i]` counts
+/// the flush requests whose batch took less than 2^i µs and (for i > 0) at least
+/// 2^(i-1) µs (latencies are truncated to whole microseconds); the last bucket also
+/// holds everything longer. Not cumulative.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LatencyBuckets {
+    pub buckets: [u64; LATENCY_BUCKETS],
+    pub count: u64,
+    /// Sum of the truncated latencies, µs.
+    pub sum_us: u64,
+}
+
+/// How many log2 buckets the latency histogram keeps.
+pub const LATENCY_BUCKETS: usize = 32;
+
 /// A point-in-time copy of the counters, for the control socket.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StatsSnapshot {
@@ -371,6 +386,16 @@ pub struct LatencySummary {
 }
 
 impl FlushStats {
+    /// The latency histogram as it is now.
+    pub fn latency_buckets(&self) -> LatencyBuckets {
+        let h = lock(&self.latency);
+        LatencyBuckets {
+            buckets: h.buckets,
+            count: h.count,
+            sum_us: h.sum_us,
+        }
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
         let h = lock(&self.latency).clone();
         StatsSnapshot {

@@ -12,7 +12,9 @@
 //! - [`blockmap`]: reading and judging a file's block map, `prepare`, `check`, and the
 //!   guard that watches it while serving.
 //! - [`media`]: media errors: their sources, the bad-range set, the guest channel.
-//! - [`control`]: the control socket, events and the `status` document.
+//! - [`control`]: the control socket, events, the `status` document and the
+//!   Prometheus metrics (rendered in `control::metrics`, written by
+//!   `control::metrics_file`).
 //! - [`state`], [`jsonl`], [`service`], [`socket`], [`backing`], [`config`], [`sys`]:
 //!   the state directory, the line protocols, service threads, sockets, opening the
 //!   backing file, configuration, and the raw host calls no crate wraps.

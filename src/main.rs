@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve a backing file to a VMM over a vhost-user socket.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print the daemon's status (JSON) from its control socket.
     Status {
         #[arg(long, value_name = "SOCK")]
@@ -37,6 +37,12 @@ enum Command {
     },
     /// Print the daemon's flush statistics (JSON) from its control socket.
     Stats {
+        #[arg(long, value_name = "SOCK")]
+        control_socket: PathBuf,
+    },
+    /// Print the daemon's metrics in the Prometheus text exposition format (0.0.4)
+    /// from its control socket.
+    Metrics {
         #[arg(long, value_name = "SOCK")]
         control_socket: PathBuf,
     },
@@ -189,7 +195,7 @@ fn run(cli: Cli) -> Result<(), String> {
         })
         .map_err(|e| format!("{}: {e}", control_socket.display())),
         Command::Serve(args) => {
-            let config = Config::try_from(args).map_err(|e| e.to_string())?;
+            let config = Config::try_from(*args).map_err(|e| e.to_string())?;
             vhost_device_pmem::daemon::serve(config).map_err(|e| e.to_string())
         }
         Command::Badblocks {
@@ -200,6 +206,13 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Health { .. } => unreachable!("handled in main"),
         Command::Status { control_socket } => print_call(&control_socket, control::Request::Status),
         Command::Stats { control_socket } => print_call(&control_socket, control::Request::Stats),
+        Command::Metrics { control_socket } => {
+            let answer = control::request(&control_socket, &control::Request::Metrics)
+                .map_err(|e| format!("{}: {e}", control_socket.display()))?
+                .into_result()?;
+            print!("{}", answer.metrics.unwrap_or_default());
+            Ok(())
+        }
     }
 }
 

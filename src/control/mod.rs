@@ -9,6 +9,8 @@
 //! `badblocks-inject` and `badblocks-clear` (operators recording media errors).
 
 pub mod events;
+pub mod metrics;
+pub mod metrics_file;
 pub mod status;
 
 use std::{
@@ -45,6 +47,8 @@ pub enum Request {
     Status,
     /// Flush counters and latency summary.
     Stats,
+    /// Everything `stats` and `status` count, in the Prometheus text format.
+    Metrics,
     /// Streams events (JSON lines) until the client disconnects; with `backlog`,
     /// the recent events (up to 64) come first.
     Events {
@@ -73,6 +77,28 @@ pub struct ControlHandles {
     pub queue_stats: Arc<QueueStats>,
     pub media: Arc<MediaErrors>,
     pub events: Arc<EventHub>,
+    /// The `instance` label of the metrics.
+    pub metrics_instance: Arc<str>,
+}
+
+impl ControlHandles {
+    /// The `stats` answer now.
+    pub fn stats(&self) -> StatsReport {
+        StatsReport {
+            flush: self.region.flusher.stats.snapshot(),
+            queue: self.queue_stats.snapshot(),
+        }
+    }
+
+    /// The metrics now, rendered (the `metrics` answer, the `--metrics-file` text).
+    pub fn metrics(&self) -> String {
+        metrics::render(&metrics::MetricsSnapshot {
+            instance: self.metrics_instance.to_string(),
+            status: (self.status)(),
+            stats: self.stats(),
+            latency: self.region.flusher.stats.latency_buckets(),
+        })
+    }
 }
 
 /// The `stats` answer: the flush counters and the queue's, side by side.
@@ -115,6 +141,9 @@ pub struct Answer {
     /// Why the bad ranges are not on disk, if they are not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persist_error: Option<String>,
+    /// The metrics in the Prometheus text exposition format 0.0.4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
     /// "subscribed", the acknowledgement of an events stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<String>,
@@ -162,10 +191,11 @@ pub fn answer_request(daemon: &ControlHandles, req: Request) -> Answer {
             ..Answer::ok()
         },
         Request::Stats => Answer {
-            stats: Some(StatsReport {
-                flush: daemon.region.flusher.stats.snapshot(),
-                queue: daemon.queue_stats.snapshot(),
-            }),
+            stats: Some(daemon.stats()),
+            ..Answer::ok()
+        },
+        Request::Metrics => Answer {
+            metrics: Some(daemon.metrics()),
             ..Answer::ok()
         },
         Request::BadblocksList => ranges(false),
@@ -429,6 +459,7 @@ mod tests {
             queue_stats: d.queue_stats.clone(),
             media: d.media.clone(),
             events: d.events.clone(),
+            metrics_instance: "/img".into(),
         }
     }
 
@@ -543,6 +574,19 @@ mod tests {
     }
 
     #[test]
+    fn metrics_answer_the_text_with_the_instance_label() {
+        let d = daemon();
+        let a = answer(&d, r#"{"command":"metrics"}"#);
+        let text = a.metrics.expect("a metrics field");
+        assert!(a.ok && a.error.is_none());
+        assert!(
+            text.contains("vhost_device_pmem_flush_requests_total{instance=\"/img\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("vhost_device_pmem_policy{instance=\"/img\",policy=\"fsync\"} 1\n"));
+    }
+
+    #[test]
     fn events_on_a_request_connection_is_refused_cleanly() {
         let v = ask(&daemon(), r#"{"command":"events"}"#);
         assert_eq!(v["ok"], false);
@@ -561,6 +605,10 @@ mod tests {
             Request::Stats
         );
         assert!(serde_json::from_str::<Request>(r#"{"command":"reboot"}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&Request::Metrics).unwrap(),
+            r#"{"command":"metrics"}"#
+        );
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"command":"events"}"#).unwrap(),
             Request::Events { backlog: false }
