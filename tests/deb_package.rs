@@ -6,8 +6,12 @@
 //! Every command in the tree runs in a private mount namespace (its /proc and /dev
 //! vanish with it), so nothing is ever mounted in the host's namespace.
 
+#[path = "support/frontend.rs"]
+mod frontend;
 #[path = "support/root.rs"]
 mod root;
+
+use frontend::TestFrontend;
 
 use std::{
     fs,
@@ -370,8 +374,17 @@ fn package_installs_runs_and_upgrades_without_touching_a_serving_daemon() {
         assert!(Instant::now() < deadline, "no control socket after 30s");
         thread::sleep(Duration::from_millis(50));
     }
+    // A VMM: connected, the region mapped, a store and a flush answered.
+    let mut vmm = TestFrontend::connect(&tree.join("run/pmem0.sock")).unwrap();
+    vmm.start().unwrap();
+    assert_eq!(vmm.maps.wait_for(1, frontend::TIMEOUT), 1, "no SHMEM_MAP");
+    vmm.map_region(0).unwrap();
+    vmm.write_pmem(0, b"before the upgrade").unwrap();
+    assert_eq!(vmm.flush(1).unwrap(), vec![0], "flush before the upgrade");
     let before = status(&tree);
     assert_eq!(before["ok"], true, "{before}");
+    assert_eq!(before["status"]["connected"], true, "{before}");
+    assert_eq!(before["status"]["pid"], pid, "{before}");
     let started = start_time(pid);
     let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert_eq!(exe, tree.join("usr/bin/vhost-device-pmem"));
@@ -404,7 +417,18 @@ fn package_installs_runs_and_upgrades_without_touching_a_serving_daemon() {
     );
     let after = status(&tree);
     assert_eq!(after["ok"], true, "{after}");
-    assert_eq!(after["file"], before["file"]);
+    assert_eq!(after["status"]["pid"], pid, "{after}");
+    assert_eq!(after["status"]["file"], "/var/lib/pmem0.img", "{after}");
+    // The VMM's connection went through the upgrade: the same one, still flushing.
+    assert_eq!(after["status"]["connected"], true, "{after}");
+    assert_eq!(after["status"]["connections"], 1, "{after}");
+    vmm.write_pmem(4096, b"after the upgrade").unwrap();
+    assert_eq!(
+        vmm.flush(2).unwrap(),
+        vec![0, 0],
+        "flushes after the upgrade"
+    );
+    drop(vmm);
     let actions = unit_actions_logged(&tree);
     assert!(
         actions.is_empty(),
