@@ -219,8 +219,8 @@ fn status(root: &Path) -> serde_json::Value {
 #[test]
 fn package_installs_runs_and_upgrades_without_touching_a_serving_daemon() {
     const NAME: &str = "deb_package";
-    // SAFETY: geteuid cannot fail.
     let mut missing = Vec::new();
+    // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         missing.push("root (dpkg in a chroot, mounts)".to_string());
     }
