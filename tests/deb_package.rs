@@ -457,6 +457,66 @@ fn package_installs_runs_and_upgrades_without_touching_a_serving_daemon() {
     );
 }
 
+/// Runs anywhere (no root): the hidden `generate-docs` writes one page per visible
+/// subcommand, each from clap's definitions, and completions for three shells, and
+/// appears in none of them.
+#[test]
+fn generate_docs_writes_a_page_per_subcommand_and_completions() {
+    let out = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_vhost-device-pmem"))
+        .arg("generate-docs")
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut pages: Vec<String> = fs::read_dir(out.path().join("man"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    pages.sort();
+    let mut want: Vec<String> = [
+        "",
+        "-badblocks",
+        "-badblocks-clear",
+        "-badblocks-inject",
+        "-badblocks-list",
+        "-check",
+        "-events",
+        "-health",
+        "-prepare",
+        "-serve",
+        "-stats",
+        "-status",
+    ]
+    .iter()
+    .map(|s| format!("vhost-device-pmem{s}.1"))
+    .collect();
+    want.sort();
+    assert_eq!(pages, want);
+    let serve = fs::read_to_string(out.path().join("man/vhost-device-pmem-serve.1")).unwrap();
+    for opt in ["socket\\-path", "control\\-socket", "state\\-dir"] {
+        assert!(serve.contains(opt), "serve page lacks {opt}");
+    }
+    for f in [
+        "vhost-device-pmem.bash",
+        "_vhost-device-pmem",
+        "vhost-device-pmem.fish",
+    ] {
+        let text = fs::read_to_string(out.path().join("completions").join(f)).unwrap();
+        assert!(text.contains("badblocks") && text.contains("serve"), "{f}");
+        assert!(
+            !text.contains("generate-docs"),
+            "{f} offers the hidden subcommand"
+        );
+    }
+    let help = Command::new(env!("CARGO_BIN_EXE_vhost-device-pmem"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&help.stdout).contains("generate-docs"));
+}
+
 /// Reads a gzip file through the host's gzip.
 fn flate_read(path: &Path, out: &mut String) {
     let o = root::run("gzip", &["-dc", path.to_str().unwrap()]).unwrap();
