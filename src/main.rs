@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Command line of vhost-device-pmem. Parses, dispatches, logs the error and exits 1.
 
+mod gendocs;
+
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use log::error;
 use vhost_device_pmem::{
     blockmap::{
@@ -295,6 +297,13 @@ fn run_health(
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Hidden from --help, the man pages and the completions it writes.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == gendocs::SUBCOMMAND)
+    {
+        return gendocs::main(Cli::command());
+    }
     let cli = Cli::parse();
     if let Command::Check { file, json } = &cli.command {
         return run_check(file, *json);
