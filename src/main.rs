@@ -188,9 +188,21 @@ fn run(cli: Cli) -> Result<(), String> {
             true
         })
         .map_err(|e| format!("{}: {e}", control_socket.display())),
-        Command::Serve(args) => {
+        Command::Serve(mut args) => {
+            // Sockets passed by the service manager (socket activation); an inherited
+            // vhost-user socket stands for --socket-path.
+            let inherited = vhost_device_pmem::systemd::take_listen_fds()
+                .map_err(|e| format!("socket activation: {e}"))?;
+            if let Some(path) = inherited
+                .vhost_user
+                .as_ref()
+                .and_then(|l| l.local_addr().ok())
+                .and_then(|a| a.as_pathname().map(ToOwned::to_owned))
+            {
+                args.socket_path = Some(path);
+            }
             let config = Config::try_from(args).map_err(|e| e.to_string())?;
-            vhost_device_pmem::daemon::serve(config).map_err(|e| e.to_string())
+            vhost_device_pmem::daemon::serve(config, inherited).map_err(|e| e.to_string())
         }
         Command::Badblocks {
             control_socket,
