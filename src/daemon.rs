@@ -219,7 +219,7 @@ pub fn serve(config: Config, inherited: Inherited) -> Result<(), Error> {
                 // SAFETY: valid set and out-pointer; the signals are blocked in all threads.
                 while unsafe { libc::sigwait(&sigset, &mut sig) } != 0 {}
                 info!("signal {sig}: finishing in-flight requests and shutting down");
-                systemd::notify_or_log("STOPPING=1\nSTATUS=stopping: making the data durable");
+                systemd::notify_stopping();
                 let _ = stop.write(1);
                 if let Some(h) = current.lock().unwrap().as_ref() {
                     h.shutdown();
@@ -300,33 +300,15 @@ fn start_notifier(daemon: &Arc<Daemon>) -> Result<(), Error> {
             "notify",
             |_| {},
             move || {
-                let mut last = String::new();
-                while !services.sleep(tick) {
-                    let mut status = status_line(&d);
-                    let mut msg = String::new();
-                    if let Some(limit) = watchdog {
-                        match systemd::progress(
-                            d.region.flusher.busy.running_for(),
-                            d.queue_stats.pass.running_for(),
-                            limit,
-                        ) {
-                            Ok(()) => msg.push_str("WATCHDOG=1\n"),
-                            Err(why) => {
-                                status = format!("{status}; STUCK: {why}");
-                                if !last.contains("STUCK") {
-                                    error!("{why}: no more watchdog pings");
-                                }
-                            }
-                        }
-                    }
-                    if status != last {
-                        msg.push_str(&format!("STATUS={status}\n"));
-                        last = status;
-                    }
-                    if !msg.is_empty() {
-                        systemd::notify_or_log(msg.trim_end());
-                    }
-                }
+                let flusher = &d.region.flusher;
+                systemd::run_notifier(
+                    &services,
+                    tick,
+                    watchdog,
+                    || status_line(&d),
+                    || (flusher.busy.running_for(), d.queue_stats.pass.running_for()),
+                    systemd::notify_or_log,
+                );
             },
         )
         .map_err(io_err("start the service-manager notifier"))

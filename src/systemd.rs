@@ -23,8 +23,11 @@ use std::{
         linux::net::SocketAddrExt,
         unix::net::{SocketAddr, UnixDatagram, UnixListener},
     },
+    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
+
+use crate::service::Services;
 
 /// The first inherited descriptor (SD_LISTEN_FDS_START).
 const LISTEN_FDS_START: RawFd = 3;
@@ -192,6 +195,53 @@ pub fn watchdog_interval() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec))
 }
 
+/// Set once STOPPING=1 was sent: STATUS= is no longer refreshed after it.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// Tells the service manager the daemon is stopping (at SIGTERM/SIGINT).
+pub fn notify_stopping() {
+    STOPPING.store(true, Ordering::Relaxed);
+    notify_or_log("STOPPING=1\nSTATUS=stopping: making the data durable");
+}
+
+/// The notifier's loop, until shutdown: every `tick`, STATUS= when `status()`
+/// changed, and with a `watchdog` interval, WATCHDOG=1 only if [`progress`] holds
+/// for what `busy()` reports (sync, queue pass); otherwise STATUS= says what is
+/// stuck and no ping goes out. `send` delivers a message (normally [`notify`]).
+pub fn run_notifier(
+    services: &Services,
+    tick: Duration,
+    watchdog: Option<Duration>,
+    status: impl Fn() -> String,
+    busy: impl Fn() -> (Option<Duration>, Option<Duration>),
+    send: impl Fn(&str),
+) {
+    let mut last = String::new();
+    while !services.sleep(tick) {
+        let mut line = status();
+        let mut msg = String::new();
+        if let Some(limit) = watchdog {
+            let (sync, pass) = busy();
+            match progress(sync, pass, limit) {
+                Ok(()) => msg.push_str("WATCHDOG=1\n"),
+                Err(why) => {
+                    if !last.contains("STUCK") {
+                        log::error!("{why}: no more watchdog pings until it ends");
+                    }
+                    line = format!("{line}; STUCK: {why}");
+                }
+            }
+        }
+        if line != last && !STOPPING.load(Ordering::Relaxed) {
+            msg.push_str(&format!("STATUS={line}\n"));
+            last = line;
+        }
+        if !msg.is_empty() {
+            send(msg.trim_end());
+        }
+    }
+}
+
 /// Whether the daemon may tell the watchdog it is alive: only if neither the sync in
 /// progress (`sync`) nor the queue pass in progress (`pass`) has been running for
 /// `limit` or longer. Idle (`None`) is progress. The error says what is stuck.
@@ -355,5 +405,123 @@ mod tests {
         assert!(progress(None, Some(limit), limit)
             .unwrap_err()
             .contains("queue"));
+    }
+
+    #[test]
+    fn the_notifier_stops_pinging_while_a_sync_is_held_and_resumes_after() {
+        use std::{
+            sync::{mpsc, Arc},
+            time::Instant,
+        };
+
+        use crate::durability::{Flusher, Policy};
+
+        let interval = Duration::from_millis(300);
+        let tick = interval / 2;
+        let flusher = Arc::new(Flusher::new(
+            tempfile::tempfile().unwrap(),
+            Policy::Datasync,
+        ));
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let release_rx = std::sync::Mutex::new(release_rx);
+        flusher.set_sync_hook(Box::new(move || {
+            entered_tx.send(()).unwrap();
+            let _ = release_rx.lock().unwrap().recv();
+        }));
+        // The messages go over a real datagram socket pair, as to the manager.
+        let (tx, rx) = UnixDatagram::pair().unwrap();
+        rx.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let services = Arc::new(Services::default());
+        let notifier = {
+            let (services, flusher) = (services.clone(), flusher.clone());
+            std::thread::spawn(move || {
+                run_notifier(
+                    &services,
+                    tick,
+                    Some(interval),
+                    || "policy datasync, health healthy".into(),
+                    || (flusher.busy.running_for(), None),
+                    |m| {
+                        tx.send(m.as_bytes()).unwrap();
+                    },
+                )
+            })
+        };
+        // Messages received over `d`: (pings, statuses).
+        let collect = |d: Duration| {
+            let (mut pings, mut statuses) = (0, Vec::new());
+            let end = Instant::now() + d;
+            let mut buf = [0u8; 512];
+            while Instant::now() < end {
+                if let Ok(n) = rx.recv(&mut buf) {
+                    let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    pings += m.lines().filter(|l| *l == "WATCHDOG=1").count();
+                    statuses.extend(
+                        m.lines()
+                            .filter_map(|l| l.strip_prefix("STATUS="))
+                            .map(String::from),
+                    );
+                }
+            }
+            (pings, statuses)
+        };
+        let (pings, statuses) = collect(interval * 2);
+        assert!(pings >= 3, "{pings} pings while idle");
+        assert_eq!(statuses, ["policy datasync, health healthy"]);
+
+        // A real flush whose sync is held: a hung fdatasync.
+        let worker = {
+            let f = flusher.clone();
+            std::thread::spawn(move || f.flush_batch(1, Instant::now()))
+        };
+        entered.recv().unwrap();
+        // Within one interval (plus a tick) the pings stop, and stay stopped.
+        let (_, first) = collect(interval + tick);
+        let (pings, statuses) = collect(interval * 3);
+        assert_eq!(pings, 0, "pings while a sync is held: {statuses:?}");
+        assert!(
+            first
+                .iter()
+                .chain(&statuses)
+                .any(|s| s.contains("; STUCK: a sync of the backing file")),
+            "{first:?} {statuses:?}"
+        );
+        release.send(()).unwrap();
+        worker.join().unwrap().unwrap();
+        let (pings, statuses) = collect(interval * 2);
+        assert!(pings >= 3, "{pings} pings after the sync ended");
+        assert_eq!(statuses, ["policy datasync, health healthy"]);
+        services.shutdown();
+        notifier.join().unwrap();
+    }
+
+    #[test]
+    fn a_stuck_sync_is_named_in_the_status() {
+        let services = Services::default();
+        let sent = std::sync::Mutex::new(Vec::<String>::new());
+        let ticks = std::sync::atomic::AtomicU32::new(0);
+        run_notifier(
+            &services,
+            Duration::from_millis(1),
+            Some(Duration::from_secs(1)),
+            || "policy fsync, health healthy".into(),
+            || {
+                if ticks.fetch_add(1, Ordering::Relaxed) == 2 {
+                    services.shutdown();
+                }
+                (Some(Duration::from_secs(2)), None)
+            },
+            |m| sent.lock().unwrap().push(m.to_string()),
+        );
+        let sent = sent.into_inner().unwrap();
+        assert!(sent.iter().all(|m| !m.contains("WATCHDOG=1")), "{sent:?}");
+        assert!(
+            sent[0].starts_with(
+                "STATUS=policy fsync, health healthy; STUCK: a sync of the backing file"
+            ),
+            "{sent:?}"
+        );
     }
 }
