@@ -252,14 +252,14 @@ pub fn progress(
 ) -> Result<(), String> {
     if let Some(d) = sync.filter(|d| *d >= limit) {
         return Err(format!(
-            "a sync of the backing file has been in progress for {:.1}s",
-            d.as_secs_f64()
+            "a sync of the backing file has been in progress for {}s",
+            d.as_secs()
         ));
     }
     if let Some(d) = pass.filter(|d| *d >= limit) {
         return Err(format!(
-            "a request-queue pass has been in progress for {:.1}s",
-            d.as_secs_f64()
+            "a request-queue pass has been in progress for {}s",
+            d.as_secs()
         ));
     }
     Ok(())
