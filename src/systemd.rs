@@ -69,7 +69,8 @@ pub struct Inherited {
 
 /// Takes the descriptors passed by the service manager (none when `LISTEN_PID` is
 /// not this process), sets close-on-exec on them and unsets the variables.
-/// A single unnamed socket is the vhost-user one; otherwise each must be named
+/// A single socket not named [`FDNAME_CONTROL`] (unnamed, or named after its unit)
+/// is the vhost-user one; otherwise each must be named
 /// [`FDNAME_VHOST_USER`] or [`FDNAME_CONTROL`].
 pub fn take_listen_fds() -> Result<Inherited, ActivationError> {
     let pid = env::var_os("LISTEN_PID");
@@ -114,11 +115,15 @@ fn classify(sockets: Vec<OwnedFd>, names: Option<OsString>) -> Result<Inherited,
         });
     }
     let unnamed = names.iter().filter(|n| n.as_str() == "unknown").count();
+    let alone = sockets.len() == 1;
     let mut out = Inherited::default();
     for (fd, name) in sockets.into_iter().zip(names) {
         let slot = match name.as_str() {
             FDNAME_VHOST_USER => &mut out.vhost_user,
             FDNAME_CONTROL => &mut out.control,
+            // A socket unit without FileDescriptorName= passes its own unit name
+            // (systemd.socket(5)): a single such socket is the vhost-user one.
+            _ if alone => &mut out.vhost_user,
             // What sd_listen_fds_with_names(3) reports for a socket without a name:
             // alone, it can only be the vhost-user one.
             "unknown" if unnamed == 1 => &mut out.vhost_user,
@@ -298,6 +303,12 @@ mod tests {
         let one = classify(vec![listening(d.path(), "c")], None).unwrap();
         assert_eq!(path(&one.vhost_user), d.path().join("c"));
         assert!(one.control.is_none());
+        let unit = classify(
+            vec![listening(d.path(), "u")],
+            Some("vhost-device-pmem@vm0.socket".into()),
+        )
+        .unwrap();
+        assert_eq!(path(&unit.vhost_user), d.path().join("u"));
     }
 
     #[test]
