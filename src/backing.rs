@@ -55,12 +55,31 @@ impl BackingFile {
         let file = OpenOptions::new()
             .read(true)
             .write(!readonly)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            // O_NONBLOCK: a lease on the file (ours, left on the open file a VMM
+            // still maps after a daemon died) fails the open with EWOULDBLOCK at
+            // once instead of blocking it for lease-break-time (45 s by default).
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(path)
-            .map_err(|source| BackingError::Open {
-                path: path.to_owned(),
-                source,
+            .map_err(|source| {
+                if source.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                    BackingError::Locked(path.to_owned())
+                } else {
+                    BackingError::Open {
+                        path: path.to_owned(),
+                        source,
+                    }
+                }
             })?;
+        let flags = rustix::fs::fcntl_getfl(&file).map_err(|e| BackingError::Open {
+            path: path.to_owned(),
+            source: e.into(),
+        })?;
+        rustix::fs::fcntl_setfl(&file, flags - rustix::fs::OFlags::NONBLOCK).map_err(|e| {
+            BackingError::Open {
+                path: path.to_owned(),
+                source: e.into(),
+            }
+        })?;
         let meta = file.metadata().map_err(|source| BackingError::Open {
             path: path.to_owned(),
             source,

@@ -40,7 +40,9 @@ use crate::{
     service::Services,
     socket::{self, BoundSocket},
     state::{Kind, StateFiles},
-    sys, Error,
+    sys,
+    systemd::{self, Inherited},
+    Error,
 };
 
 /// State shared by the vhost-user connections, the control socket and the logs.
@@ -112,8 +114,10 @@ impl Daemon {
 const SERVICE_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs the daemon until SIGINT/SIGTERM: serves one VMM connection after another on
-/// the same socket, resetting the device between them.
-pub fn serve(config: Config) -> Result<(), Error> {
+/// the same socket, resetting the device between them. Sockets in `inherited` (from
+/// the service manager) are used instead of binding the configured paths, and are
+/// never unlinked or chmod'ed.
+pub fn serve(config: Config, inherited: Inherited) -> Result<(), Error> {
     // SIGINT and SIGTERM are blocked in this thread and every thread it starts, so
     // the signal thread alone takes them.
     let sigset = sys::sigset_of(&[libc::SIGINT, libc::SIGTERM]);
@@ -145,7 +149,12 @@ pub fn serve(config: Config) -> Result<(), Error> {
         status: Arc::new(DeviceStatus::default()),
         mode_requested: config.mode,
         policy_reason,
-        socket_path: config.socket_path.clone(),
+        socket_path: inherited
+            .vhost_user
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .and_then(|a| a.as_pathname().map(ToOwned::to_owned))
+            .unwrap_or_else(|| config.socket_path.clone()),
         events,
         guard: Arc::default(),
         media,
@@ -164,7 +173,14 @@ pub fn serve(config: Config) -> Result<(), Error> {
     };
     let _guard = blockmap::guard::start(&guard_handles, &daemon.services, &config)?;
 
-    let vsock = socket::bind(&config.socket_path, config.socket_group.as_deref())?;
+    let Inherited {
+        vhost_user: inherited_vsock,
+        control: inherited_csock,
+    } = inherited;
+    let vsock = match inherited_vsock {
+        Some(l) => BoundSocket::inherited(l),
+        None => socket::bind(&config.socket_path, config.socket_group.as_deref())?,
+    };
     let handles = control::ControlHandles {
         status: {
             let d = daemon.clone();
@@ -176,13 +192,21 @@ pub fn serve(config: Config) -> Result<(), Error> {
         events: daemon.events.clone(),
         metrics_instance: metrics_instance(&config, &daemon.region.path).into(),
     };
-    if let Some(path) = &config.control_socket {
-        let csock = socket::bind(path, config.socket_group.as_deref())?;
+    let csock = match (inherited_csock, &config.control_socket) {
+        (Some(l), _) => Some(BoundSocket::inherited(l)),
+        (None, Some(path)) => Some(socket::bind(path, config.socket_group.as_deref())?),
+        (None, None) => None,
+    };
+    if let Some(csock) = csock {
         let listener = csock.listener.try_clone().map_err(io_err("dup listener"))?;
         control::spawn(listener, handles.clone(), &daemon.services)
             .map_err(io_err("start control socket"))?;
+        info!(
+            "control socket: {}{}",
+            csock.path.display(),
+            if csock.inherited { " (inherited)" } else { "" }
+        );
         bound.push(csock);
-        info!("control socket: {}", path.display());
     }
     if let Some(path) = &config.metrics_file {
         // The first write is made here, so a path that cannot be written stops the
@@ -218,6 +242,7 @@ pub fn serve(config: Config) -> Result<(), Error> {
                 // SAFETY: valid set and out-pointer; the signals are blocked in all threads.
                 while unsafe { libc::sigwait(&sigset, &mut sig) } != 0 {}
                 info!("signal {sig}: finishing in-flight requests and shutting down");
+                systemd::notify_stopping();
                 let _ = stop.write(1);
                 if let Some(h) = current.lock().unwrap().as_ref() {
                     h.shutdown();
@@ -228,11 +253,15 @@ pub fn serve(config: Config) -> Result<(), Error> {
 
     let mut listener = Listener::from(vsock.listener.try_clone().map_err(io_err("dup listener"))?);
     info!(
-        "listening on {} for a VMM ({} bytes of {})",
-        config.socket_path.display(),
+        "listening on {}{} for a VMM ({} bytes of {})",
+        vsock.path.display(),
+        if vsock.inherited { " (inherited)" } else { "" },
         daemon.region.size,
         daemon.region.path.display()
     );
+    // Listening, and the file judged (its policy chosen): ready.
+    systemd::notify_or_log(&format!("READY=1\nSTATUS={}", status_line(&daemon)));
+    start_notifier(&daemon)?;
     while wait_for_connection(listener.as_raw_fd(), &stop).map_err(io_err("poll"))? {
         serve_connection(&daemon, &mut listener, &current, &stop)?;
     }
@@ -277,6 +306,59 @@ fn metrics_instance(config: &Config, file: &std::path::Path) -> String {
             .to_string()
     })
 }
+
+/// The service manager's one-line status: policy, health, connection.
+pub fn status_line(daemon: &Daemon) -> String {
+    format!(
+        "policy {}, health {}, {}",
+        daemon.region.flusher.policy(),
+        daemon.health(),
+        if daemon.status.connected() {
+            "VMM connected"
+        } else {
+            "waiting for a VMM"
+        }
+    )
+}
+
+/// Keeps the service manager's STATUS= current and, when it asked for a watchdog,
+/// pings it at most every half interval, but only while the flusher and the request
+/// queue make progress or are idle: a sync or a queue pass in progress for a whole
+/// interval stops the pings (and says so in STATUS=), so the manager acts on a hung
+/// fdatasync. No thread when there is no `NOTIFY_SOCKET`.
+fn start_notifier(daemon: &Arc<Daemon>) -> Result<(), Error> {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return Ok(());
+    }
+    let watchdog = systemd::watchdog_interval();
+    let tick = watchdog.map_or(NOTIFY_TICK, |w| (w / 2).min(NOTIFY_TICK));
+    if let Some(w) = watchdog {
+        info!("service manager watchdog: {w:?}; pinging every {tick:?} while syncs and queue passes make progress");
+    }
+    let d = daemon.clone();
+    let services = daemon.services.clone();
+    daemon
+        .services
+        .spawn(
+            "notify",
+            |_| {},
+            move || {
+                let flusher = &d.region.flusher;
+                systemd::run_notifier(
+                    &services,
+                    tick,
+                    watchdog,
+                    || status_line(&d),
+                    || (flusher.busy.running_for(), d.queue_stats.pass.running_for()),
+                    systemd::notify_or_log,
+                );
+            },
+        )
+        .map_err(io_err("start the service-manager notifier"))
+}
+
+/// How often STATUS= is refreshed (and, at most, how far apart watchdog pings are).
+const NOTIFY_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Restores a sync failure recorded by an earlier run (the file is then served in
 /// health `failed`: every flush EIO), and records the next one when it happens, with

@@ -18,6 +18,8 @@
 //! - [`state`], [`jsonl`], [`service`], [`socket`], [`backing`], [`config`], [`sys`]:
 //!   the state directory, the line protocols, service threads, sockets, opening the
 //!   backing file, configuration, and the raw host calls no crate wraps.
+//! - [`systemd`]: inherited sockets, readiness, status and the watchdog (the
+//!   service manager's protocols).
 //! - [`region`]: the backing file judged and its flush policy chosen; [`daemon`]:
 //!   the services around it, the accept loop, the exit. This file: the error type.
 
@@ -35,6 +37,7 @@ pub mod service;
 pub mod socket;
 pub mod state;
 pub mod sys;
+pub mod systemd;
 
 use std::io;
 

@@ -8,6 +8,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{CommandFactory, Parser, Subcommand};
 use log::error;
 use vhost_device_pmem::{
+    backing::BackingError,
     blockmap::{
         check,
         prepare::{self, Progress},
@@ -196,9 +197,30 @@ fn run(cli: Cli) -> Result<(), String> {
             true
         })
         .map_err(|e| format!("{}: {e}", control_socket.display())),
-        Command::Serve(args) => {
+        Command::Serve(mut args) => {
+            // Sockets passed by the service manager (socket activation); an inherited
+            // vhost-user socket stands for --socket-path.
+            let inherited = vhost_device_pmem::systemd::take_listen_fds()
+                .map_err(|e| format!("socket activation: {e}"))?;
+            if let Some(path) = inherited
+                .vhost_user
+                .as_ref()
+                .and_then(|l| l.local_addr().ok())
+                .and_then(|a| a.as_pathname().map(ToOwned::to_owned))
+            {
+                args.socket_path = Some(path);
+            }
             let config = Config::try_from(*args).map_err(|e| e.to_string())?;
-            vhost_device_pmem::daemon::serve(config).map_err(|e| e.to_string())
+            match vhost_device_pmem::daemon::serve(config, inherited) {
+                // Another daemon, or a VMM that still maps the region from an earlier
+                // daemon, holds the file: a restart cannot help until it is gone, so
+                // a distinct status the service unit does not restart.
+                Err(e @ vhost_device_pmem::Error::Backing(BackingError::Locked(_))) => {
+                    error!("{e}");
+                    std::process::exit(EXIT_FILE_IN_USE.into());
+                }
+                r => r.map_err(|e| e.to_string()),
+            }
         }
         Command::Badblocks {
             control_socket,
@@ -294,6 +316,10 @@ fn run_health(
         ExitCode::from(2)
     })
 }
+
+/// Exit status of `serve` when the backing file is locked by another daemon or a VMM
+/// (EX_TEMPFAIL); `RestartPreventExitStatus=` of the service unit.
+const EXIT_FILE_IN_USE: u8 = 75;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();

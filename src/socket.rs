@@ -3,7 +3,8 @@
 //!
 //! Owns: binding with safe permissions, telling a stale socket file from one in use,
 //! and removing our own socket on exit. Never removes anything that is not a socket,
-//! nor a socket something still listens on.
+//! nor a socket something still listens on, nor one the service manager passed in
+//! (that one it never chmods either: its unit owns path, owner and mode).
 
 use std::{
     ffi::CString,
@@ -29,15 +30,37 @@ pub enum SocketError {
     Permissions { path: PathBuf, source: io::Error },
 }
 
-/// A bound listening socket that removes its path when dropped.
+/// A listening socket: one this daemon bound (its path is removed when dropped) or
+/// one it inherited from the service manager (left alone).
 pub struct BoundSocket {
     pub listener: UnixListener,
     pub path: PathBuf,
+    /// Passed in by the service manager: never unlinked, never chmod'ed.
+    pub inherited: bool,
+}
+
+impl BoundSocket {
+    /// Wraps a socket the service manager passed in; its path (for logs and
+    /// `status`) is the address it is bound to.
+    pub fn inherited(listener: UnixListener) -> Self {
+        let path = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_owned))
+            .unwrap_or_default();
+        Self {
+            listener,
+            path,
+            inherited: true,
+        }
+    }
 }
 
 impl Drop for BoundSocket {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+        if !self.inherited {
+            let _ = fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -73,6 +96,7 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<BoundSocket, SocketError
     let sock = BoundSocket {
         listener,
         path: path.to_owned(),
+        inherited: false,
     };
     if let Some(group) = group {
         let gid = group_id(group)?;
@@ -130,6 +154,18 @@ mod tests {
         let again = bind(&d.path().join("t"), None).unwrap();
         drop(again);
         drop(live);
+    }
+
+    #[test]
+    fn an_inherited_socket_keeps_its_path_and_mode() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s");
+        let l = UnixListener::bind(&p).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o666)).unwrap();
+        let s = BoundSocket::inherited(l);
+        assert_eq!(s.path, p);
+        drop(s);
+        assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o666);
     }
 
     #[test]

@@ -120,6 +120,8 @@ struct Taken {
 pub struct QueueStats {
     pub malformed: AtomicU64,
     pub unsupported: AtomicU64,
+    /// Set while a queue pass is in progress (the watchdog reads it).
+    pub pass: crate::durability::Busy,
 }
 
 /// A point-in-time copy of [`QueueStats`], for `stats`.
@@ -170,6 +172,9 @@ pub fn process_queue<M: GuestMemory>(
     flusher: &Flusher,
     state: &mut QueueState,
 ) -> Result<Pass, QueueError> {
+    // Not a clone of the Arc: the pass marks itself with two relaxed stores only.
+    let stats: &QueueStats = &state.stats;
+    let _busy = stats.pass.enter();
     let taken_at = Instant::now();
     let mut flushes = 0u64;
     state.taken.clear();
