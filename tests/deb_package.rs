@@ -484,6 +484,7 @@ fn generate_docs_writes_a_page_per_subcommand_and_completions() {
         "-check",
         "-events",
         "-health",
+        "-metrics",
         "-prepare",
         "-serve",
         "-stats",
