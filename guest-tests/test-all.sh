@@ -8,5 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "test-all.sh: run as root (loop devices, mounts, debootstrap)" >&2; exit 1; }
 ./guest-tests/setup.sh
+VDP_LIBVIRT_ROOT=$(./guest-tests/libvirt-root.sh)
+export VDP_LIBVIRT_ROOT VDP_REQUIRE_LIBVIRT=1
 export VDP_REQUIRE_GUEST=1 VDP_REQUIRE_ROOT_TESTS=1
 cargo test --locked -- --test-threads=2
