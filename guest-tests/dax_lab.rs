@@ -432,11 +432,9 @@ fn inside_the_lab() {
 
 /// The /dev/pmem0 sector holding byte `offset` of the file.
 fn device_sector(extents: &[Extent], offset: u64) -> u64 {
-    let e = extents
-        .iter()
-        .find(|e| e.logical <= offset && offset < e.logical + e.length)
-        .unwrap_or_else(|| panic!("no extent holds {offset:#x}: {extents:?}"));
-    (e.physical + (offset - e.logical)) / 512
+    blockmap::physical_offset(extents, offset)
+        .unwrap_or_else(|| panic!("no extent holds {offset:#x}: {extents:?}"))
+        / 512
 }
 
 /// A sector of the device no extent of the file covers (from the end down).

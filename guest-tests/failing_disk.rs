@@ -321,11 +321,8 @@ fn physical_ranges(extents: &[Extent]) -> Vec<(u64, u64)> {
 
 /// The physical offset (on the disk) of byte `offset` of the file.
 fn physical(extents: &[Extent], offset: u64) -> u64 {
-    let e = extents
-        .iter()
-        .find(|e| e.logical <= offset && offset < e.logical + e.length)
-        .unwrap_or_else(|| panic!("no extent holds {offset:#x}: {extents:?}"));
-    e.physical + (offset - e.logical)
+    blockmap::physical_offset(extents, offset)
+        .unwrap_or_else(|| panic!("no extent holds {offset:#x}: {extents:?}"))
 }
 
 fn pattern(seed: u8) -> Vec<u8> {
@@ -428,14 +425,8 @@ fn inside_the_vm() {
 
 /// A frontend that went through init and start, with the region mapped.
 fn mapped(d: &VmDaemon) -> frontend::TestFrontend {
-    let mut fe = frontend::TestFrontend::connect(&d.socket).unwrap();
-    fe.start().unwrap();
-    assert_eq!(
-        fe.maps.wait_for(1, frontend::TIMEOUT),
-        1,
-        "no SHMEM_MAP\n{}",
-        d.log()
-    );
+    let mut fe = frontend::TestFrontend::connect_started(&d.socket)
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
     fe.map_region(0).unwrap();
     fe
 }

@@ -20,15 +20,7 @@ log() { printf 'guest-setup: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap, apt-get)"
-# The Debian mirror this machine's apt uses: deb822 sources first, then one-line ones.
-mirror=$(sed -n 's/^URIs:[[:space:]]*//p' /etc/apt/sources.list.d/*.sources 2>/dev/null \
-  | tr ' ' '\n' | grep -v -- -security | grep . | head -n1 || true)
-if [ -z "$mirror" ]; then
-  mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
-    | awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i !~ /^\[/) { print $i; exit } }' \
-    | grep -v -- -security | head -n1 || true)
-fi
-[ -n "$mirror" ] || die "no Debian mirror found in the apt configuration"
+mirror=$("$here/../packaging/debian-mirror.sh") || die "no Debian mirror found in the apt configuration"
 
 # Host tools.
 need=()

@@ -7,6 +7,7 @@
 set -euo pipefail
 
 DEST=${1:?usage: fresh-debian-root.sh DEST}
+here=$(cd "$(dirname "$0")" && pwd)
 CACHE=${VDP_DEB_CACHE:-/var/tmp/vhost-device-pmem-deb}
 TARBALL=$CACHE/trixie-minbase.tar
 
@@ -23,15 +24,7 @@ if [ ! -s "$TARBALL" ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >&2
   }
-  # The Debian mirror this machine's apt uses: deb822 sources first, then one-line ones.
-  mirror=$(sed -n 's/^URIs:[[:space:]]*//p' /etc/apt/sources.list.d/*.sources 2>/dev/null \
-    | tr ' ' '\n' | grep -v -- -security | grep . | head -n1 || true)
-  if [ -z "$mirror" ]; then
-    mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
-      | awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i !~ /^\[/) { print $i; exit } }' \
-      | grep -v -- -security | head -n1 || true)
-  fi
-  [ -n "$mirror" ] || die "no Debian mirror found in the apt configuration"
+  mirror=$("$here/debian-mirror.sh") || die "no Debian mirror found in the apt configuration"
   build=$(mktemp -d "$CACHE/build.XXXXXX")
   trap 'rm -rf "$build"' EXIT
   log "debootstrap trixie minbase from $mirror (a few minutes, once)"

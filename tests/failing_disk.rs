@@ -245,11 +245,8 @@ fn prepare(path: &Path, size: u64) {
 
 /// The physical offset (on the loop device) of byte `offset` of the file.
 fn physical(extents: &[Extent], offset: u64) -> u64 {
-    let e = extents
-        .iter()
-        .find(|e| e.logical <= offset && offset < e.logical + e.length)
-        .unwrap_or_else(|| panic!("no extent holds {offset:#x}: {extents:?}"));
-    e.physical + (offset - e.logical)
+    blockmap::physical_offset(extents, offset)
+        .unwrap_or_else(|| panic!("no extent holds {offset:#x}: {extents:?}"))
 }
 
 /// Deterministic non-zero bytes.
@@ -261,14 +258,8 @@ fn pattern(seed: u8) -> Vec<u8> {
 
 /// A frontend that went through init and start, with the region mapped.
 fn mapped(d: &Daemon) -> TestFrontend {
-    let mut fe = TestFrontend::connect(&d.socket).unwrap();
-    fe.start().unwrap();
-    assert_eq!(
-        fe.maps.wait_for(1, frontend::TIMEOUT),
-        1,
-        "{}",
-        d.log_text()
-    );
+    let mut fe = TestFrontend::connect_started(&d.socket)
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
     fe.map_region(0).unwrap();
     fe
 }

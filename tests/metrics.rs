@@ -46,15 +46,7 @@ fn cli_metrics(d: &Daemon) -> (String, prom::Exposition) {
 }
 
 fn started(d: &Daemon) -> TestFrontend {
-    let mut fe = TestFrontend::connect(&d.socket).unwrap();
-    fe.start().unwrap();
-    assert_eq!(
-        fe.maps.wait_for(1, frontend::TIMEOUT),
-        1,
-        "{}",
-        d.log_text()
-    );
-    fe
+    TestFrontend::connect_started(&d.socket).unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()))
 }
 
 #[test]

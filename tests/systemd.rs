@@ -119,16 +119,8 @@ fn inherited_sockets_serve_a_vmm_and_the_control_socket_and_are_left_in_place() 
     let vu_inode = fs::metadata(&d.vhost_user).unwrap().ino();
 
     // The first connection starts the daemon on the inherited vhost-user socket.
-    let mut fe = TestFrontend::connect(&d.vhost_user).unwrap_or_else(|e| {
-        panic!("{e}\n{}", d.log_text());
-    });
-    fe.start().unwrap();
-    assert_eq!(
-        fe.maps.wait_for(1, frontend::TIMEOUT),
-        1,
-        "{}",
-        d.log_text()
-    );
+    let mut fe = TestFrontend::connect_started(&d.vhost_user)
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
     fe.map_region(0).unwrap();
     fe.write_pmem(0, b"activated").unwrap();
     assert_eq!(fe.flush(2).unwrap(), vec![0, 0], "{}", d.log_text());

@@ -25,15 +25,7 @@ fn daemon(scratch: &Scratch, extra: &[&str]) -> (Daemon, std::path::PathBuf) {
 
 /// A frontend that went through init and start, with its SHMEM_MAP received.
 fn started(d: &Daemon) -> TestFrontend {
-    let mut fe = TestFrontend::connect(&d.socket).unwrap();
-    fe.start().unwrap();
-    assert_eq!(
-        fe.maps.wait_for(1, frontend::TIMEOUT),
-        1,
-        "{}",
-        d.log_text()
-    );
-    fe
+    TestFrontend::connect_started(&d.socket).unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()))
 }
 
 #[test]

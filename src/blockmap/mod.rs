@@ -89,6 +89,20 @@ pub struct Extent {
     pub flags: u32,
 }
 
+impl Extent {
+    /// Where byte `offset` of the file lies on the device, if this extent holds it.
+    pub fn physical_of(&self, offset: u64) -> Option<u64> {
+        (self.logical <= offset && offset - self.logical < self.length)
+            .then(|| self.physical + (offset - self.logical))
+    }
+}
+
+/// Where byte `offset` of the file lies on the device (FIEMAP's physical offsets),
+/// if an extent holds it.
+pub fn physical_offset(extents: &[Extent], offset: u64) -> Option<u64> {
+    extents.iter().find_map(|e| e.physical_of(offset))
+}
+
 /// Why a byte range breaks immutability.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -400,6 +414,21 @@ pub fn watch_fingerprint(file: &File) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_offset_maps_through_its_extent_and_nowhere_else() {
+        let e = |logical, physical, length| Extent {
+            logical,
+            physical,
+            length,
+            flags: 0,
+        };
+        let map = [e(0, 1 << 20, 8192), e(8192, 5 << 20, 4096)];
+        assert_eq!(physical_offset(&map, 100), Some((1 << 20) + 100));
+        assert_eq!(physical_offset(&map, 8192), Some(5 << 20));
+        assert_eq!(physical_offset(&map, 12_287), Some((5 << 20) + 4095));
+        assert_eq!(physical_offset(&map, 12_288), None);
+    }
 
     #[test]
     fn the_fiemap_ioctl_number_is_the_kernels() {

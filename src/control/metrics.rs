@@ -226,9 +226,14 @@ fn histogram(o: &mut Out, name: &str, help: &str, h: &LatencyBuckets) {
     o.sample(&format!("{name}_count"), &[], &h.count.to_string());
 }
 
+/// The tests' strict parser of the format, shared with the binary tests.
+#[cfg(test)]
+#[path = "../../tests/support/prom.rs"]
+mod prom;
+
 #[cfg(test)]
 mod tests {
-    use std::collections::{BTreeMap, BTreeSet};
+    use std::collections::BTreeMap;
 
     use super::*;
     use crate::{
@@ -312,106 +317,11 @@ mod tests {
         }
     }
 
-    /// One parsed sample line.
-    #[derive(Debug)]
-    struct Sample {
-        name: String,
-        labels: BTreeMap<String, String>,
-        value: f64,
-    }
+    use super::prom::{self, Sample};
 
-    fn is_name(s: &str, colon: bool) -> bool {
-        let mut cs = s.chars();
-        cs.next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
-            && cs.all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
-    }
-
-    /// A strict parser of the subset of the format a renderer may produce: every
-    /// line a HELP, a TYPE (before the family's samples, once) or a sample; label
-    /// values with only the three escapes; values floats or +Inf.
     fn parse(text: &str) -> (Vec<Sample>, BTreeMap<String, String>) {
-        assert!(
-            text.ends_with('\n'),
-            "the last line must end with a line feed"
-        );
-        let mut samples = Vec::new();
-        let mut types = BTreeMap::new();
-        let mut helped = BTreeSet::new();
-        for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("# HELP ") {
-                let (name, _) = rest.split_once(' ').expect(line);
-                assert!(is_name(name, true), "{line}");
-                assert!(helped.insert(name.to_string()), "two HELP lines: {line}");
-                continue;
-            }
-            if let Some(rest) = line.strip_prefix("# TYPE ") {
-                let (name, kind) = rest.split_once(' ').expect(line);
-                assert!(is_name(name, true), "{line}");
-                assert!(
-                    ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
-                    "{line}"
-                );
-                assert!(
-                    !samples.iter().any(|s: &Sample| s.name.starts_with(name)),
-                    "TYPE after samples: {line}"
-                );
-                assert!(
-                    types.insert(name.to_string(), kind.to_string()).is_none(),
-                    "{line}"
-                );
-                continue;
-            }
-            assert!(!line.starts_with('#') && !line.is_empty(), "{line:?}");
-            let open = line.find('{').expect("every series has labels");
-            let name = &line[..open];
-            assert!(is_name(name, true), "{line}");
-            let mut labels = BTreeMap::new();
-            let mut rest = &line[open + 1..];
-            loop {
-                let eq = rest.find("=\"").expect(line);
-                let key = &rest[..eq];
-                assert!(is_name(key, false), "{line}");
-                let mut value = String::new();
-                let mut chars = rest[eq + 2..].char_indices();
-                let end = loop {
-                    let (i, c) = chars.next().expect(line);
-                    match c {
-                        '"' => break i,
-                        '\\' => match chars.next().expect(line).1 {
-                            '\\' => value.push('\\'),
-                            '"' => value.push('"'),
-                            'n' => value.push('\n'),
-                            c => panic!("bad escape \\{c}: {line}"),
-                        },
-                        '\n' => panic!("{line}"),
-                        c => value.push(c),
-                    }
-                };
-                assert!(labels.insert(key.to_string(), value).is_none(), "{line}");
-                rest = &rest[eq + 2 + end + 1..];
-                if let Some(r) = rest.strip_prefix(',') {
-                    rest = r;
-                } else {
-                    rest = rest.strip_prefix("} ").expect(line);
-                    break;
-                }
-            }
-            assert!(!rest.contains(' '), "a timestamp or junk: {line}");
-            let value = match rest {
-                "+Inf" => f64::INFINITY,
-                v => {
-                    assert!(v.chars().all(|c| c.is_ascii_digit() || c == '.'), "{line}");
-                    v.parse().expect(line)
-                }
-            };
-            samples.push(Sample {
-                name: name.to_string(),
-                labels,
-                value,
-            });
-        }
-        (samples, types)
+        let e = prom::parse(text);
+        (e.samples, e.types)
     }
 
     fn value(samples: &[Sample], name: &str, label: Option<(&str, &str)>) -> f64 {

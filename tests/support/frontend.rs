@@ -268,6 +268,18 @@ impl TestFrontend {
 
     /// Starts the device like QEMU's vhost_dev_start: SET_FEATURES, SET_MEM_TABLE,
     /// then the vring (NUM, BASE, ADDR, KICK, CALL) and SET_VRING_ENABLE(1).
+    /// [`Self::connect`], [`Self::start`], then waits for the daemon's SHMEM_MAP:
+    /// a frontend the way QEMU leaves it once the device runs. The error says which
+    /// step failed.
+    pub fn connect_started(path: &Path) -> io::Result<Self> {
+        let mut fe = Self::connect(path)?;
+        fe.start()?;
+        if fe.maps.wait_for(1, TIMEOUT) != 1 {
+            return Err(err(format!("no SHMEM_MAP within {TIMEOUT:?}")));
+        }
+        Ok(fe)
+    }
+
     pub fn start(&mut self) -> io::Result<()> {
         let features = self.driver_features();
         self.acked(|vu| vu.set_features(features))?;
