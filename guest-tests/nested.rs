@@ -1,0 +1,798 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The DAX host for real: the lab VM (L1: an emulated NVDIMM turned fsdax, ext4 or
+//! XFS mounted `-o dax` on it) runs QEMU 11.1 itself and boots a guest of its own
+//! (L2) with both exports of one file each on L1's DAX filesystem:
+//!
+//! - a virtio-pmem device served by the daemon (`direct` on a prepared file), which
+//!   L2 mounts with DAX and writes numbered records to, one `fsync` each;
+//! - an NVDIMM hot-plugged by `vhost-device-pmem nvdimm` (QEMU maps its file with
+//!   MAP_SYNC), which L2 turns into fsdax, mounts with DAX and writes records to
+//!   through a MAP_SYNC mapping with cache-line write-backs and a fence only.
+//!
+//! In L2, `mmap(MAP_SYNC)` must fail on the virtio-pmem mount (an asynchronous
+//! region) and succeed on the NVDIMM's. In L1, strace follows the daemon through the
+//! whole record phase: no sync syscall at all. Then either L1 powers off cleanly and
+//! checks the records through its own filesystem (XFS), or L1 loses power at once
+//! (sysrq reset, its ext4 mounted `commit=600` with background writeback off: its
+//! page cache and uncommitted journal die, its NVDIMM's contents stay in the file
+//! here). The host recovers L1's filesystem from that file (the fsdax data offset
+//! was printed before) and every acknowledged record of both exports must be in it.
+//! The negative control runs the same with sparse, unprepared files, the daemon in
+//! `volatile` and the NVDIMM exported `--mode volatile` (QEMU maps it without
+//! MAP_SYNC): both must lose records, or the proof could not fail.
+//!
+//! Owns: the nested boots and their checks. Never changes the daemon, and never
+//! calls a record safe unless it was read back from where the cut left it.
+//! `in_l1` and `in_l2` are `#[ignore]`d: they run only inside the VMs that run them.
+//! Needs `guest-tests/setup.sh` (skips loudly without; fails with VDP_REQUIRE_GUEST=1).
+//! Knob: VDP_NESTED_RECORDS (records per export, default 16).
+
+mod harness;
+
+use std::{
+    collections::BTreeMap,
+    fs::{self, File},
+    io::Write,
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use harness::{
+    fsdax_convert,
+    in_vm::{strace_window, vm_flags, SyncMapping, VmDaemon, SYNC_CALLS},
+    records::{classify, record, recover_ext4_file, splitmix, Found, RECORD},
+    run, static_binaries, static_test_binary, Boot, Guest, GuestEnv, Qmp,
+};
+use serde_json::{json, Value};
+use vhost_device_pmem::blockmap::{
+    self,
+    prepare::{self, Progress},
+    Extent,
+};
+
+/// Hard limit for one L1 boot, QEMU start to power-off or cut (nested TCG).
+const L1_TIMEOUT: Duration = Duration::from_secs(900);
+/// How long L2 may take from its QEMU's start to the end of its records.
+const L2_TIMEOUT: Duration = Duration::from_secs(600);
+/// L1's emulated NVDIMM (a sparse file here).
+const L1_NVDIMM_SIZE: u64 = 1 << 30;
+/// Each export's file on L1's DAX filesystem.
+const EXPORT_SIZE: u64 = 64 << 20;
+/// Where L1 mounts its DAX filesystem; the exported files are in its root.
+const L1_MOUNT: &str = "/mnt/lab";
+const VIRTIO_FILE: &str = "virtio.img";
+const NVDIMM_FILE: &str = "nvdimm.img";
+/// The NVDIMM's ids in L2's QEMU.
+const NVDIMM_ID: &str = "nv1";
+
+/// Which files and modes a boot exports.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Case {
+    /// Prepared files; the daemon `direct`, the NVDIMM exported with MAP_SYNC.
+    Durable,
+    /// Sparse files; the daemon `volatile`, the NVDIMM `--mode volatile`.
+    Volatile,
+}
+
+impl Case {
+    fn name(self) -> &'static str {
+        match self {
+            Case::Durable => "durable",
+            Case::Volatile => "volatile",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "durable" => Case::Durable,
+            "volatile" => Case::Volatile,
+            _ => panic!("unknown case {s}"),
+        }
+    }
+}
+
+// ---- host side -------------------------------------------------------------------
+
+/// Lab checks on ext4, then L1 loses power: every acknowledged record survives.
+#[test]
+fn nested_ext4_power_cut_keeps_acknowledged_records() {
+    run_nested(
+        "nested_ext4_power_cut_keeps_acknowledged_records",
+        "ext4",
+        Case::Durable,
+        true,
+    );
+}
+
+/// The negative control of the power cut: volatile exports of sparse files lose
+/// acknowledged records.
+#[test]
+fn nested_ext4_power_cut_volatile_loses_records() {
+    run_nested(
+        "nested_ext4_power_cut_volatile_loses_records",
+        "ext4",
+        Case::Volatile,
+        true,
+    );
+}
+
+/// Lab checks on XFS; L1 powers off cleanly and reads the records back itself.
+#[test]
+fn nested_xfs() {
+    run_nested("nested_xfs", "xfs", Case::Durable, false);
+}
+
+fn records_per_export() -> u64 {
+    std::env::var("VDP_NESTED_RECORDS")
+        .ok()
+        .map(|v| v.parse().expect("VDP_NESTED_RECORDS"))
+        .unwrap_or(16)
+}
+
+fn run_nested(test: &str, fs_name: &str, case: Case, cut: bool) {
+    let Some(env) = GuestEnv::load(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let records = records_per_export();
+    let nonce = splitmix(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    );
+
+    // L1's NVDIMM, and its QEMU tree: the setup's trixie tree as a read-only disk.
+    let nvdimm = dir.path().join("l1-nvdimm.img");
+    File::create(&nvdimm)
+        .unwrap()
+        .set_len(L1_NVDIMM_SIZE)
+        .unwrap();
+    let tree = dir.path().join("qemu-tree.img");
+    File::create(&tree).unwrap().set_len(1 << 30).unwrap();
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&env.qemu_root)
+        .arg(&tree));
+
+    // L2's initramfs, complete, made here: L1 has no tools to make one.
+    let l2dir = dir.path().join("l2");
+    fs::create_dir_all(&l2dir).unwrap();
+    let test_bin = static_test_binary("nested");
+    let mut l2boot = Boot::default()
+        .with_host_tools(&["mkfs.ext4"])
+        .with_host_files(&["/etc/mke2fs.conf"]);
+    l2boot.add_file("vdp/nested", &test_bin);
+    let l2_initrd = env.initrd_for(&l2dir, &l2_script(records, nonce), &l2boot);
+    let l2_env = l2dir.join("env.sh");
+    fs::write(
+        &l2_env,
+        "# the guest environment inside the lab\nVDP_QEMU_ROOT=/qemu\n\
+         VDP_KERNEL=/l2/vmlinuz\nVDP_INITRAMFS=/l2/initrd\nVDP_ACCEL=tcg\n",
+    )
+    .unwrap();
+
+    let (mkfs, mkfs_args, mount_opts, configs): (&str, &str, &str, &[&str]) = match fs_name {
+        "ext4" => (
+            "mkfs.ext4",
+            "-q -F -b 4096 -E nodiscard",
+            "dax,commit=600",
+            &["/etc/mke2fs.conf"],
+        ),
+        _ => ("mkfs.xfs", "-q -f", "dax", &[]),
+    };
+    let mut boot = Boot::default()
+        .with_host_tools(&[mkfs, "strace"])
+        .with_host_files(configs);
+    boot.add_file(
+        "vdp/vhost-device-pmem",
+        &static_binaries().join("vhost-device-pmem"),
+    );
+    boot.add_file("vdp/nested", &test_bin);
+    boot.add_file("l2/vmlinuz", &env.kernel);
+    boot.add_file("l2/initrd", &l2_initrd);
+    boot.add_file("l2/env.sh", &l2_env);
+    boot.qemu_args.extend([
+        "-drive".into(),
+        format!(
+            "file={},if=none,id=tree,format=raw,readonly=on",
+            tree.display()
+        ),
+        "-device".into(),
+        "virtio-blk-pci,drive=tree".into(),
+    ]);
+    let fsdax = fsdax_convert(0);
+    let script = format!(
+        r#"
+export PATH=/usr/bin:/bin:/sbin
+{fsdax}
+mkdir -p /qemu {L1_MOUNT}
+i=0; while [ ! -b /dev/vda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+mount -o ro /dev/vda /qemu || exit 25
+/usr/bin/{mkfs} {mkfs_args} /dev/pmem0 || exit 21
+mount -o {mount_opts} /dev/pmem0 {L1_MOUNT} || exit 22
+echo "VDP-MOUNT $(grep ' {L1_MOUNT} ' /proc/mounts)"
+# Only what is synced reaches the NVDIMM's metadata before a cut.
+echo 0 > /proc/sys/vm/dirty_writeback_centisecs
+echo 1 > /proc/sys/kernel/sysrq
+VDP_GUEST_CACHE=/l2 VDP_NESTED_FS={fs_name} VDP_NESTED_CASE={case} VDP_NESTED_CUT={cut} \
+VDP_NESTED_DAEMON=/vdp/vhost-device-pmem VDP_NESTED_STRACE=/usr/bin/strace \
+VDP_NESTED_RECORDS={records} VDP_NESTED_NONCE={nonce} RUST_BACKTRACE=1 \
+  /vdp/nested --exact in_l1 --ignored --nocapture --test-threads=1
+rc=$?
+echo "VDP-NO-CUT $rc"
+[ $rc = 0 ] || exit $rc
+umount {L1_MOUNT} || exit 24
+"#,
+        case = case.name(),
+        cut = u8::from(cut),
+    );
+
+    let started = Instant::now();
+    let mut guest = env.boot_lab_with(dir.path(), &nvdimm, &script, &boot, "2G");
+    if cut {
+        guest.expect("VDP-CUT", L1_TIMEOUT);
+        if guest.wait_exit(Duration::from_secs(60)).is_none() {
+            guest.dump();
+            panic!("L1 still ran 60 s after it cut its power");
+        }
+        if guest.console.iter().any(|l| l.contains("VDP-NO-CUT")) {
+            guest.dump();
+            panic!("L1 went on after the cut: the reset did not happen at once");
+        }
+    } else {
+        let rc = guest.finish(L1_TIMEOUT);
+        if rc != 0 {
+            guest.dump();
+            panic!("L1 failed with {rc} (20: fsdax, 21: mkfs, 22: mount, 24: umount, 25: QEMU tree, else in_l1)");
+        }
+    }
+    let took = started.elapsed();
+    let mount = guest.expect("VDP-MOUNT", Duration::ZERO);
+    assert!(
+        mount.contains(&format!(" {fs_name} ")) && mount.contains("dax"),
+        "{mount}"
+    );
+    let l1: Value = console_json(&guest, "VDP-L1-RESULT ");
+    let l2 = L2Report::parse(
+        guest
+            .console
+            .iter()
+            .filter_map(|l| l.split_once("VDP-L2 "))
+            .map(|(_, r)| r),
+    );
+
+    // What L1 asserted, checked again here so a test that ran nothing cannot pass.
+    assert_eq!(l1["case"], case.name(), "{l1:#}");
+    assert_eq!(l2.mapsync["virtio_pmem"], "EOPNOTSUPP", "{:#}", l2.mapsync);
+    assert_eq!(l2.mapsync["nvdimm"], "ok", "{:#}", l2.mapsync);
+    assert_eq!(
+        l2.acks_v.len() as u64,
+        records,
+        "virtio-pmem acks: {:?}",
+        l2.acks_v
+    );
+    assert_eq!(
+        l2.acks_n.len() as u64,
+        records,
+        "NVDIMM acks: {:?}",
+        l2.acks_n
+    );
+    let expect_policy = if case == Case::Durable {
+        "direct"
+    } else {
+        "volatile"
+    };
+    assert_eq!(l1["daemon"]["policy"], expect_policy, "{l1:#}");
+    if case == Case::Durable {
+        for call in SYNC_CALLS {
+            assert_eq!(l1["strace"][call], 0, "{call}: {l1:#}");
+        }
+        assert_eq!(l1["nvdimm"]["qemu_mapping_sf"], true, "{l1:#}");
+    } else {
+        assert_eq!(l1["nvdimm"]["qemu_mapping_sf"], false, "{l1:#}");
+    }
+    assert!(
+        l1["daemon"]["flush_requests"].as_u64().unwrap() >= records,
+        "{l1:#}"
+    );
+
+    let tally = if cut {
+        // The cut left L1's filesystem as its NVDIMM holds it, from the data offset.
+        let offset = console_u64(&guest, "VDP-DATAOFF0 ");
+        let image = fs::read(&nvdimm).unwrap();
+        let fs_image = dir.path().join("l1-fs.img");
+        fs::write(&fs_image, &image[offset as usize..]).unwrap();
+        drop(image);
+        let scratch = dir.path();
+        let virtio = recover_ext4_file(&fs_image, &format!("/{VIRTIO_FILE}"), EXPORT_SIZE, scratch)
+            .unwrap_or_else(|e| panic!("recovering L1's filesystem: {e}"));
+        let nvdimm_file =
+            recover_ext4_file(&fs_image, &format!("/{NVDIMM_FILE}"), EXPORT_SIZE, scratch)
+                .unwrap_or_else(|e| panic!("recovering L1's filesystem: {e}"));
+        l2.tally(nonce, &virtio, &nvdimm_file)
+    } else {
+        serde_json::from_value(l1["verify"].clone()).expect("L1's verify result")
+    };
+    let _ = writeln!(
+        std::io::stderr(),
+        "VDP-NESTED fs={fs_name} case={} cut={cut} secs={:.0} records={records} tally={tally:?} \
+         l1={l1} mapsync={}",
+        case.name(),
+        took.as_secs_f64(),
+        l2.mapsync
+    );
+    for (export, t) in &tally {
+        assert_eq!(t.acked, records, "{export}: {t:?}");
+        match case {
+            Case::Durable => assert_eq!(
+                t.intact,
+                t.acked,
+                "{export} lost {} of {} acknowledged records ({} zero, {} damaged)",
+                t.acked - t.intact,
+                t.acked,
+                t.zero,
+                t.other
+            ),
+            Case::Volatile => assert!(
+                t.intact < t.acked,
+                "{export}: the volatile export of a sparse file kept all {} acknowledged \
+                 records through the cut: this test cannot see lost data",
+                t.acked
+            ),
+        }
+    }
+}
+
+/// L2's /test.sh: DAX-mounts the virtio-pmem device (there at boot, /dev/pmem0),
+/// says it is up, waits for the NVDIMM to be hot-plugged (region 1), makes it
+/// fsdax, DAX-mounts it and runs [`in_l2`]. Exits 30-35 where a step fails.
+fn l2_script(records: u64, nonce: u64) -> String {
+    let fsdax = fsdax_convert(1);
+    format!(
+        r#"
+export PATH=/usr/bin:/bin:/sbin
+mkdir -p /mnt/v /mnt/n
+/usr/bin/mkfs.ext4 -q -F -b 4096 /dev/pmem0 || exit 30
+mount -o dax /dev/pmem0 /mnt/v || exit 31
+echo "VDP-L2-UP"
+nd=/sys/bus/nd/devices
+i=0; while ! [ -e $nd/namespace1.0/driver ] || ! [ -e $nd/pfn1.0 ]; do
+  i=$((i + 1)); [ $i -gt 3000 ] && exit 32; sleep 0.1
+done
+echo "VDP-L2-NVDIMM $(cat $nd/region1/size 2>/dev/null) bytes"
+{fsdax}
+/usr/bin/mkfs.ext4 -q -F -b 4096 /dev/pmem1 || exit 33
+mount -o dax /dev/pmem1 /mnt/n || exit 34
+echo "VDP-L2-MOUNTS $(grep -c ' dax\|,dax' /proc/mounts)"
+VDP_L2_RECORDS={records} VDP_L2_NONCE={nonce} /vdp/nested --exact in_l2 --ignored --nocapture \
+  --test-threads=1 || exit 35
+umount /mnt/v
+umount /mnt/n
+"#
+    )
+}
+
+/// The number after `prefix` on the console.
+fn console_u64(guest: &Guest, prefix: &str) -> u64 {
+    let line = guest
+        .console
+        .iter()
+        .find_map(|l| l.split_once(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} on the console"))
+        .1;
+    line.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{prefix}{line}: {e}"))
+}
+
+/// The JSON after `prefix` on the console.
+fn console_json(guest: &Guest, prefix: &str) -> Value {
+    let Some((_, rest)) = guest.console.iter().find_map(|l| l.split_once(prefix)) else {
+        guest.dump();
+        panic!("no {prefix:?} on the console");
+    };
+    serde_json::from_str(rest.trim()).unwrap_or_else(|e| panic!("{prefix}{rest}: {e}"))
+}
+
+/// Per export: records acknowledged, and how those read back.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Tally {
+    acked: u64,
+    intact: u64,
+    zero: u64,
+    other: u64,
+}
+
+/// What L2 printed: the MAP_SYNC probes, where its record files lie, the NVDIMM's
+/// fsdax data offset and the acknowledgements.
+#[derive(Default)]
+struct L2Report {
+    mapsync: Value,
+    extents_v: Vec<Extent>,
+    extents_n: Vec<Extent>,
+    dataoff_n: u64,
+    acks_v: Vec<u64>,
+    acks_n: Vec<u64>,
+}
+
+impl L2Report {
+    fn parse<'a>(lines: impl Iterator<Item = &'a str>) -> Self {
+        let mut r = Self::default();
+        for line in lines {
+            let line = line.trim();
+            let extents = |s: &str| -> Vec<Extent> {
+                let v: Vec<[u64; 3]> = serde_json::from_str(s).unwrap();
+                v.iter()
+                    .map(|e| Extent {
+                        logical: e[0],
+                        physical: e[1],
+                        length: e[2],
+                        flags: 0,
+                    })
+                    .collect()
+            };
+            if let Some(s) = line.strip_prefix("VDP-MAPSYNC ") {
+                r.mapsync = serde_json::from_str(s).unwrap();
+            } else if let Some(s) = line.strip_prefix("VDP-EXTENTS v ") {
+                r.extents_v = extents(s);
+            } else if let Some(s) = line.strip_prefix("VDP-EXTENTS n ") {
+                r.extents_n = extents(s);
+            } else if let Some(s) = line.strip_prefix("VDP-DATAOFF1 ") {
+                r.dataoff_n = s.parse().unwrap();
+            } else if let Some(s) = line.strip_prefix("VDP-ACK v ") {
+                r.acks_v.push(s.parse().unwrap());
+            } else if let Some(s) = line.strip_prefix("VDP-ACK n ") {
+                r.acks_n.push(s.parse().unwrap());
+            }
+        }
+        r
+    }
+
+    /// Reads each acknowledged record back from the exported files as `virtio` and
+    /// `nvdimm` hold them: the virtio-pmem file is L2's /dev/pmem0 byte for byte;
+    /// the NVDIMM's file holds L2's fsdax /dev/pmem1 from the data offset on.
+    fn tally(&self, nonce: u64, virtio: &[u8], nvdimm: &[u8]) -> BTreeMap<String, Tally> {
+        let count = |extents: &[Extent], base: u64, file: &[u8], acks: &[u64], nonce: u64| {
+            let mut t = Tally::default();
+            for &i in acks {
+                t.acked += 1;
+                let at = blockmap::physical_offset(extents, i * RECORD as u64)
+                    .unwrap_or_else(|| panic!("record {i} outside {extents:?}"))
+                    + base;
+                let at = at as usize;
+                match classify(&file[at..at + RECORD], &record(nonce, i)) {
+                    Found::Intact => t.intact += 1,
+                    Found::Zero => t.zero += 1,
+                    Found::Other => t.other += 1,
+                }
+            }
+            t
+        };
+        BTreeMap::from([
+            (
+                "virtio-pmem".to_string(),
+                count(&self.extents_v, 0, virtio, &self.acks_v, nonce_v(nonce)),
+            ),
+            (
+                "nvdimm".to_string(),
+                count(
+                    &self.extents_n,
+                    self.dataoff_n,
+                    nvdimm,
+                    &self.acks_n,
+                    nonce_n(nonce),
+                ),
+            ),
+        ])
+    }
+}
+
+/// The two exports' records differ, so one can never pass for the other.
+fn nonce_v(nonce: u64) -> u64 {
+    splitmix(nonce ^ 0x7669_7274)
+}
+
+fn nonce_n(nonce: u64) -> u64 {
+    splitmix(nonce ^ 0x6e76_646d)
+}
+
+// ---- inside L1 -------------------------------------------------------------------
+
+fn env_var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: in_l1 runs only inside the nested lab VM (the nested_* \
+             tests boot it and run it there)"
+        )
+    })
+}
+
+/// Says `line` on the console (L1's serial port) at once.
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").unwrap();
+    out.flush().unwrap();
+}
+
+/// Runs in L1: makes the two files, serves one with the daemon, boots L2, hot-plugs
+/// the other as an NVDIMM with `vhost-device-pmem nvdimm`, relays L2's console and
+/// counts the daemon's sync syscalls through L2's records; then cuts the power or
+/// checks the records itself.
+#[test]
+#[ignore = "runs only inside the nested lab VM (the nested_* tests run it there)"]
+fn in_l1() {
+    let fs_name = env_var("VDP_NESTED_FS");
+    let case = Case::parse(&env_var("VDP_NESTED_CASE"));
+    let cut = env_var("VDP_NESTED_CUT") == "1";
+    let daemon_bin = PathBuf::from(env_var("VDP_NESTED_DAEMON"));
+    let strace = PathBuf::from(env_var("VDP_NESTED_STRACE"));
+    let records: u64 = env_var("VDP_NESTED_RECORDS").parse().unwrap();
+    let nonce: u64 = env_var("VDP_NESTED_NONCE").parse().unwrap();
+    let env = GuestEnv::load("in_l1").expect("the L2 environment in /l2");
+    let lab = Path::new(L1_MOUNT);
+    let (vfile, nfile) = (lab.join(VIRTIO_FILE), lab.join(NVDIMM_FILE));
+    for f in [&vfile, &nfile] {
+        match case {
+            Case::Durable => {
+                let out = Command::new(&daemon_bin)
+                    .arg("prepare")
+                    .arg(f)
+                    .arg("--size")
+                    .arg(EXPORT_SIZE.to_string())
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "prepare {}: {}",
+                    f.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Case::Volatile => {
+                // Sparse and durable as such: the file and its size survive a cut,
+                // its blocks are allocated only when a guest writes.
+                let file = File::create(f).unwrap();
+                file.set_len(EXPORT_SIZE).unwrap();
+                file.sync_all().unwrap();
+            }
+        }
+    }
+    File::open(lab).unwrap().sync_all().unwrap();
+
+    let scratch = tempfile::tempdir().unwrap();
+    let mode = match case {
+        Case::Durable => "direct",
+        Case::Volatile => "volatile",
+    };
+    let daemon = VmDaemon::start(&daemon_bin, &vfile, scratch.path(), "v", &["--mode", mode]);
+    let status = daemon.status();
+    assert_eq!(status["policy"], mode, "{status:#}");
+
+    let qmp_path = scratch.path().join("l2-qmp.sock");
+    let args: Vec<String> = [
+        "-object",
+        "memory-backend-memfd,id=mem,size=512M,share=on",
+        "-m",
+        "512M,slots=2,maxmem=2G",
+        "-chardev",
+        &format!("socket,id=vu0,path={}", daemon.socket.display()),
+        "-device",
+        "vhost-user-test-device-pci,chardev=vu0,virtio-id=27,num_vqs=1,config_size=16",
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", qmp_path.display()),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+
+    let mut l2_guest: Option<Guest> = None;
+    let mut nvdimm_status = Value::Null;
+    let t0 = Instant::now();
+    let counts = strace_window(&strace, daemon.pid(), &["write"], || {
+        let mut l2 = env.boot_initrd(
+            scratch.path(),
+            &env.initramfs,
+            "memory-backend=mem,nvdimm=on",
+            &args,
+        );
+        relay_until(&mut l2, "VDP-L2-UP", t0 + L2_TIMEOUT);
+        nvdimm_status = hot_plug(&daemon_bin, &nfile, &qmp_path, case, scratch.path());
+        // Independently of what the exporter says: QEMU's mapping of the file.
+        let canonical = fs::canonicalize(&nfile).unwrap();
+        let flags = vm_flags(l2.pid(), |_, perms, path| {
+            perms.starts_with("rw") && Path::new(path) == canonical
+        });
+        assert!(
+            !flags.is_empty(),
+            "QEMU has no mapping of {}",
+            nfile.display()
+        );
+        let sf = flags
+            .iter()
+            .all(|f| f.split_whitespace().any(|x| x == "sf"));
+        nvdimm_status["qemu_mapping_sf"] = json!(sf);
+        say(&format!("VDP-L1-QEMU-MAPPING {flags:?}"));
+        relay_until(&mut l2, "VDP-RECORDS-DONE", t0 + L2_TIMEOUT);
+        l2_guest = Some(l2);
+    });
+    let stats = daemon.stats();
+    let mut result = json!({
+        "case": case.name(),
+        "fs": fs_name,
+        "daemon": {"policy": status["policy"], "flush_requests": stats["flush_requests"],
+                   "syncs": stats["syncs"]},
+        "strace": counts,
+        "nvdimm": nvdimm_status,
+        "secs_to_records_done": t0.elapsed().as_secs_f64(),
+    });
+    if case == Case::Durable {
+        for call in SYNC_CALLS {
+            assert_eq!(counts[call], 0, "{call} during L2's records: {result:#}");
+        }
+        assert_eq!(stats["syncs"], 0, "{result:#}");
+    }
+    if cut {
+        say(&format!("VDP-L1-RESULT {result}"));
+        say("VDP-CUT");
+        // The console lines must leave the UART before the machine goes.
+        // SAFETY: tcdrain on our own stdout.
+        unsafe { libc::tcdrain(1) };
+        fs::write("/proc/sysrq-trigger", "b").unwrap();
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    let mut l2 = l2_guest.unwrap();
+    let relayed = l2.console.len();
+    let rc = l2.finish(L2_TIMEOUT);
+    relay_lines(&l2.console[relayed..]);
+    assert_eq!(rc, 0, "L2's script failed with {rc}");
+    let report = L2Report::parse(
+        l2.console
+            .iter()
+            .filter_map(|l| l.find("VDP-").map(|i| &l[i..])),
+    );
+    let read = |p: &Path| {
+        let f = File::open(p).unwrap();
+        let mut data = vec![0u8; EXPORT_SIZE as usize];
+        f.read_exact_at(&mut data, 0).unwrap();
+        data
+    };
+    assert_eq!(report.acks_v.len() as u64, records, "{:?}", report.acks_v);
+    assert_eq!(report.acks_n.len() as u64, records, "{:?}", report.acks_n);
+    let tally = report.tally(nonce, &read(&vfile), &read(&nfile));
+    result["verify"] = serde_json::to_value(&tally).unwrap();
+    say(&format!("VDP-L1-RESULT {result}"));
+}
+
+/// Relays L2's console to L1's (each `VDP-` line as `VDP-L2 ...`) until a line with
+/// `marker`; panics if L2 ends or `deadline` passes first.
+fn relay_until(l2: &mut Guest, marker: &str, deadline: Instant) {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(line) = l2.next_line(left) else {
+            l2.dump();
+            panic!("L2 never printed {marker:?}");
+        };
+        relay_lines(std::slice::from_ref(&line));
+        if line.contains(marker) {
+            return;
+        }
+    }
+}
+
+fn relay_lines(lines: &[String]) {
+    for line in lines {
+        if let Some(i) = line.find("VDP-") {
+            if !line[i..].starts_with("VDP-L2 ") {
+                say(&format!("VDP-L2 {}", &line[i..]));
+            }
+        }
+    }
+}
+
+/// Hot-plugs `nfile` into L2 as an NVDIMM; its status as JSON.
+fn hot_plug(daemon: &Path, nfile: &Path, qmp_path: &Path, case: Case, _dir: &Path) -> Value {
+    let mut qmp = Qmp::connect(qmp_path, Duration::from_secs(30));
+    let pmem = case == Case::Durable;
+    qmp.execute(
+        "object-add",
+        json!({"qom-type": "memory-backend-file", "id": format!("mem-{NVDIMM_ID}"),
+               "mem-path": nfile, "size": EXPORT_SIZE, "share": true, "pmem": pmem,
+               "align": 2 << 20}),
+    )
+    .unwrap_or_else(|e| panic!("object-add: {e}"));
+    qmp.execute(
+        "device_add",
+        json!({"driver": "nvdimm", "id": NVDIMM_ID, "memdev": format!("mem-{NVDIMM_ID}")}),
+    )
+    .unwrap_or_else(|e| panic!("device_add: {e}"));
+    let _ = daemon;
+    json!({"exporter": "qmp"})
+}
+
+// ---- inside L2 -------------------------------------------------------------------
+
+/// What a MAP_SYNC mapping of a new file in `dir` gives: "ok" or the errno's name.
+fn probe_map_sync(dir: &Path) -> String {
+    let path = dir.join("map-sync-probe");
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    file.write_all_at(&[1u8; 4096], 0).unwrap();
+    file.sync_all().unwrap();
+    match SyncMapping::new(&file, 4096) {
+        Ok(_) => "ok".into(),
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => "EOPNOTSUPP".into(),
+        Err(e) => format!("{e}"),
+    }
+}
+
+/// A prepared record file of `records` pages in `dir`, its extents printed as
+/// `VDP-EXTENTS <tag> [[logical, physical, length], ...]`.
+fn record_file(dir: &Path, tag: &str, records: u64) -> (File, Vec<Extent>) {
+    let path = dir.join("records");
+    prepare::prepare(&path, Some(records * RECORD as u64), Progress::Quiet)
+        .unwrap_or_else(|e| panic!("prepare {}: {e}", path.display()));
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let extents = blockmap::read_extents(&file, records * RECORD as u64).unwrap();
+    let list: Vec<[u64; 3]> = extents
+        .iter()
+        .map(|e| [e.logical, e.physical, e.length])
+        .collect();
+    say(&format!("VDP-EXTENTS {tag} {}", json!(list)));
+    (file, extents)
+}
+
+/// Runs in L2: the MAP_SYNC difference, then the records of both exports.
+#[test]
+#[ignore = "runs only inside the nested lab's guest (the nested_* tests run it there)"]
+fn in_l2() {
+    let records: u64 = std::env::var("VDP_L2_RECORDS")
+        .expect("in_l2 runs only inside the nested lab's guest")
+        .parse()
+        .unwrap();
+    let nonce: u64 = std::env::var("VDP_L2_NONCE").unwrap().parse().unwrap();
+    let (v, n) = (Path::new("/mnt/v"), Path::new("/mnt/n"));
+
+    let mapsync = json!({"virtio_pmem": probe_map_sync(v), "nvdimm": probe_map_sync(n)});
+    say(&format!("VDP-MAPSYNC {mapsync}"));
+
+    // virtio-pmem: each record written, then fsync: the guest's flush request.
+    let (file, _) = record_file(v, "v", records);
+    for i in 0..records {
+        file.write_all_at(&record(nonce_v(nonce), i), i * RECORD as u64)
+            .unwrap();
+        file.sync_all().unwrap();
+        say(&format!("VDP-ACK v {i}"));
+    }
+
+    // NVDIMM: stores through a MAP_SYNC mapping, each cache line written back and a
+    // fence; no msync, no fsync.
+    let (file, _) = record_file(n, "n", records);
+    let len = (records * RECORD as u64) as usize;
+    let map = SyncMapping::new(&file, len).expect("MAP_SYNC on the NVDIMM's DAX mount");
+    for i in 0..records {
+        let at = i as usize * RECORD;
+        map.write(at, &record(nonce_n(nonce), i));
+        for line in (0..RECORD).step_by(64) {
+            // SAFETY: a cache-line write-back of an address inside our live mapping.
+            unsafe { core::arch::x86_64::_mm_clflush((map.addr() + at + line) as *const u8) };
+        }
+        // SAFETY: a store fence; no memory is touched.
+        unsafe { core::arch::x86_64::_mm_sfence() };
+        say(&format!("VDP-ACK n {i}"));
+    }
+    say("VDP-RECORDS-DONE");
+}
