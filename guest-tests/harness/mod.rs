@@ -235,8 +235,31 @@ impl GuestEnv {
         machine_opts: &str,
         args: &[String],
     ) -> Guest {
-        let mut cmd = self.qemu(initrd, machine_opts);
-        cmd.args(args);
+        self.boot_initrd_under(dir, initrd, machine_opts, args, &[])
+    }
+
+    /// [`Self::boot_initrd`] with QEMU started by `wrapper` (a program and its
+    /// arguments, e.g. strace), which then owns the console.
+    pub fn boot_initrd_under(
+        &self,
+        dir: &Path,
+        initrd: &Path,
+        machine_opts: &str,
+        args: &[String],
+        wrapper: &[String],
+    ) -> Guest {
+        let mut qemu = self.qemu(initrd, machine_opts);
+        qemu.args(args);
+        let cmd = match wrapper.split_first() {
+            None => qemu,
+            Some((program, wrapper_args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(wrapper_args)
+                    .arg(qemu.get_program())
+                    .args(qemu.get_args());
+                cmd
+            }
+        };
         Guest::spawn(cmd, dir.join("console.log"))
     }
 
@@ -303,7 +326,7 @@ impl GuestEnv {
 /// offset of the fsdax device in the NVDIMM (the pfn device's data start minus the
 /// namespace's start). Exits 20 if the conversion fails. Region 0 is the lab's
 /// NVDIMM ([`GuestEnv::boot_lab`]).
-pub fn fsdax_convert(n: u32) -> String {
+pub fn fsdax_convert(n: impl std::fmt::Display) -> String {
     format!(
         r#"
 nd=/sys/bus/nd/devices
