@@ -54,7 +54,10 @@ fn badblocks_text() {
                 matches!((t.next().and_then(says), t.next().and_then(says)),
                     (Some(a), Some(b)) if a == u128::from(s) && b == u128::from(n))
             });
-            prop_assert!(found, "({s}, {n}) is not what any later line of {text:?} says");
+            prop_assert!(
+                found,
+                "({s}, {n}) is not what any later line of {text:?} says"
+            );
         }
         Ok(())
     });

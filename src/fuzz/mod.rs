@@ -110,9 +110,10 @@ impl Drop for Watchdog {
     }
 }
 
-/// What one target run measured.
+/// What one target run measured (printed; `--nocapture` shows it).
 #[derive(Debug)]
-pub struct Report {
+#[allow(dead_code)] // read through Debug
+struct Report {
     pub cases: u32,
     pub elapsed: Duration,
     pub slowest_case: Duration,
@@ -120,11 +121,7 @@ pub struct Report {
 
 /// Runs `test` on `cases()` values of `strategy` with the shared seed and the hang
 /// watchdog; panics (failing the test) with the minimal failing value and the seed.
-pub fn run<S>(
-    name: &'static str,
-    strategy: S,
-    test: impl Fn(S::Value) -> Result<(), TestCaseError>,
-) -> Report
+pub fn run<S>(name: &'static str, strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>)
 where
     S: Strategy,
     S::Value: Debug,
@@ -158,10 +155,7 @@ where
         slowest_case: slowest.get(),
     };
     match result {
-        Ok(()) => {
-            eprintln!("fuzz {name}: {report:?}");
-            report
-        }
+        Ok(()) => eprintln!("fuzz {name}: {report:?}"),
         Err(TestError::Fail(why, value)) => panic!(
             "fuzz {name}: property failed: {why}\nminimal input: {value:#?}\nreproduce with VDP_FUZZ_SEED={seed}"
         ),
