@@ -808,7 +808,12 @@ mod tests {
         let mut d = Driver::new(&mem, Policy::Fsync);
         let (_, first) = d.request(VIRTIO_PMEM_REQ_TYPE_FLUSH);
         let (b, sb) = d.request(VIRTIO_PMEM_REQ_TYPE_FLUSH);
-        d.mock.avail().ring().ref_at(0).unwrap().store(QUEUE_LEN + 100);
+        d.mock
+            .avail()
+            .ring()
+            .ref_at(0)
+            .unwrap()
+            .store(QUEUE_LEN + 100);
         assert_eq!(
             d.run(),
             Pass {
