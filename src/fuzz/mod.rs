@@ -135,6 +135,8 @@ where
         // Reproduction is by seed; nothing is written into the source tree.
         failure_persistence: None,
         max_shrink_iters: 10_000,
+        // Targets that discard unlikely combinations must not abort on long runs.
+        max_global_rejects: cases.max(1024),
         ..Config::default()
     };
     let mut runner = TestRunner::new(config);
