@@ -3,7 +3,14 @@
 //! arbitrary descriptor tables, available rings and guest memory contents, laid out
 //! as a driver lays out a split ring in real mmap'd guest memory. Owns only properties; never changes the code under test.
 
-use std::{collections::HashMap, fs::File, sync::Arc};
+use std::{
+    collections::HashMap,
+    fs::File,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
 
 use proptest::{collection::vec, prelude::*, prop_oneof};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -220,7 +227,21 @@ fn snapshot(mem: &GuestMemoryMmap) -> Vec<Vec<u8>> {
         .collect()
 }
 
-fn check(c: Case, file: &File) -> Result<(), TestCaseError> {
+/// What the generated cases exercised, so a generator that drifts into testing
+/// nothing fails too.
+#[derive(Default)]
+struct Seen {
+    refused_rings: AtomicU64,
+    answered: AtomicU64,
+    malformed: AtomicU64,
+    too_long: AtomicU64,
+    outside: AtomicU64,
+    indirect: AtomicU64,
+    heads_past: AtomicU64,
+}
+
+fn check(c: Case, file: &File, seen: &Seen) -> Result<(), TestCaseError> {
+    let count = |a: &AtomicU64| a.fetch_add(1, Ordering::Relaxed);
     let ranges: Vec<_> = REGIONS
         .iter()
         .map(|&(s, n)| (GuestAddress(s), n as usize))
@@ -315,6 +336,7 @@ fn check(c: Case, file: &File) -> Result<(), TestCaseError> {
 
     let after = snapshot(&mem);
     let Some(walks) = walks else {
+        count(&seen.refused_rings);
         // A jump of the available index: the ring is refused whole, nothing written.
         prop_assert!(c.avail > c.qsize, "the oracle refused a sane ring");
         prop_assert!(
@@ -334,7 +356,11 @@ fn check(c: Case, file: &File) -> Result<(), TestCaseError> {
     };
     prop_assert_eq!(walks.len(), usize::from(c.avail));
     // A head past the ring names nothing the driver could get back: not completed.
+    let before_filter = walks.len();
     let walks: Vec<_> = walks.into_iter().filter(|(h, _)| *h < c.qsize).collect();
+    if walks.len() < before_filter {
+        count(&seen.heads_past);
+    }
     prop_assert_eq!(pass.completed, walks.len());
 
     // Used ring: one entry per chain, in order, 4 bytes iff well-formed, never more
@@ -358,6 +384,22 @@ fn check(c: Case, file: &File) -> Result<(), TestCaseError> {
             walk.writable()
         );
         let ok = walk.well_formed(&mem);
+        count(if ok { &seen.answered } else { &seen.malformed });
+        if walk.descs.len() > MAX_CHAIN_LEN {
+            count(&seen.too_long);
+        }
+        if walk
+            .descs
+            .iter()
+            .any(|&(a, l, _)| !mem.check_range(GuestAddress(a), l as usize, Permissions::Read))
+        {
+            count(&seen.outside);
+        }
+        if c.table[usize::from(*head)].flags & VRING_DESC_F_INDIRECT as u16 != 0
+            && !walk.descs.is_empty()
+        {
+            count(&seen.indirect);
+        }
         prop_assert_eq!(len, if ok { 4 } else { 0 }, "chain {:?}", walk);
         if len == 4 {
             for b in walk.status_bytes() {
@@ -407,5 +449,22 @@ fn check(c: Case, file: &File) -> Result<(), TestCaseError> {
 #[test]
 fn queue_pass() {
     let file = tempfile::tempfile().unwrap();
-    super::run("queue-pass", case(), |c| check(c, &file));
+    let seen = Seen::default();
+    super::run("queue-pass", case(), |c| check(c, &file, &seen));
+    let all = [
+        ("rings refused", &seen.refused_rings),
+        ("chains answered", &seen.answered),
+        ("chains malformed", &seen.malformed),
+        ("chains too long", &seen.too_long),
+        ("buffers outside memory", &seen.outside),
+        ("indirect chains", &seen.indirect),
+        ("heads past the ring", &seen.heads_past),
+    ]
+    .map(|(what, n)| (what, n.load(Ordering::Relaxed)));
+    eprintln!("fuzz queue-pass exercised: {all:?}");
+    if super::cases() >= 1000 {
+        for (what, n) in all {
+            assert!(n > 0, "the generator produced no {what}: {all:?}");
+        }
+    }
 }
