@@ -18,7 +18,9 @@ use std::{
 
 use vhost_device_pmem::{
     jsonl::{self, LineReader},
-    media::channel::{guest_sectors, FromAgent, ToAgent, DEFAULT_PORT_NAME},
+    media::channel::{
+        guest_sectors, is_pci_address, parse_sysfs_number, FromAgent, ToAgent, DEFAULT_PORT_NAME,
+    },
     media::ranges::SECTOR,
     media::sources::parse_badblocks,
 };
@@ -36,22 +38,7 @@ fn read_trim(p: &Path) -> Option<String> {
 }
 
 fn read_num(p: &Path) -> Option<u64> {
-    let s = read_trim(p)?;
-    match s.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16).ok(),
-        None => s.parse().ok(),
-    }
-}
-
-fn is_pci_address(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 12
-        && b[4] == b':'
-        && b[7] == b':'
-        && b[10] == b'.'
-        && s.chars()
-            .enumerate()
-            .all(|(i, c)| matches!(i, 4 | 7 | 10) || c.is_ascii_hexdigit())
+    parse_sysfs_number(&read_trim(p)?)
 }
 
 /// Every pmem disk whose region is `size` bytes, with its PCI address.

@@ -17,7 +17,7 @@ use crate::{
     control::{self, Answer, Request},
     jsonl::{self, Line, LineReader, MessageError},
     media::{
-        channel::{guest_sectors, FromAgent, ToAgent},
+        channel::{guest_sectors, is_pci_address, parse_sysfs_number, FromAgent, ToAgent},
         ranges::{BadRange, SECTOR},
     },
 };
@@ -428,6 +428,39 @@ fn agent_sector_translation() {
             );
         }
         let _ = SECTOR;
+        Ok(())
+    });
+}
+
+#[test]
+fn agent_sysfs_values() {
+    let case = prop_oneof![
+        any::<u64>().prop_map(|n| (format!("{n}\n"), Some(n), None)),
+        any::<u64>().prop_map(|n| (format!("0x{n:x}"), Some(n), None)),
+        (any::<u16>(), any::<u8>(), 0u8..32, 0u8..8).prop_map(|(d, b, s, f)| {
+            (format!("{d:04x}:{b:02x}:{s:02x}.{f:x}"), None, Some(true))
+        }),
+        "\\PC{0,14}".prop_map(|s| (s, None, None)),
+        "[0-9a-fA-F:.x ]{0,14}".prop_map(|s| (s, None, None)),
+    ];
+    super::run("agent-sysfs", case, |(text, number, pci)| {
+        let n = parse_sysfs_number(&text);
+        if let Some(want) = number {
+            prop_assert_eq!(n, Some(want));
+        }
+        let p = is_pci_address(&text);
+        if let Some(want) = pci {
+            prop_assert_eq!(p, want);
+        }
+        // Independently: twelve ASCII bytes, separators in place, hex elsewhere.
+        let b = text.as_bytes();
+        let shape = b.len() == 12
+            && (0..12).all(|i| match i {
+                4 | 7 => b[i] == b':',
+                10 => b[i] == b'.',
+                _ => b[i].is_ascii_hexdigit(),
+            });
+        prop_assert_eq!(p, shape, "{:?}", text);
         Ok(())
     });
 }

@@ -242,6 +242,27 @@ impl GuestChannel {
     }
 }
 
+/// A number as sysfs prints it (the agent reads region sizes and resources):
+/// decimal, or hexadecimal after `0x`; surrounding whitespace is trimmed.
+pub fn parse_sysfs_number(text: &str) -> Option<u64> {
+    let s = text.trim();
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// Whether `s` is a PCI address as sysfs names devices: `DDDD:BB:SS.F`, hex.
+pub fn is_pci_address(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 12
+        && b.iter().enumerate().all(|(i, &c)| match i {
+            4 | 7 => c == b':',
+            10 => c == b'.',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
 /// The agent's translation of a [`ToAgent::Badblocks`] list: file ranges → sectors
 /// of the guest block device whose data starts `data_offset` bytes into the region
 /// and is `size` bytes long, widened outward to whole sectors. What cannot be
