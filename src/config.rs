@@ -25,7 +25,7 @@ pub enum ConfigError {
     },
     #[error("missing {0}: give --{0} or set `{0}` in the config file")]
     Missing(&'static str),
-    #[error("metrics file {0}: its name must end in .prom (node_exporter's textfile collector reads only those)")]
+    #[error("metrics-file {0}: its name must end in .prom (node_exporter's textfile collector reads only those)")]
     MetricsFileName(PathBuf),
     #[error("{0} must be positive")]
     Zero(&'static str),
@@ -183,13 +183,36 @@ impl TryFrom<ServeArgs> for Config {
                     path: path.clone(),
                     source,
                 })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                    path: path.clone(),
-                    source: Box::new(source),
-                })?
+                parse_file(&text, path)?
             }
             None => FileConfig::default(),
         };
+        Config::merge(args, file_cfg)
+    }
+}
+
+/// The keys of a config file's text (`path` names it in errors).
+fn parse_file(text: &str, path: &std::path::Path) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|source| ConfigError::Parse {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })
+}
+
+impl Config {
+    /// The configuration from flags and the text of a config file named `path`
+    /// (what [`TryFrom<ServeArgs>`] does after reading the file; tests and fuzzers
+    /// use it without one).
+    pub fn from_file_text(
+        args: ServeArgs,
+        text: &str,
+        path: &std::path::Path,
+    ) -> Result<Self, ConfigError> {
+        Self::merge(args, parse_file(text, path)?)
+    }
+
+    /// Flags over file keys over defaults, validated.
+    fn merge(args: ServeArgs, file_cfg: FileConfig) -> Result<Self, ConfigError> {
         let metrics_file = args.metrics_file.or(file_cfg.metrics_file);
         if let Some(p) = &metrics_file {
             if p.extension().is_none_or(|e| e != "prom")
@@ -439,6 +462,8 @@ mod tests {
         for bad in ["/var/lib/node/pmem.txt", "/var/lib/node/pmem", "/x/.prom"] {
             let e = Config::try_from(args(bad)).unwrap_err();
             assert!(e.to_string().contains("must end in .prom"), "{bad}: {e}");
+            // Found by the fuzzer: the error said "metrics file", naming no key.
+            assert!(e.to_string().starts_with("metrics-file "), "{bad}: {e}");
         }
         let c = Config::try_from(args("/var/lib/node/pmem.prom")).unwrap();
         assert_eq!(c.metrics_file, Some("/var/lib/node/pmem.prom".into()));

@@ -30,6 +30,8 @@ pub mod control;
 pub mod daemon;
 pub mod device;
 pub mod durability;
+#[cfg(test)]
+mod fuzz;
 pub mod jsonl;
 pub mod media;
 pub mod region;

@@ -18,8 +18,10 @@ use std::{
 
 use vhost_device_pmem::{
     jsonl::{self, LineReader},
-    media::channel::{FromAgent, ToAgent, DEFAULT_PORT_NAME},
-    media::ranges::{BadRange, SECTOR},
+    media::channel::{
+        guest_sectors, is_pci_address, parse_sysfs_number, FromAgent, ToAgent, DEFAULT_PORT_NAME,
+    },
+    media::ranges::SECTOR,
     media::sources::parse_badblocks,
 };
 
@@ -36,22 +38,7 @@ fn read_trim(p: &Path) -> Option<String> {
 }
 
 fn read_num(p: &Path) -> Option<u64> {
-    let s = read_trim(p)?;
-    match s.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16).ok(),
-        None => s.parse().ok(),
-    }
-}
-
-fn is_pci_address(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 12
-        && b[4] == b':'
-        && b[7] == b':'
-        && b[10] == b'.'
-        && s.chars()
-            .enumerate()
-            .all(|(i, c)| matches!(i, 4 | 7 | 10) || c.is_ascii_hexdigit())
+    parse_sysfs_number(&read_trim(p)?)
 }
 
 /// Every pmem disk whose region is `size` bytes, with its PCI address.
@@ -123,30 +110,6 @@ fn find(size: u64, pci: Option<&str>) -> Result<Device, String> {
                 .join(", ")
         )),
     }
-}
-
-/// File ranges → guest sectors of the block device (ranges in front of the data
-/// area cannot be expressed and are reported).
-fn to_sectors(dev: &Device, ranges: &[BadRange]) -> (Vec<(u64, u64)>, Vec<BadRange>) {
-    let (mut ok, mut lost) = (Vec::new(), Vec::new());
-    for r in ranges {
-        let start = r.offset.max(dev.data_offset);
-        let end = r.end().min(dev.data_offset + dev.size);
-        if start >= end {
-            lost.push(*r);
-            continue;
-        }
-        if start > r.offset {
-            lost.push(BadRange {
-                offset: r.offset,
-                length: start - r.offset,
-            });
-        }
-        let s = (start - dev.data_offset) / SECTOR;
-        let e = (end - dev.data_offset).div_ceil(SECTOR);
-        ok.push((s, e - s));
-    }
-    (ok, lost)
 }
 
 /// Records `sectors` in the disk's badblocks (entries already there are kept; the
@@ -299,7 +262,7 @@ fn main() {
                     );
                     continue;
                 };
-                let (sectors, lost) = to_sectors(dev, &ranges);
+                let (sectors, lost) = guest_sectors(dev.data_offset, dev.size, &ranges);
                 if !lost.is_empty() {
                     send(&mut out, &FromAgent::Error {
                         message: format!("{} bad range(s) lie outside /dev/{}'s data area (fsdax metadata?): {lost:?}", lost.len(), dev.name),

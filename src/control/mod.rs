@@ -40,7 +40,7 @@ use crate::{
 };
 
 /// A control request.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "command", rename_all = "kebab-case")]
 pub enum Request {
     /// Mode and why, file, size, negotiated features, connection and region state.
@@ -266,7 +266,7 @@ pub fn spawn(
     )
 }
 
-fn serve_client(stream: UnixStream, daemon: &ControlHandles) {
+pub(crate) fn serve_client(stream: UnixStream, daemon: &ControlHandles) {
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
@@ -386,7 +386,7 @@ pub fn call(path: &Path, request: &Request) -> std::io::Result<Value> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::{
         io::{BufRead, BufReader, Write},
         path::PathBuf,
@@ -408,7 +408,7 @@ mod tests {
         serde_json::to_value(answer(d, line)).unwrap()
     }
 
-    fn daemon() -> ControlHandles {
+    pub(crate) fn daemon() -> ControlHandles {
         let dir = tempfile::tempdir().unwrap();
         let d = daemon_with_state(dir.path());
         std::mem::forget(dir); // lives as long as the test process

@@ -213,7 +213,19 @@ pub fn process_queue<M: GuestMemory>(
         completed: 0,
         flushes,
     };
+    let size = queue.size();
     for Taken { head, request } in state.taken.drain(..) {
+        if head >= size {
+            // A head index past the ring (the driver's bug) names no descriptor the
+            // driver could get back: there is nothing to complete. Skipping it keeps
+            // the chains after it answered (found by the fuzzer: `add_used` refuses
+            // it, which used to end the pass and strand the rest of the batch).
+            state.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            if state.log.allow(taken_at) {
+                error!("virtio-pmem: head index {head} is past the ring of {size}; not completed");
+            }
+            continue;
+        }
         let len = match request {
             None => {
                 state.stats.malformed.fetch_add(1, Ordering::Relaxed);
@@ -785,6 +797,34 @@ mod tests {
         assert_eq!(d.used(), vec![(head, 4)]);
         assert_eq!(d.status(status), VIRTIO_PMEM_RESP_OK);
         assert_eq!(d.state.stats.snapshot().malformed_chains, 0);
+    }
+
+    /// Found by the fuzzer: a head index past the ring made `add_used` fail, which
+    /// ended the pass and stranded every chain taken after it (never answered: the
+    /// guest's flushes hung).
+    #[test]
+    fn a_head_index_past_the_ring_is_skipped_and_the_rest_answered() {
+        let mem = memory();
+        let mut d = Driver::new(&mem, Policy::Fsync);
+        let (_, first) = d.request(VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        let (b, sb) = d.request(VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        d.mock
+            .avail()
+            .ring()
+            .ref_at(0)
+            .unwrap()
+            .store(QUEUE_LEN + 100);
+        assert_eq!(
+            d.run(),
+            Pass {
+                completed: 1,
+                flushes: 1
+            }
+        );
+        assert_eq!(d.used(), vec![(b, 4)]);
+        assert_eq!(d.status(sb), VIRTIO_PMEM_RESP_OK);
+        assert_eq!(d.status(first), UNTOUCHED);
+        assert_eq!(d.state.stats.snapshot().malformed_chains, 1);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     device::queue::GuestLog,
     jsonl::{self, LineReader},
-    media::ranges::BadRange,
+    media::ranges::{BadRange, SECTOR},
     service::{self, Services},
 };
 
@@ -240,6 +240,60 @@ impl GuestChannel {
             }
         }
     }
+}
+
+/// A number as sysfs prints it (the agent reads region sizes and resources):
+/// decimal, or hexadecimal after `0x`; surrounding whitespace is trimmed.
+pub fn parse_sysfs_number(text: &str) -> Option<u64> {
+    let s = text.trim();
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// Whether `s` is a PCI address as sysfs names devices: `DDDD:BB:SS.F`, hex.
+pub fn is_pci_address(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 12
+        && b.iter().enumerate().all(|(i, &c)| match i {
+            4 | 7 => c == b':',
+            10 => c == b'.',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// The agent's translation of a [`ToAgent::Badblocks`] list: file ranges → sectors
+/// of the guest block device whose data starts `data_offset` bytes into the region
+/// and is `size` bytes long, widened outward to whole sectors. What cannot be
+/// expressed (ranges wholly outside the data area, parts in front of it) is
+/// returned second, for the agent to report. Pure, and in the library so tests
+/// and fuzzers reach it.
+pub fn guest_sectors(
+    data_offset: u64,
+    size: u64,
+    ranges: &[BadRange],
+) -> (Vec<(u64, u64)>, Vec<BadRange>) {
+    let (mut ok, mut lost) = (Vec::new(), Vec::new());
+    let data_end = data_offset.saturating_add(size);
+    for r in ranges {
+        let start = r.offset.max(data_offset);
+        let end = r.end().min(data_end);
+        if start >= end {
+            lost.push(*r);
+            continue;
+        }
+        if start > r.offset {
+            lost.push(BadRange {
+                offset: r.offset,
+                length: start - r.offset,
+            });
+        }
+        let s = (start - data_offset) / SECTOR;
+        let e = (end - data_offset).div_ceil(SECTOR);
+        ok.push((s, e - s));
+    }
+    (ok, lost)
 }
 
 fn send<W: Write>(w: &mut W, msg: &ToAgent) -> std::io::Result<()> {

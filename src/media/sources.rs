@@ -100,9 +100,12 @@ pub fn disk_sectors_to_file(
         let Some(rel) = sector.checked_sub(partition_start) else {
             continue;
         };
-        let (bstart, bend) = (rel * SECTOR, (rel + count) * SECTOR);
+        // The text can name any sector and count: saturate rather than wrap (a
+        // device byte past 2^64 lies in no extent; found by the fuzzer).
+        let bstart = rel.saturating_mul(SECTOR);
+        let bend = rel.saturating_add(count).saturating_mul(SECTOR);
         for e in extents {
-            let (pstart, pend) = (e.physical, e.physical + e.length);
+            let (pstart, pend) = (e.physical, e.physical.saturating_add(e.length));
             let (s, t) = (bstart.max(pstart), bend.min(pend));
             if s < t {
                 out.push(BadRange {
@@ -473,6 +476,25 @@ mod tests {
                     length: 512
                 },
             ]
+        );
+    }
+
+    /// Found by the fuzzer: a count near 2^55 overflowed the byte arithmetic (a
+    /// panic in debug builds, wrapped nonsense in release ones).
+    #[test]
+    fn sectors_near_two_to_the_64_bytes_do_not_overflow() {
+        let extents = [Extent {
+            logical: 0,
+            physical: 0,
+            length: 1 << 20,
+            flags: 0,
+        }];
+        assert_eq!(
+            disk_sectors_to_file(&[(0, 1 << 55), (u64::MAX, u64::MAX)], 0, &extents),
+            vec![BadRange {
+                offset: 0,
+                length: 1 << 20
+            }]
         );
     }
 

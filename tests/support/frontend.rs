@@ -355,6 +355,16 @@ impl TestFrontend {
 
     /// Puts one request per entry of `types` on the ring, all at once, and kicks.
     pub fn submit(&mut self, types: &[u32]) -> io::Result<()> {
+        self.submit_with_head(types, None)
+    }
+
+    /// Like [`Self::submit`], but a broken driver's way: the available-ring entry at
+    /// position `at` among them names descriptor `head` instead of its chain.
+    pub fn submit_with_head(
+        &mut self,
+        types: &[u32],
+        bogus: Option<(usize, u16)>,
+    ) -> io::Result<()> {
         assert!(types.len() * 2 <= QUEUE_SIZE as usize, "too many requests");
         for (i, &ty) in types.iter().enumerate() {
             let slot = i as u64;
@@ -368,6 +378,10 @@ impl TestFrontend {
             let head = 2 * i as u16;
             self.write_desc(head, req, 4, VRING_DESC_F_NEXT, head + 1)?;
             self.write_desc(head + 1, status, 4, VRING_DESC_F_WRITE, 0)?;
+            let head = match bogus {
+                Some((at, bogus)) if at == i => bogus,
+                _ => head,
+            };
             let pos = (self.avail_idx.wrapping_add(i as u16) % QUEUE_SIZE) as u64;
             self.ram
                 .write_obj(head.to_le(), GuestAddress(AVAIL_RING + 4 + 2 * pos))
