@@ -216,3 +216,59 @@ fn seccomp_off_serves_without_a_filter() {
     }
     assert_eq!(d.status()["seccomp"], "off");
 }
+
+// The rare paths below have no other daemon-level test; they run here under the
+// default `enforce`, so a call they need that the allow-list lacks kills the daemon
+// and fails the test.
+
+#[test]
+fn a_scrub_runs_under_enforce() {
+    let s = Scratch::new();
+    let file = s.backing_file("pmem.img", 2 * MIB2);
+    let d = Daemon::start(
+        &s,
+        "d",
+        &file,
+        &["--mode", "fsync", "--scrub-interval", "1"],
+    );
+    let deadline = std::time::Instant::now() + daemon::TIMEOUT;
+    while d.log_text().matches("found no read errors").count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no two scrubs: {}",
+            d.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(d.status()["seccomp"], "enforce");
+}
+
+#[test]
+fn a_failed_state_save_and_its_retry_run_under_enforce() {
+    let s = Scratch::new();
+    let file = s.backing_file("pmem.img", 2 * MIB2);
+    let d = Daemon::start(&s, "d", &file, &["--mode", "fsync"]);
+    // A directory where the bad-range record goes (made after the start-up, which
+    // reads it): the save's rename fails (EISDIR), also for root.
+    let record = s.path("pmem.img.badblocks.json");
+    std::fs::create_dir(&record).unwrap();
+    let v = vhost_device_pmem::control::call(
+        &d.control,
+        &vhost_device_pmem::control::Request::BadblocksInject {
+            offset: 4096,
+            length: 512,
+        },
+    )
+    .unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    d.wait_status("a persist error", |st| {
+        st["bad_ranges_persist_error"].is_string()
+    });
+    // The retry thread, started under the filter, writes it once it can.
+    std::fs::remove_dir(&record).unwrap();
+    d.wait_status("the retry's success", |st| {
+        st["bad_ranges_persist_error"].is_null()
+    });
+    assert!(std::fs::read_to_string(&record).unwrap().contains("4096"));
+    assert_eq!(d.status()["seccomp"], "enforce");
+}
