@@ -54,7 +54,11 @@ pub enum SandboxError {
     Arch(&'static str),
     #[error("seccomp: building the filter: {0}")]
     Build(#[from] seccompiler::BackendError),
-    #[error("seccomp: installing the filter: {0}")]
+    #[error(
+        "seccomp: installing the filter: {0} (a service manager's system-call filter may \
+         forbid seccomp(2): allow it, e.g. `SystemCallFilter=seccomp`, or run with \
+         --seccomp off)"
+    )]
     Install(#[from] seccompiler::Error),
 }
 
