@@ -194,6 +194,9 @@ fn common() -> Result<Rules, SandboxError> {
         (libc::SYS_clock_gettime, any()),
         (libc::SYS_clock_nanosleep, any()),
         (libc::SYS_nanosleep, any()),
+        // A sleep or wait with a timeout interrupted by a stop (SIGSTOP/SIGCONT, a
+        // cgroup freeze, a debugger or strace attaching) resumes through it.
+        (libc::SYS_restart_syscall, any()),
         (libc::SYS_getrandom, any()),
         // Descriptors and files.
         (libc::SYS_read, any()),

@@ -69,6 +69,12 @@ fn sandbox_child() {
             },
             "ptrace" => libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0),
             "getppid" => libc::getppid().into(),
+            "sleep" => {
+                // The parent stops and continues us meanwhile: the kernel resumes
+                // the sleep with restart_syscall.
+                std::thread::sleep(std::time::Duration::from_millis(1500));
+                0
+            }
             "ioctl-tcgets" => {
                 let mut t: libc::termios = std::mem::zeroed();
                 libc::ioctl(1, libc::TCGETS, &mut t).into()
@@ -122,6 +128,40 @@ fn enforce_kills_the_process_on_a_call_outside_the_list() {
     for call in ["socket-inet", "fork", "ptrace", "getppid", "ioctl-tcgets"] {
         assert_killed(&child("enforce", call), call);
     }
+}
+
+#[test]
+fn a_stopped_and_continued_process_resumes_its_sleep_under_enforce() {
+    use std::io::BufRead;
+    let mut c = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "sandbox_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "enforce:sleep")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(c.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("installed") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "no `installed`");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pid = c.id() as libc::pid_t;
+    // SAFETY: signals to our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = c.wait().unwrap();
+    assert!(status.success(), "{status:?}\n{rest}");
+    assert!(rest.contains("returned 0"), "{rest}");
 }
 
 #[test]
@@ -271,4 +311,66 @@ fn a_failed_state_save_and_its_retry_run_under_enforce() {
     });
     assert!(std::fs::read_to_string(&record).unwrap().contains("4096"));
     assert_eq!(d.status()["seccomp"], "enforce");
+}
+
+/// The daemon started under a service manager's filter that answers seccomp(2) EPERM
+/// (systemd's `SystemCallFilter=` without `seccomp`): `enforce` refuses to start and
+/// says what to allow; `--seccomp off` serves.
+#[test]
+fn a_service_manager_filter_without_seccomp_is_named_at_start_up() {
+    use std::os::unix::process::CommandExt;
+    let s = Scratch::new();
+    let file = s.backing_file("pmem.img", 2 * MIB2);
+    let deny: seccompiler::BpfProgram = seccompiler::SeccompFilter::new(
+        [(libc::SYS_seccomp, vec![])].into_iter().collect(),
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+        std::env::consts::ARCH.try_into().unwrap(),
+    )
+    .unwrap()
+    .try_into()
+    .unwrap();
+    let run = |extra: &[&str], name: &str| {
+        let sock = s.path(&format!("{name}.sock"));
+        let ctl = s.path(&format!("{name}.ctl"));
+        let mut cmd = Command::new(daemon::BIN);
+        cmd.args(["serve", "--mode", "fsync", "--file"])
+            .arg(&file)
+            .arg("--socket-path")
+            .arg(&sock)
+            .arg("--control-socket")
+            .arg(&ctl)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let deny = deny.clone();
+        // SAFETY: between fork and exec only prctl(2) and seccomp(2) are made, on a
+        // program built before the fork.
+        unsafe {
+            cmd.pre_exec(move || seccompiler::apply_filter(&deny).map_err(std::io::Error::other));
+        }
+        (cmd.spawn().unwrap(), ctl)
+    };
+    let (child, _) = run(&[], "enforce");
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{:?}", out.status);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("SystemCallFilter=seccomp"), "{log}");
+    assert!(log.contains("--seccomp off"), "{log}");
+    let (mut served, ctl) = run(&["--seccomp", "off"], "off");
+    let deadline = std::time::Instant::now() + daemon::TIMEOUT;
+    let st = loop {
+        if let Ok(v) =
+            vhost_device_pmem::control::call(&ctl, &vhost_device_pmem::control::Request::Status)
+        {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "no control socket");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(st["status"]["seccomp"], "off", "{st}");
+    let _ = served.kill();
+    let _ = served.wait();
 }
