@@ -263,10 +263,6 @@ pub mod ioctl {
     pub const FS_IOC_SETFLAGS: u64 = 0x4008_6602;
     /// The inode generation (identity of the state files).
     pub const FS_IOC_GETVERSION: u64 = 0x8008_7601;
-    /// Non-blocking mode set by `vmm-sys-util`/`std` on some sockets.
-    pub const FIONBIO: u64 = 0x5421;
-    /// Bytes waiting on a socket.
-    pub const FIONREAD: u64 = 0x541B;
 }
 
 /// fcntl commands the `libc` crate does not name (Linux, every architecture).
@@ -306,8 +302,7 @@ fn serve_rules() -> Result<Rules, SandboxError> {
         (libc::SYS_setsockopt, any()),
         (libc::SYS_getsockname, any()),
         (libc::SYS_getpeername, any()),
-        // The guard: the block map, the seal, the inode generation; non-blocking
-        // sockets.
+        // The guard: the block map, the seal; the inode generation of state records.
         (
             libc::SYS_ioctl,
             one_of(
@@ -317,13 +312,12 @@ fn serve_rules() -> Result<Rules, SandboxError> {
                     ioctl::FS_IOC_GETFLAGS,
                     ioctl::FS_IOC_SETFLAGS,
                     ioctl::FS_IOC_GETVERSION,
-                    ioctl::FIONBIO,
-                    ioctl::FIONREAD,
                 ],
             )?,
         ),
-        // The lease (F_SETLEASE, delivered as a real-time signal to the guard's
-        // thread: F_SETSIG, F_SETOWN_EX) and the exclusive open-file lock.
+        // The common commands (this entry replaces the common one), the lease
+        // (F_SETLEASE, delivered as a real-time signal to the guard's thread:
+        // F_SETSIG, F_SETOWN_EX) and the exclusive open-file lock.
         (
             libc::SYS_fcntl,
             one_of(
