@@ -9,7 +9,7 @@ use std::{fs, path::PathBuf};
 use clap::Args;
 use serde::Deserialize;
 
-use crate::durability::Mode;
+use crate::{durability::Mode, sandbox::SeccompMode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -107,6 +107,11 @@ pub struct ServeArgs {
     /// path.
     #[arg(long, value_name = "NAME")]
     pub metrics_instance: Option<String>,
+    /// The seccomp sandbox installed once start-up is done: `enforce` kills the
+    /// daemon on a system call outside its allow-list, `log` lets the call through
+    /// and the kernel logs it, `off` installs none. Default enforce.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub seccomp: Option<SeccompMode>,
     /// TOML file with any of the keys above (kebab-case, e.g. `socket-path`).
     #[arg(long, value_name = "FILE.toml")]
     pub config: Option<PathBuf>,
@@ -133,6 +138,7 @@ struct FileConfig {
     metrics_file: Option<PathBuf>,
     metrics_interval: Option<u64>,
     metrics_instance: Option<String>,
+    seccomp: Option<SeccompMode>,
 }
 
 /// Default of `scrub-rate`, bytes per second.
@@ -171,6 +177,8 @@ pub struct Config {
     pub metrics_interval: u64,
     /// The `instance` label; `None`: the backing file's canonical path.
     pub metrics_instance: Option<String>,
+    /// The sandbox installed after start-up.
+    pub seccomp: SeccompMode,
 }
 
 impl TryFrom<ServeArgs> for Config {
@@ -236,6 +244,7 @@ impl Config {
             metrics_file,
             metrics_interval,
             metrics_instance,
+            seccomp: args.seccomp.or(file_cfg.seccomp).unwrap_or_default(),
             socket_path: args
                 .socket_path
                 .or(file_cfg.socket_path)
@@ -380,6 +389,7 @@ mod tests {
                 metrics_file: None,
                 metrics_interval: DEFAULT_METRICS_INTERVAL,
                 metrics_instance: None,
+                seccomp: SeccompMode::Enforce,
             }
         );
     }
@@ -414,6 +424,34 @@ mod tests {
         })
         .unwrap();
         assert!(!c.seal);
+    }
+
+    #[test]
+    fn seccomp_comes_from_the_flag_then_the_file_then_enforce() {
+        let f = toml_file("socket-path = \"/s\"\nfile = \"/f\"\nseccomp = \"log\"\n");
+        let from = |seccomp, config: Option<&std::path::Path>| {
+            Config::try_from(ServeArgs {
+                socket_path: Some("/s".into()),
+                file: Some("/f".into()),
+                seccomp,
+                config: config.map(Into::into),
+                ..Default::default()
+            })
+            .unwrap()
+            .seccomp
+        };
+        assert_eq!(from(None, None), SeccompMode::Enforce);
+        assert_eq!(from(None, Some(f.path())), SeccompMode::Log);
+        assert_eq!(
+            from(Some(SeccompMode::Off), Some(f.path())),
+            SeccompMode::Off
+        );
+        let bad = toml_file("seccomp = \"permissive\"\n");
+        assert!(Config::try_from(ServeArgs {
+            config: Some(bad.path().into()),
+            ..Default::default()
+        })
+        .is_err());
     }
 
     #[test]

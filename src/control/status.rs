@@ -172,4 +172,7 @@ pub struct StatusReport {
     /// Service threads that died (a panic, caught at the thread boundary).
     #[serde(default)]
     pub services_failed: Vec<crate::service::ServiceFailure>,
+    /// The seccomp sandbox: enforce, log or off.
+    #[serde(default)]
+    pub seccomp: crate::sandbox::SeccompMode,
 }
