@@ -32,6 +32,7 @@ pub mod device;
 pub mod durability;
 pub mod jsonl;
 pub mod media;
+pub mod nvdimm;
 pub mod region;
 pub mod service;
 pub mod socket;
@@ -56,6 +57,9 @@ pub enum Error {
     Socket(#[from] SocketError),
     #[error(transparent)]
     Guard(#[from] GuardError),
+    /// The NVDIMM export refused the file or QEMU's mapping of it.
+    #[error("{0}")]
+    Nvdimm(String),
     #[error("vhost-user: {0}")]
     VhostUser(String),
     #[error(

@@ -132,6 +132,27 @@ impl Drop for Guard {
     }
 }
 
+/// What the guard is asked to do: `serve`'s options, or an NVDIMM export's (which
+/// cannot hold a lease: QEMU opens the file by its path and keeps it open).
+#[derive(Clone, Debug)]
+pub struct GuardOptions {
+    /// Seconds between periodic verifications; 0: only on lease breaks.
+    pub verify_interval: u64,
+    pub seal: bool,
+    /// Why no lease is taken, if none is (shown as the lease state).
+    pub no_lease: Option<String>,
+}
+
+impl From<&Config> for GuardOptions {
+    fn from(c: &Config) -> Self {
+        Self {
+            verify_interval: c.verify_interval,
+            seal: c.seal,
+            no_lease: None,
+        }
+    }
+}
+
 /// Starts guarding the daemon's backing file: seals it if asked, then starts the
 /// watcher thread, which takes the lease and compares the map with `baseline` (the
 /// fingerprint the policy was chosen with; None: the map was not immutable, so it is
@@ -139,7 +160,7 @@ impl Drop for Guard {
 pub fn start(
     daemon: &GuardHandles,
     services: &Arc<Services>,
-    config: &Config,
+    config: &GuardOptions,
 ) -> Result<Guard, GuardError> {
     let region = &daemon.region;
     let file_name = region.path.display().to_string();
@@ -190,6 +211,7 @@ pub fn start(
         lease_held: false,
         lease_retry: false,
         change_reported: false,
+        no_lease: config.no_lease.clone(),
     };
     let orphan = daemon.clone();
     let handle = services
@@ -235,6 +257,8 @@ struct Watcher {
     /// The lease is wanted but not held (another process has the file open).
     lease_retry: bool,
     change_reported: bool,
+    /// Why no lease is taken at all, if none is.
+    no_lease: Option<String>,
 }
 
 impl Watcher {
@@ -251,7 +275,18 @@ impl Watcher {
             let _ = ready.send(Err(e));
             return;
         }
-        self.try_lease(true);
+        match self.no_lease.clone() {
+            None => {
+                self.try_lease(true);
+            }
+            Some(why) => {
+                info!(
+                    "no lease on {}: {why}; the block map is verified periodically",
+                    self.daemon.region.path.display()
+                );
+                self.lease_unavailable(why);
+            }
+        }
         // Anything that happened between the verdict and the lease is caught here.
         self.verify("at start");
         let _ = ready.send(Ok(()));

@@ -278,6 +278,7 @@ mod tests {
             bad_ranges_persist_error: None,
             agent: None,
             services_failed: vec![],
+            nvdimm: None,
         }
     }
 
