@@ -18,6 +18,13 @@ use std::{
 
 use harness::{GuestEnv, Qmp, DAEMON};
 use serde_json::{json, Value};
+use vhost_device_pmem::{
+    config::NvdimmMode,
+    nvdimm::{
+        self,
+        mapping::{self, FileId},
+    },
+};
 
 const BOOT: Duration = Duration::from_secs(180);
 const SEED: &[u8] = b"VDP-NVDIMM-SEED 0123456";
@@ -98,14 +105,29 @@ impl Exporter {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn status(&self) -> Option<Value> {
+    fn call(&self, command: &str) -> Option<Value> {
         let s = UnixStream::connect(&self.control).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        writeln!(&s, "{}", json!({"command": "status"})).ok()?;
+        writeln!(&s, "{}", json!({ "command": command })).ok()?;
         let mut line = String::new();
         BufReader::new(&s).read_line(&mut line).ok()?;
-        let v: Value = serde_json::from_str(&line).ok()?;
-        Some(v["status"].clone())
+        serde_json::from_str(&line).ok()
+    }
+
+    fn status(&self) -> Option<Value> {
+        Some(self.call("status")?["status"].clone())
+    }
+
+    /// The event backlog, as far as it goes within a second.
+    fn events(&self) -> Vec<Value> {
+        let s = UnixStream::connect(&self.control).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        writeln!(&s, "{}", json!({"command": "events", "backlog": true})).unwrap();
+        BufReader::new(&s)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
     }
 
     /// Waits until `status` shows QEMU's mapping verified; returns it.
@@ -257,6 +279,19 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
     let addr = devs[0]["data"]["addr"].as_u64().unwrap();
     assert_eq!(nv["guest_address"], addr);
     assert_eq!(addr % (2 << 20), 0, "align=2M must place it on 2 MiB");
+    let ev = ex.events();
+    let mapped = ev
+        .iter()
+        .find(|e| e["event"] == "nvdimm-mapped")
+        .unwrap_or_else(|| panic!("no nvdimm-mapped event: {ev:?}"));
+    assert_eq!(mapped["qemu_pid"], guest.pid());
+    assert_eq!(mapped["sf"], false);
+    let stats = ex.call("stats").unwrap();
+    assert_eq!(stats["ok"], true, "{stats}");
+    assert_eq!(
+        stats["stats"]["syncs"], 0,
+        "volatile makes no sync: {stats}"
+    );
 
     let plugged = guest.expect("VDP-PLUGGED", BOOT);
     let seen_after = plug_started.elapsed();
@@ -396,8 +431,24 @@ fn printed_qemu_args_cold_plug_the_nvdimm() {
         args[3].contains("pmem=off") && args[3].contains("align=2097152"),
         "{args:?}"
     );
+    // A second NVDIMM, pmem=on on this non-DAX file, as an operator might write
+    // it by hand: QEMU only warns and maps it without MAP_SYNC. The sf check on
+    // its real mapping is what catches that silent fallback.
+    let fallback = d.join("fallback.img");
+    seeded(&fallback, 32 << 20);
+    let mut qemu_args = args;
+    qemu_args.extend([
+        "-object".to_string(),
+        format!(
+            "memory-backend-file,id=mem-nv1,mem-path={},size={},share=on,pmem=on,align=2097152",
+            fallback.display(),
+            32 << 20
+        ),
+        "-device".to_string(),
+        "nvdimm,id=nv1,memdev=mem-nv1".to_string(),
+    ]);
     let opts = harness::Boot {
-        qemu_args: args,
+        qemu_args,
         ..Default::default()
     };
     let (mut guest, mut qmp) = env.boot_for_nvdimm(d, SCRIPT, &opts);
@@ -405,7 +456,23 @@ fn printed_qemu_args_cold_plug_the_nvdimm() {
     let rb = guest.expect("VDP-READBACK", BOOT);
     assert!(rb.contains(std::str::from_utf8(SEED).unwrap()), "{rb}");
     let devs = memory_devices(&mut qmp);
-    assert_eq!(devs[0]["data"]["hotplugged"], false, "{devs:?}");
+    assert_eq!(devs.len(), 2, "{devs:?}");
+    assert!(
+        devs.iter().all(|d| d["data"]["hotplugged"] == false),
+        "{devs:?}"
+    );
+    let fid = FileId::of(&fs::File::open(&fallback).unwrap()).unwrap();
+    let maps = mapping::mappings_of(guest.pid(), fid).unwrap();
+    let why = nvdimm::check_mapping(NvdimmMode::Direct, &maps).unwrap_err();
+    assert!(why.contains("without MAP_SYNC"), "{why}");
+    eprintln!(
+        "QEMU's pmem=on mapping of a non-DAX file: {} | VmFlags: {}",
+        maps[0].line,
+        maps[0].vm_flags.join(" ")
+    );
+    if let Some(w) = guest.console.iter().find(|l| l.contains("persistence")) {
+        eprintln!("QEMU said: {w}");
+    }
     let mut ex = Exporter::start(
         d,
         "attach",

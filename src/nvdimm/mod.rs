@@ -400,22 +400,13 @@ impl Export {
                 });
                 break;
             }
-            // Direct relies on the immutable map; once the guard saw it change (and
-            // downgraded), only a sync makes the guest's writes durable, and the
-            // guest cannot ask for one.
-            if flusher.policy() == Policy::Datasync && !flusher.failed() {
-                if !announced {
-                    error!(
-                        "the block map of {} changed under a running NVDIMM: making it durable \
-                         every {} s (the guest cannot ask for a flush); health is downgraded",
-                        self.path.display(),
-                        self.config.sync_interval
-                    );
-                    announced = true;
-                }
-                if flusher.sync_now(SyncContext::Interval).is_ok() {
-                    self.update(|s| s.interval_syncs += 1);
-                }
+            if interval_tick(
+                flusher,
+                &mut announced,
+                &self.path,
+                self.config.sync_interval,
+            ) {
+                self.update(|s| s.interval_syncs += 1);
             }
         }
         self.services.stop_all(Duration::from_secs(5));
@@ -544,17 +535,19 @@ impl Export {
                it as scratch";
         let maps: Vec<Mapping> = mapping::mappings_of(pid, fid)
             .map_err(|e| self.refuse(format!("cannot read /proc/{pid}/smaps: {e}{after}")))?;
-        let Some(m) = maps.iter().max_by_key(|m| m.len()) else {
-            return Err(self.refuse(format!(
-                "QEMU (pid {pid}) does not map {} (device {}:{} inode {}): it opened another file{after}",
+        let (m, sf) = match check_mapping(NvdimmMode::Volatile, &maps) {
+            Ok(found) => found,
+            Err(why) => {
+                return Err(self.refuse(format!(
+                "QEMU (pid {pid}) {why} {} (device {}:{} inode {}): it opened another file{after}",
                 self.path.display(),
                 fid.major,
                 fid.minor,
                 fid.inode
-            )));
+            )))
+            }
         };
         let flags = m.vm_flags.join(" ");
-        let sf = maps.iter().all(|m| m.has_flag("sf"));
         info!("QEMU pid {pid} maps the file: {}", m.line);
         info!("VmFlags: {flags} (sf={sf})");
         self.update(|s| {
@@ -569,15 +562,51 @@ impl Export {
             maps_line: m.line.clone(),
             sf,
         });
-        if self.config.mode == NvdimmMode::Direct && !sf {
+        if let Err(why) = check_mapping(self.config.mode, &maps) {
             return Err(self.refuse(format!(
-                "QEMU (pid {pid}) maps {} without MAP_SYNC (VmFlags: {flags}; no `sf`): the guest's \
-                 writes are not durable by themselves{after}",
+                "QEMU (pid {pid}) {why} {}: the guest's writes are not durable by themselves{after}",
                 self.path.display()
             )));
         }
         Ok(())
     }
+}
+
+/// Judges QEMU's mappings of the file: the largest one, and whether every one has
+/// MAP_SYNC in effect (`sf`); `direct` needs `sf`. The error completes "QEMU (pid
+/// N) ... FILE".
+pub fn check_mapping(mode: NvdimmMode, maps: &[Mapping]) -> Result<(&Mapping, bool), String> {
+    let Some(m) = maps.iter().max_by_key(|m| m.len()) else {
+        return Err("does not map".into());
+    };
+    let sf = maps.iter().all(|m| m.has_flag("sf"));
+    if mode == NvdimmMode::Direct && !sf {
+        return Err(format!(
+            "maps without MAP_SYNC (VmFlags: {}; no `sf`):",
+            m.vm_flags.join(" ")
+        ));
+    }
+    Ok((m, sf))
+}
+
+/// One tick of the export's loop: once the guard downgraded `direct` (the block
+/// map changed), the guest's writes become durable only by a sync, and the guest
+/// cannot ask for one, so the whole file is synced every tick; a failure latches
+/// (health `failed`, the sync-failed event, exit status 1). Returns whether a sync
+/// succeeded.
+fn interval_tick(flusher: &Flusher, announced: &mut bool, path: &Path, interval: u64) -> bool {
+    if flusher.policy() != Policy::Datasync || flusher.failed() {
+        return false;
+    }
+    if !*announced {
+        error!(
+            "the block map of {} changed under a running NVDIMM: making it durable every {interval} s \
+             (the guest cannot ask for a flush); health is downgraded",
+            path.display()
+        );
+        *announced = true;
+    }
+    flusher.sync_now(SyncContext::Interval).is_ok()
 }
 
 /// The guard's state once it runs (for `status`); one export per process.
@@ -666,6 +695,81 @@ mod tests {
             ..Default::default()
         })
         .unwrap()
+    }
+
+    /// fsync(2) on a socket fails with EINVAL: a real failing sync.
+    fn failing_file() -> std::fs::File {
+        let (sock, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        std::fs::File::from(std::os::fd::OwnedFd::from(sock))
+    }
+
+    #[test]
+    fn after_a_lost_block_map_every_tick_syncs_and_a_failure_latches() {
+        let p = Path::new("/img");
+        let mut announced = false;
+        let fl = Flusher::new(tempfile::tempfile().unwrap(), Policy::Direct);
+        // Direct with the map intact: the guest's cache flushes suffice.
+        assert!(!interval_tick(&fl, &mut announced, p, 1));
+        assert_eq!(fl.stats.snapshot().syncs, 0);
+        assert!(fl.downgrade("map changed"));
+        assert!(interval_tick(&fl, &mut announced, p, 1));
+        assert!(interval_tick(&fl, &mut announced, p, 1));
+        assert_eq!(
+            fl.stats.snapshot().syncs,
+            3,
+            "downgrade's own, then one per tick"
+        );
+        assert_eq!(fl.health(), crate::durability::Health::Downgraded);
+        // Volatile never syncs.
+        let fl = Flusher::new(tempfile::tempfile().unwrap(), Policy::Volatile);
+        assert!(!interval_tick(&fl, &mut announced, p, 1));
+        // A failing sync latches: health failed, context interval, no retry.
+        let fl = Flusher::new(failing_file(), Policy::Datasync);
+        assert!(!interval_tick(&fl, &mut announced, p, 1));
+        assert_eq!(fl.health(), crate::durability::Health::Failed);
+        assert_eq!(fl.failure().unwrap().context, SyncContext::Interval);
+        assert!(!interval_tick(&fl, &mut announced, p, 1));
+        assert_eq!(fl.stats.snapshot().syncs, 1);
+        assert!(
+            fl.final_sync(SyncContext::Shutdown).is_err(),
+            "exit status 1"
+        );
+    }
+
+    #[test]
+    fn direct_needs_sf_on_every_mapping_and_a_missing_mapping_is_refused() {
+        use std::{io::Write, os::fd::AsRawFd};
+        assert_eq!(
+            check_mapping(NvdimmMode::Volatile, &[]).unwrap_err(),
+            "does not map"
+        );
+        // A real shared mapping of a page-cache file: no `sf`.
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&[0u8; 4096]).unwrap();
+        // SAFETY: a fresh shared mapping of our own file, unmapped below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_file().as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        let id = FileId::of(f.as_file()).unwrap();
+        let maps = mapping::mappings_of(std::process::id(), id).unwrap();
+        // SAFETY: unmapping exactly the mapping made above.
+        unsafe { libc::munmap(addr, 4096) };
+        let e = check_mapping(NvdimmMode::Direct, &maps).unwrap_err();
+        assert!(e.contains("without MAP_SYNC") && e.contains("sh"), "{e}");
+        let (m, sf) = check_mapping(NvdimmMode::Volatile, &maps).unwrap();
+        assert!(!sf && m.has_flag("sh"));
+        // With `sf` on every mapping, direct takes it.
+        let mut with_sf = maps.clone();
+        with_sf[0].vm_flags.push("sf".into());
+        assert!(check_mapping(NvdimmMode::Direct, &with_sf).unwrap().1);
     }
 
     #[test]
