@@ -319,19 +319,34 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
         "the guest's write is in the host file"
     );
 
-    // (d) A second export of the same file is refused (serve's lock, exit 75).
-    let o = nvdimm(&[
-        "--file",
-        img_s,
-        "--qmp-socket",
-        qmp_s,
-        "--id",
-        "nv1",
-        "--mode",
-        "volatile",
-    ]);
-    assert_eq!(o.status.code(), Some(75), "{}", text(&o));
-    assert!(text(&o).contains("locked"), "{}", text(&o));
+    // (d) A second export of the same file is refused (serve's lock, exit 75), at
+    // once: one that got past the lock would hot-plug and run on.
+    let mut second = Exporter::start(
+        d,
+        "second",
+        &[
+            "--file",
+            img_s,
+            "--qmp-socket",
+            qmp_s,
+            "--id",
+            "nv1",
+            "--mode",
+            "volatile",
+        ],
+    );
+    assert_eq!(
+        second.wait(Duration::from_secs(20)),
+        75,
+        "{}",
+        second.log_text()
+    );
+    assert!(
+        second.log_text().contains("locked"),
+        "{}",
+        second.log_text()
+    );
+    assert_eq!(memory_devices(&mut qmp).len(), 1);
 
     // SIGTERM: the export ends, the VM keeps the NVDIMM.
     assert_eq!(ex.terminate(), 0, "{}", ex.log_text());
