@@ -507,3 +507,74 @@ fn printed_qemu_args_cold_plug_the_nvdimm() {
     assert_eq!(s["nvdimm"]["attached"], "re-attached", "{s}");
     assert_eq!(ex.terminate(), 0, "{}", ex.log_text());
 }
+
+/// In the DAX host lab (an fsdax NVDIMM with a DAX-mounted ext4, the static
+/// binary inside), `direct` judges a real DAX file: a sparse one is refused as not
+/// immutable (DAX itself is fine there), and `--prepare` makes it so and the
+/// cold-plug arguments say `pmem=on`. (Plugging it into a nested QEMU is the
+/// lab's power-cut proof, not this test.)
+#[test]
+fn direct_takes_a_prepared_dax_file_in_the_lab() {
+    let Some(env) = GuestEnv::load("direct_takes_a_prepared_dax_file_in_the_lab") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let nvdimm_img = dir.path().join("lab-nvdimm.img");
+    fs::File::create(&nvdimm_img)
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    let mut boot = harness::Boot::default()
+        .with_host_tools(&["mkfs.ext4"])
+        .with_host_files(&["/etc/mke2fs.conf"]);
+    boot.add_file(
+        "vdp/vhost-device-pmem",
+        &harness::static_binaries().join("vhost-device-pmem"),
+    );
+    let script = format!(
+        r#"
+export PATH=/usr/bin:/bin:/sbin
+{}
+mkdir -p /mnt/lab
+/usr/bin/mkfs.ext4 -q -F -b 4096 -E nodiscard /dev/pmem0 || exit 21
+mount -o dax /dev/pmem0 /mnt/lab || exit 22
+f=/mnt/lab/nv.img
+dd if=/dev/zero of=$f bs=1048576 count=0 seek=64 2>/dev/null || exit 23
+/vdp/vhost-device-pmem nvdimm --file $f --id nv0 --print-qemu-args >/tmp/a1 2>/tmp/e1
+echo "VDP-HOLEY rc=$?"
+grep -h refused /tmp/e1 | sed 's/^/VDP-E1 /'
+/vdp/vhost-device-pmem nvdimm --file $f --id nv0 --print-qemu-args --prepare >/tmp/a2 2>/tmp/e2
+echo "VDP-PREPARED rc=$?"
+sed 's/^/VDP-ARG /' /tmp/a2
+grep -h verdict /tmp/e2 | sed 's/^/VDP-LOG /'
+umount /mnt/lab
+"#,
+        harness::LAB_FSDAX
+    );
+    let mut guest = env.boot_lab(dir.path(), &nvdimm_img, &script, &boot);
+    let rc = guest.finish(Duration::from_secs(300));
+    let holey = guest.expect("VDP-HOLEY", BOOT);
+    assert!(holey.ends_with("rc=1"), "{holey}");
+    let e1 = guest.expect("VDP-E1", BOOT);
+    assert!(
+        e1.contains("needs an immutable block map") && !e1.contains("needs DAX"),
+        "{e1}"
+    );
+    let prepared = guest.expect("VDP-PREPARED", BOOT);
+    assert!(
+        prepared.ends_with("rc=0"),
+        "{prepared}\n{:#?}",
+        guest.console
+    );
+    let verdict = guest.lines_with("VDP-LOG").join("\n");
+    assert!(
+        verdict.contains("dax=true, map_sync=true, immutable=true"),
+        "{verdict}"
+    );
+    let args = guest.lines_with("VDP-ARG").join("\n");
+    assert!(
+        args.contains("mem-path=/mnt/lab/nv.img,size=67108864,share=on,pmem=on,align=2097152"),
+        "{args}"
+    );
+    assert_eq!(rc, 0);
+}
