@@ -248,6 +248,7 @@ struct Export {
 
 impl Export {
     fn start(config: NvdimmConfig, judged: Judged, path: PathBuf) -> Result<Self, Error> {
+        let canonical = path.clone();
         let Judged {
             backing,
             verdict,
@@ -266,6 +267,18 @@ impl Export {
             policy,
         );
         watch_health(&flusher, &state, &events, &backing.path)?;
+        if let Some(f) = flusher.failure() {
+            // serve answers every flush EIO then; an NVDIMM has no flush to answer,
+            // so the only honest answer is not to export it.
+            return Err(Error::Nvdimm(format!(
+                "{}: a sync failed in an earlier run ({} during {}); refused: the guest could not be \
+                 told. Check the data, then run `vhost-device-pmem health --file {} --clear`",
+                backing.path.display(),
+                f.error,
+                f.context,
+                backing.path.display()
+            )));
+        }
         let services: Arc<Services> = Arc::default();
         let media = MediaErrors::load(
             &backing.path,
@@ -316,7 +329,7 @@ impl Export {
                 queue_stats: Arc::default(),
                 media: media.clone(),
                 events: events.clone(),
-                metrics_instance: path.display().to_string().into(),
+                metrics_instance: canonical.display().to_string().into(),
             };
             let listener = sock.listener.try_clone().map_err(io_err("dup listener"))?;
             control::spawn(listener, handles, &services).map_err(io_err("start control socket"))?;
@@ -770,6 +783,40 @@ mod tests {
         let mut with_sf = maps.clone();
         with_sf[0].vm_flags.push("sf".into());
         assert!(check_mapping(NvdimmMode::Direct, &with_sf).unwrap().1);
+    }
+
+    #[test]
+    fn a_sync_failure_recorded_by_an_earlier_run_refuses_the_export() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("img");
+        std::fs::write(&f, vec![0u8; 2 << 20]).unwrap();
+        let mut c = config(NvdimmMode::Volatile, &f);
+        c.state_dir = Some(dir.path().into());
+        let state = StateFiles::new(&f, Some(dir.path()), None).unwrap();
+        state
+            .save(
+                crate::state::Kind::Health,
+                &crate::durability::SyncFailure {
+                    errno: libc::EIO,
+                    error: "Input/output error".into(),
+                    at: 1,
+                    context: SyncContext::Interval,
+                    requests: 0,
+                },
+            )
+            .unwrap();
+        let j = judge(&c).unwrap();
+        let e = Export::start(c.clone(), j, f.clone())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("a sync failed in an earlier run") && e.contains("--clear"),
+            "{e}"
+        );
+        state.remove(crate::state::Kind::Health).unwrap();
+        let j = judge(&c).unwrap();
+        assert!(Export::start(c, j, f).is_ok());
     }
 
     #[test]
