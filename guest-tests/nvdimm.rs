@@ -34,6 +34,7 @@ const GUEST_WROTE: &str = "written by the guest";
 /// shows its region's guest-physical address, reads the seed, writes a line at 4 KiB
 /// and waits to be killed.
 const SCRIPT: &str = r#"
+[ -x /agent ] && /agent 2>/dev/console &
 echo VDP-WAIT
 n=1800
 while [ $n -gt 0 ] && [ ! -b /dev/pmem0 ]; do sleep 0.1; n=$((n - 1)); done
@@ -45,6 +46,11 @@ echo "VDP-READBACK $(head -c 23 /dev/pmem0)"
 echo "written by the guest" | dd of=/dev/pmem0 bs=4096 seek=1 conv=sync,notrunc 2>/dev/null || exit 11
 sync
 echo VDP-WROTE
+if [ -x /agent ]; then
+  n=600
+  while [ $n -gt 0 ] && [ -z "$(cat /sys/block/pmem0/badblocks)" ]; do sleep 0.1; n=$((n - 1)); done
+  echo "VDP-BB $(cat /sys/block/pmem0/badblocks)"
+fi
 sleep 3600
 "#;
 
@@ -206,8 +212,10 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
     let img = d.join("nvdimm.img");
     seeded(&img, 64 << 20);
     let img_s = img.to_str().unwrap();
+    let agent_sock = d.join("agent.sock");
     let started = Instant::now();
-    let (mut guest, mut qmp) = env.boot_for_nvdimm(d, SCRIPT, &harness::Boot::default());
+    let (mut guest, mut qmp) =
+        env.boot_for_nvdimm(d, SCRIPT, &harness::Boot::default().with_agent(&agent_sock));
     guest.expect("VDP-WAIT", BOOT);
     let booted = started.elapsed();
     let export_qmp = d.join("qmp-export.sock");
@@ -256,6 +264,8 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
             "nv0",
             "--mode",
             "volatile",
+            "--agent-socket",
+            agent_sock.to_str().unwrap(),
         ],
     );
     let s = ex.wait_verified();
@@ -318,6 +328,34 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
         GUEST_WROTE.as_bytes(),
         "the guest's write is in the host file"
     );
+
+    // Media errors: a bad range of the file reaches the guest's badblocks through
+    // the agent, which found the NVDIMM by its guest-physical address.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = ex.status().unwrap();
+        if s["agent"]["device"] == "/dev/pmem0" {
+            assert_eq!(s["agent"]["data_offset"], 0, "a raw namespace: {s}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never attached: {s}\n{}",
+            ex.log_text()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    let inject = Instant::now();
+    let c = UnixStream::connect(&ex.control).unwrap();
+    writeln!(
+        &c,
+        "{}",
+        json!({"command": "badblocks-inject", "offset": 8192, "length": 512})
+    )
+    .unwrap();
+    let bb = guest.expect("VDP-BB", BOOT);
+    let bb_after = inject.elapsed();
+    assert!(bb.ends_with("VDP-BB 16 1"), "{bb}");
 
     // (d) A second export of the same file is refused (serve's lock, exit 75), at
     // once: one that got past the lock would hot-plug and run on.
@@ -402,10 +440,11 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
     assert!(ex2.log_text().contains("exited"), "{}", ex2.log_text());
 
     eprintln!(
-        "FIGURES: boot to VDP-WAIT {:.1}s; hot-plug to mapping verified {:.2}s; hot-plug to /dev/pmem0 in the guest {:.1}s (TCG)",
+        "FIGURES: boot to VDP-WAIT {:.1}s; hot-plug to mapping verified {:.2}s; hot-plug to /dev/pmem0 in the guest {:.1}s; bad range to guest badblocks {:.2}s (TCG)",
         booted.as_secs_f64(),
         verified_after.as_secs_f64(),
-        seen_after.as_secs_f64()
+        seen_after.as_secs_f64(),
+        bb_after.as_secs_f64()
     );
 }
 

@@ -326,6 +326,11 @@ pub struct NvdimmArgs {
     /// Seconds to wait for each QMP answer. Default 30.
     #[arg(long, value_name = "SECS")]
     pub qmp_timeout: Option<u64>,
+    /// Unix socket for the guest agent (a virtio-serial port's chardev connects to
+    /// it): the bad ranges of the file reach the guest's /sys/block/pmemN/badblocks;
+    /// the agent finds the NVDIMM by its guest-physical address.
+    #[arg(long, value_name = "SOCK")]
+    pub agent_socket: Option<PathBuf>,
 }
 
 /// Default of `sync-interval` (seconds).
@@ -361,6 +366,7 @@ pub struct NvdimmConfig {
     pub allow_shared_permissions: bool,
     pub state_dir: Option<PathBuf>,
     pub qmp_timeout: u64,
+    pub agent_socket: Option<PathBuf>,
 }
 
 /// QEMU's rule for ids: a letter, then letters, digits, `-`, `.` and `_`.
@@ -410,6 +416,7 @@ impl TryFrom<NvdimmArgs> for NvdimmConfig {
             allow_shared_permissions: a.allow_shared_permissions,
             state_dir: a.state_dir,
             qmp_timeout,
+            agent_socket: a.agent_socket,
         })
     }
 }
@@ -667,6 +674,7 @@ mod tests {
                 allow_shared_permissions: false,
                 state_dir: None,
                 qmp_timeout: DEFAULT_QMP_TIMEOUT,
+                agent_socket: None,
             }
         );
         let c = parse(&["--qmp-socket", "/q", "--attach", "--mode", "volatile"]).unwrap();

@@ -40,7 +40,7 @@ use crate::{
     daemon::watch_health,
     durability::{choose_policy, Flusher, Mode, Policy, SyncContext},
     io_err,
-    media::MediaErrors,
+    media::{channel::GuestChannel, MediaErrors},
     region::Region,
     service::Services,
     socket,
@@ -243,6 +243,7 @@ struct Export {
     events: Arc<EventHub>,
     services: Arc<Services>,
     status: Arc<Mutex<NvdimmStatus>>,
+    media: Arc<MediaErrors>,
     _bound: Option<socket::BoundSocket>,
 }
 
@@ -343,6 +344,7 @@ impl Export {
             events,
             services,
             status,
+            media,
             _bound: bound,
         })
     }
@@ -391,6 +393,7 @@ impl Export {
             },
         )?;
         *self.guard_slot() = Some(guard_handles.guard.clone());
+        let _agent_sock = self.start_media_errors()?;
         info!(
             "guarding {} for QEMU pid {pid} until SIGINT/SIGTERM or QEMU's exit",
             self.path.display()
@@ -435,6 +438,47 @@ impl Export {
             self.config.id
         );
         result
+    }
+
+    /// The bad-range sources (the host device's badblocks, memory-failure notices)
+    /// and, with `--agent-socket`, the guest channel matched by guest-physical
+    /// address. Returns the channel's bound socket.
+    fn start_media_errors(&self) -> Result<Option<socket::BoundSocket>, Error> {
+        let dup = || {
+            self.region
+                .file
+                .try_clone()
+                .map_err(io_err("dup backing fd"))
+        };
+        self.media
+            .watch_host_device(dup()?, Duration::from_millis(500))
+            .map_err(io_err("watch the host device's badblocks"))?;
+        let map_sync = self.region.flusher.policy() == Policy::Direct;
+        if let Err(e) = self.media.watch_poison(&self.region.file, map_sync) {
+            warn!("memory-failure notices are off: {e}");
+        }
+        let Some(path) = &self.config.agent_socket else {
+            return Ok(None);
+        };
+        let addr = self
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .guest_address
+            .ok_or_else(|| Error::Nvdimm("no guest-physical address for the agent".into()))?;
+        let channel = GuestChannel::for_nvdimm(self.region.size, addr, self.media.list());
+        let sock = socket::bind(path, None)?;
+        let listener = sock.listener.try_clone().map_err(io_err("dup listener"))?;
+        channel
+            .spawn(listener, &self.services)
+            .map_err(io_err("start the guest channel"))?;
+        self.media.attach_channel(channel.clone());
+        *AGENT.lock().unwrap_or_else(|p| p.into_inner()) = Some(channel);
+        info!(
+            "guest agent channel: {} (the NVDIMM at guest-physical {addr:#x})",
+            path.display()
+        );
+        Ok(Some(sock))
     }
 
     fn guard_slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<blockmap::guard::GuardState>>> {
@@ -622,6 +666,9 @@ fn interval_tick(flusher: &Flusher, announced: &mut bool, path: &Path, interval:
     flusher.sync_now(SyncContext::Interval).is_ok()
 }
 
+/// The guest channel once it runs (for `status`); one export per process.
+static AGENT: Mutex<Option<Arc<GuestChannel>>> = Mutex::new(None);
+
 /// The guard's state once it runs (for `status`); one export per process.
 static GUARD: Mutex<Option<Arc<blockmap::guard::GuardState>>> = Mutex::new(None);
 
@@ -688,7 +735,11 @@ fn report(
             .map(|g| g.snapshot()),
         bad_ranges: media.list(),
         bad_ranges_persist_error: media.persist_error(),
-        agent: None,
+        agent: AGENT
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|a| a.state.lock().unwrap_or_else(|p| p.into_inner()).clone()),
         services_failed: services.failures(),
         nvdimm: Some(nv),
     }
