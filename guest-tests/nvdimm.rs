@@ -42,14 +42,21 @@ while [ $n -gt 0 ] && [ ! -b /dev/pmem0 ]; do sleep 0.1; n=$((n - 1)); done
 [ -b /dev/pmem0 ] || exit 10
 echo "VDP-PLUGGED $(cat /sys/block/pmem0/size) sectors"
 echo "VDP-RESOURCE $(cat /sys/bus/nd/devices/region0/resource)"
+for p in /sys/block/pmem*; do echo "VDP-REGION ${p##*/} $(cat $p/device/../resource)"; done
 echo "VDP-READBACK $(head -c 23 /dev/pmem0)"
 echo "written by the guest" | dd of=/dev/pmem0 bs=4096 seek=1 conv=sync,notrunc 2>/dev/null || exit 11
 sync
 echo VDP-WROTE
 if [ -x /agent ]; then
   n=600
-  while [ $n -gt 0 ] && [ -z "$(cat /sys/block/pmem0/badblocks)" ]; do sleep 0.1; n=$((n - 1)); done
-  echo "VDP-BB $(cat /sys/block/pmem0/badblocks)"
+  found=
+  while [ $n -gt 0 ]; do
+    for b in /sys/block/pmem*/badblocks; do c=$(cat $b); [ -n "$c" ] && found="${b#/sys/block/} $c"; done
+    [ -n "$found" ] && break
+    sleep 0.1
+    n=$((n - 1))
+  done
+  echo "VDP-BB $found"
 fi
 sleep 3600
 "#;
@@ -355,7 +362,7 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
     .unwrap();
     let bb = guest.expect("VDP-BB", BOOT);
     let bb_after = inject.elapsed();
-    assert!(bb.ends_with("VDP-BB 16 1"), "{bb}");
+    assert!(bb.ends_with("VDP-BB pmem0/badblocks 16 1"), "{bb}");
 
     // (d) A second export of the same file is refused (serve's lock, exit 75), at
     // once: one that got past the lock would hot-plug and run on.
@@ -505,6 +512,8 @@ fn printed_qemu_args_cold_plug_the_nvdimm() {
         qemu_args,
         ..Default::default()
     };
+    let agent_sock = d.join("agent.sock");
+    let opts = opts.with_agent(&agent_sock);
     let (mut guest, mut qmp) = env.boot_for_nvdimm(d, SCRIPT, &opts);
     guest.expect("VDP-PLUGGED", BOOT);
     let rb = guest.expect("VDP-READBACK", BOOT);
@@ -540,10 +549,53 @@ fn printed_qemu_args_cold_plug_the_nvdimm() {
             "--mode",
             "volatile",
             "--attach",
+            "--agent-socket",
+            agent_sock.to_str().unwrap(),
         ],
     );
     let s = ex.wait_verified();
     assert_eq!(s["nvdimm"]["attached"], "re-attached", "{s}");
+    // Two NVDIMMs of the same size: only the guest-physical address tells the
+    // agent which one is this export's (by size alone it refuses to guess).
+    let nv0_addr = devs.iter().find(|d| d["data"]["id"] == "nv0").unwrap()["data"]["addr"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(s["nvdimm"]["guest_address"], nv0_addr);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let device = loop {
+        let s = ex.status().unwrap();
+        if let Some(d) = s["agent"]["device"].as_str() {
+            break d.trim_start_matches("/dev/").to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never attached: {s}\n{}",
+            ex.log_text()
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    let region = guest
+        .lines_with("VDP-REGION")
+        .into_iter()
+        .find(|l| l.starts_with(&format!("VDP-REGION {device} ")))
+        .unwrap_or_else(|| panic!("no region line for {device}: {:?}", guest.console));
+    let region_addr = u64::from_str_radix(region.rsplit("0x").next().unwrap().trim(), 16).unwrap();
+    assert_eq!(
+        region_addr, nv0_addr,
+        "the agent took the other NVDIMM: {region}"
+    );
+    let c = UnixStream::connect(&ex.control).unwrap();
+    writeln!(
+        &c,
+        "{}",
+        json!({"command": "badblocks-inject", "offset": 4096, "length": 1024})
+    )
+    .unwrap();
+    let bb = guest.expect("VDP-BB", BOOT);
+    assert!(
+        bb.ends_with(&format!("VDP-BB {device}/badblocks 8 2")),
+        "{bb}"
+    );
     assert_eq!(ex.terminate(), 0, "{}", ex.log_text());
 }
 
