@@ -390,6 +390,7 @@ impl Export {
                 verify_interval: self.config.verify_interval,
                 seal: self.config.seal,
                 no_lease: Some(NO_LEASE.into()),
+                change_notices: true,
             },
         )?;
         *self.guard_slot() = Some(guard_handles.guard.clone());
