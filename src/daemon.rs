@@ -110,6 +110,7 @@ impl Daemon {
             agent: self.agent.as_ref().map(|a| a.state.lock().unwrap().clone()),
             services_failed: self.services.failures(),
             seccomp: self.seccomp,
+            nvdimm: None,
         }
     }
 }
@@ -176,7 +177,7 @@ pub fn serve(config: Config, inherited: Inherited) -> Result<(), Error> {
         events: daemon.events.clone(),
         guard: daemon.guard.clone(),
     };
-    let _guard = blockmap::guard::start(&guard_handles, &daemon.services, &config)?;
+    let _guard = blockmap::guard::start(&guard_handles, &daemon.services, &(&config).into())?;
 
     let Inherited {
         vhost_user: inherited_vsock,
@@ -391,7 +392,7 @@ const NOTIFY_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 /// Restores a sync failure recorded by an earlier run (the file is then served in
 /// health `failed`: every flush EIO), and records the next one when it happens, with
 /// an event. The record goes only through `vhost-device-pmem health --clear`.
-fn watch_health(
+pub(crate) fn watch_health(
     flusher: &Flusher,
     state: &StateFiles,
     events: &Arc<EventHub>,

@@ -35,6 +35,7 @@ pub mod durability;
 mod fuzz;
 pub mod jsonl;
 pub mod media;
+pub mod nvdimm;
 pub mod region;
 pub mod sandbox;
 pub mod service;
@@ -62,6 +63,9 @@ pub enum Error {
     Guard(#[from] GuardError),
     #[error("{0}")]
     Sandbox(String),
+    /// The NVDIMM export refused the file or QEMU's mapping of it.
+    #[error("{0}")]
+    Nvdimm(String),
     #[error("vhost-user: {0}")]
     VhostUser(String),
     #[error(

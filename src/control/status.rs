@@ -175,4 +175,7 @@ pub struct StatusReport {
     /// The seccomp sandbox: enforce, log or off.
     #[serde(default)]
     pub seccomp: crate::sandbox::SeccompMode,
+    /// The NVDIMM export's part (`vhost-device-pmem nvdimm`); absent for `serve`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvdimm: Option<crate::nvdimm::NvdimmStatus>,
 }
