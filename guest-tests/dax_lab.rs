@@ -421,6 +421,36 @@ fn inside_the_lab() {
 
     drop(map);
     drop(fe);
+
+    // e. The block map changes under `direct`: another opener (its open breaks the
+    // lease) punches a hole. The daemon downgrades to datasync and syncs the whole
+    // file, all of it under the seccomp filter (the daemon's default, enforce).
+    assert_eq!(daemon.status()["seccomp"], "enforce");
+    let t3 = Instant::now();
+    let writer = fs::OpenOptions::new().write(true).open(&lab.file).unwrap();
+    vhost_device_pmem::sys::fallocate(
+        &writer,
+        vhost_device_pmem::sys::FALLOC_FL_PUNCH_HOLE | vhost_device_pmem::sys::FALLOC_FL_KEEP_SIZE,
+        20 << 20,
+        2 << 20,
+    )
+    .unwrap();
+    let status = loop {
+        let st = daemon.status();
+        if st["downgraded"].is_string() {
+            break st;
+        }
+        assert!(t3.elapsed() < BADBLOCKS_TIMEOUT, "no downgrade: {st:#}");
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status["policy"], "datasync", "{status:#}");
+    assert_eq!(status["health"], "downgraded", "{status:#}");
+    drop(writer);
+    result["downgrade"] = json!({
+        "reason": status["downgraded"],
+        "latency_ms": t3.elapsed().as_secs_f64() * 1e3,
+    });
+
     assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log());
     println!("VDP-LAB-RESULT {result}");
 }

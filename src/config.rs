@@ -7,9 +7,9 @@
 use std::{fs, path::PathBuf};
 
 use clap::Args;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::durability::Mode;
+use crate::{durability::Mode, sandbox::SeccompMode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -31,6 +31,10 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("metrics-instance must not be empty")]
     EmptyInstance,
+    #[error(
+        "id {0:?}: QEMU ids start with a letter and hold only letters, digits, '-', '.' and '_'"
+    )]
+    BadId(String),
 }
 
 /// `vhost-device-pmem serve` flags.
@@ -107,6 +111,11 @@ pub struct ServeArgs {
     /// path.
     #[arg(long, value_name = "NAME")]
     pub metrics_instance: Option<String>,
+    /// The seccomp sandbox installed once start-up is done: `enforce` kills the
+    /// daemon on a system call outside its allow-list, `log` lets the call through
+    /// and the kernel logs it, `off` installs none. Default enforce.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub seccomp: Option<SeccompMode>,
     /// TOML file with any of the keys above (kebab-case, e.g. `socket-path`).
     #[arg(long, value_name = "FILE.toml")]
     pub config: Option<PathBuf>,
@@ -133,6 +142,7 @@ struct FileConfig {
     metrics_file: Option<PathBuf>,
     metrics_interval: Option<u64>,
     metrics_instance: Option<String>,
+    seccomp: Option<SeccompMode>,
 }
 
 /// Default of `scrub-rate`, bytes per second.
@@ -171,6 +181,8 @@ pub struct Config {
     pub metrics_interval: u64,
     /// The `instance` label; `None`: the backing file's canonical path.
     pub metrics_instance: Option<String>,
+    /// The sandbox installed after start-up.
+    pub seccomp: SeccompMode,
 }
 
 impl TryFrom<ServeArgs> for Config {
@@ -236,6 +248,7 @@ impl Config {
             metrics_file,
             metrics_interval,
             metrics_instance,
+            seccomp: args.seccomp.or(file_cfg.seccomp).unwrap_or_default(),
             socket_path: args
                 .socket_path
                 .or(file_cfg.socket_path)
@@ -266,6 +279,176 @@ impl Config {
                 .scrub_rate
                 .or(file_cfg.scrub_rate)
                 .unwrap_or(DEFAULT_SCRUB_RATE),
+        })
+    }
+}
+
+/// How an NVDIMM export promises durability.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NvdimmMode {
+    /// DAX host file, MAP_SYNC granted to QEMU, immutable block map: the guest's
+    /// cache flushes make its writes durable. Refuses any other file.
+    #[default]
+    Direct,
+    /// Any regular file, `pmem=off`: NOTHING the guest writes is promised durable
+    /// (page cache); for scratch guests only.
+    Volatile,
+}
+
+impl std::fmt::Display for NvdimmMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Direct => "direct",
+            Self::Volatile => "volatile",
+        })
+    }
+}
+
+/// `vhost-device-pmem nvdimm` flags.
+#[derive(Args, Debug, Default, Clone)]
+pub struct NvdimmArgs {
+    /// The file exported as the NVDIMM (it must exist: QEMU would create a missing
+    /// one); its whole size, a positive multiple of 2 MiB, is the NVDIMM's.
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`, or a second
+    /// `-chardev socket` + `-mon mode=control`): the device is hot-plugged through it
+    /// and QEMU's pid read from it (SO_PEERCRED).
+    #[arg(long, value_name = "SOCK")]
+    pub qmp_socket: Option<PathBuf>,
+    /// The nvdimm device's id in QEMU; its memory backend is `mem-ID`.
+    #[arg(long, value_name = "ID")]
+    pub id: Option<String>,
+    /// Durability mode: `direct` (default; DAX, MAP_SYNC and an immutable block map
+    /// required) or `volatile` (any file, nothing promised, loudly).
+    #[arg(long, value_enum)]
+    pub mode: Option<NvdimmMode>,
+    /// Make the file block-map immutable first (`vhost-device-pmem prepare`).
+    #[arg(long, conflicts_with = "attach")]
+    pub prepare: bool,
+    /// The VM already has the device (an earlier export hot-plugged it, or it was
+    /// cold-plugged with --print-qemu-args): verify QEMU's mapping and guard it.
+    #[arg(long)]
+    pub attach: bool,
+    /// Judge the file, print the QEMU arguments that cold-plug it (one per line)
+    /// and exit; nothing is hot-plugged.
+    #[arg(long, conflicts_with_all = ["attach", "qmp_socket"])]
+    pub print_qemu_args: bool,
+    /// JSON control socket for `status`, `stats` and `events`.
+    #[arg(long, value_name = "SOCK")]
+    pub control_socket: Option<PathBuf>,
+    /// Re-read the block map every SECS seconds. Default 60.
+    #[arg(long, value_name = "SECS")]
+    pub verify_interval: Option<u64>,
+    /// After the block map changed: make the file durable every SECS seconds (the
+    /// guest has no flush request to send). Default 1.
+    #[arg(long, value_name = "SECS")]
+    pub sync_interval: Option<u64>,
+    /// XFS only: set the immutable attribute once QEMU has the file open; cleared at
+    /// exit.
+    #[arg(long)]
+    pub seal: bool,
+    /// Export a file that group or others may write.
+    #[arg(long)]
+    pub allow_shared_permissions: bool,
+    /// Directory of the health record and bad ranges (as `serve --state-dir`).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Seconds to wait for each QMP answer. Default 30.
+    #[arg(long, value_name = "SECS")]
+    pub qmp_timeout: Option<u64>,
+    /// Unix socket for the guest agent (a virtio-serial port's chardev connects to
+    /// it): the bad ranges of the file reach the guest's /sys/block/pmemN/badblocks;
+    /// the agent finds the NVDIMM by its guest-physical address.
+    #[arg(long, value_name = "SOCK")]
+    pub agent_socket: Option<PathBuf>,
+}
+
+/// Default of `sync-interval` (seconds).
+pub const DEFAULT_SYNC_INTERVAL: u64 = 1;
+/// Default of `qmp-timeout` (seconds).
+pub const DEFAULT_QMP_TIMEOUT: u64 = 30;
+
+/// What `nvdimm` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NvdimmAction {
+    /// object-add + device_add through QMP, then verify and guard.
+    HotPlug,
+    /// The VM has the device already: verify and guard.
+    Attach,
+    /// Print the cold-plug arguments and exit.
+    PrintQemuArgs,
+}
+
+/// A complete, validated `nvdimm` configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NvdimmConfig {
+    pub file: PathBuf,
+    pub action: NvdimmAction,
+    /// None only with `PrintQemuArgs`.
+    pub qmp_socket: Option<PathBuf>,
+    pub id: String,
+    pub mode: NvdimmMode,
+    pub prepare: bool,
+    pub control_socket: Option<PathBuf>,
+    pub verify_interval: u64,
+    pub sync_interval: u64,
+    pub seal: bool,
+    pub allow_shared_permissions: bool,
+    pub state_dir: Option<PathBuf>,
+    pub qmp_timeout: u64,
+    pub agent_socket: Option<PathBuf>,
+}
+
+/// QEMU's rule for ids: a letter, then letters, digits, `-`, `.` and `_`.
+pub fn valid_qemu_id(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+impl TryFrom<NvdimmArgs> for NvdimmConfig {
+    type Error = ConfigError;
+
+    fn try_from(a: NvdimmArgs) -> Result<Self, ConfigError> {
+        let action = if a.print_qemu_args {
+            NvdimmAction::PrintQemuArgs
+        } else if a.attach {
+            NvdimmAction::Attach
+        } else {
+            NvdimmAction::HotPlug
+        };
+        if action != NvdimmAction::PrintQemuArgs && a.qmp_socket.is_none() {
+            return Err(ConfigError::Missing("qmp-socket"));
+        }
+        let id = a.id.ok_or(ConfigError::Missing("id"))?;
+        if !valid_qemu_id(&id) {
+            return Err(ConfigError::BadId(id));
+        }
+        let sync_interval = a.sync_interval.unwrap_or(DEFAULT_SYNC_INTERVAL);
+        if sync_interval == 0 {
+            return Err(ConfigError::Zero("sync-interval"));
+        }
+        let qmp_timeout = a.qmp_timeout.unwrap_or(DEFAULT_QMP_TIMEOUT);
+        if qmp_timeout == 0 {
+            return Err(ConfigError::Zero("qmp-timeout"));
+        }
+        Ok(Self {
+            file: a.file.ok_or(ConfigError::Missing("file"))?,
+            action,
+            qmp_socket: a.qmp_socket,
+            id,
+            mode: a.mode.unwrap_or_default(),
+            prepare: a.prepare,
+            control_socket: a.control_socket,
+            verify_interval: a.verify_interval.unwrap_or(DEFAULT_VERIFY_INTERVAL),
+            sync_interval,
+            seal: a.seal,
+            allow_shared_permissions: a.allow_shared_permissions,
+            state_dir: a.state_dir,
+            qmp_timeout,
+            agent_socket: a.agent_socket,
         })
     }
 }
@@ -380,6 +563,7 @@ mod tests {
                 metrics_file: None,
                 metrics_interval: DEFAULT_METRICS_INTERVAL,
                 metrics_instance: None,
+                seccomp: SeccompMode::Enforce,
             }
         );
     }
@@ -414,6 +598,34 @@ mod tests {
         })
         .unwrap();
         assert!(!c.seal);
+    }
+
+    #[test]
+    fn seccomp_comes_from_the_flag_then_the_file_then_enforce() {
+        let f = toml_file("socket-path = \"/s\"\nfile = \"/f\"\nseccomp = \"log\"\n");
+        let from = |seccomp, config: Option<&std::path::Path>| {
+            Config::try_from(ServeArgs {
+                socket_path: Some("/s".into()),
+                file: Some("/f".into()),
+                seccomp,
+                config: config.map(Into::into),
+                ..Default::default()
+            })
+            .unwrap()
+            .seccomp
+        };
+        assert_eq!(from(None, None), SeccompMode::Enforce);
+        assert_eq!(from(None, Some(f.path())), SeccompMode::Log);
+        assert_eq!(
+            from(Some(SeccompMode::Off), Some(f.path())),
+            SeccompMode::Off
+        );
+        let bad = toml_file("seccomp = \"permissive\"\n");
+        assert!(Config::try_from(ServeArgs {
+            config: Some(bad.path().into()),
+            ..Default::default()
+        })
+        .is_err());
     }
 
     #[test]
@@ -492,6 +704,67 @@ mod tests {
             ..Default::default()
         })
         .is_err());
+    }
+
+    #[test]
+    fn nvdimm_flags_make_a_config_and_bad_ones_are_clear_errors() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            nv: NvdimmArgs,
+        }
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["x", "--file", "/f", "--id", "nv0"];
+            argv.extend_from_slice(args);
+            NvdimmConfig::try_from(Cli::try_parse_from(argv).map_err(|e| e.to_string())?.nv)
+                .map_err(|e| e.to_string())
+        };
+        let c = parse(&["--qmp-socket", "/q"]).unwrap();
+        assert_eq!(
+            c,
+            NvdimmConfig {
+                file: "/f".into(),
+                action: NvdimmAction::HotPlug,
+                qmp_socket: Some("/q".into()),
+                id: "nv0".into(),
+                mode: NvdimmMode::Direct,
+                prepare: false,
+                control_socket: None,
+                verify_interval: DEFAULT_VERIFY_INTERVAL,
+                sync_interval: DEFAULT_SYNC_INTERVAL,
+                seal: false,
+                allow_shared_permissions: false,
+                state_dir: None,
+                qmp_timeout: DEFAULT_QMP_TIMEOUT,
+                agent_socket: None,
+            }
+        );
+        let c = parse(&["--qmp-socket", "/q", "--attach", "--mode", "volatile"]).unwrap();
+        assert_eq!(
+            (c.action, c.mode),
+            (NvdimmAction::Attach, NvdimmMode::Volatile)
+        );
+        let c = parse(&["--print-qemu-args"]).unwrap();
+        assert_eq!(
+            (c.action, c.qmp_socket),
+            (NvdimmAction::PrintQemuArgs, None)
+        );
+        assert!(parse(&[]).unwrap_err().contains("missing qmp-socket"));
+        assert!(parse(&["--qmp-socket", "/q", "--sync-interval", "0"])
+            .unwrap_err()
+            .contains("sync-interval must be positive"));
+        assert!(parse(&["--qmp-socket", "/q", "--attach", "--prepare"]).is_err());
+        assert!(parse(&["--print-qemu-args", "--attach"]).is_err());
+        let e = NvdimmConfig::try_from(NvdimmArgs {
+            file: Some("/f".into()),
+            qmp_socket: Some("/q".into()),
+            id: Some("0bad,id".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("start with a letter"), "{e}");
+        assert!(valid_qemu_id("nv0.a_b-c") && !valid_qemu_id("") && !valid_qemu_id("a b"));
     }
 
     #[test]

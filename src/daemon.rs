@@ -37,6 +37,7 @@ use crate::{
     io_err,
     media::{channel::GuestChannel, MediaErrors},
     region::{open_region, Region},
+    sandbox::{self, Profile, SeccompMode},
     service::Services,
     socket::{self, BoundSocket},
     state::{Kind, StateFiles},
@@ -64,6 +65,8 @@ pub struct Daemon {
     pub services: Arc<Services>,
     /// What the guest put on the ring that was not a flush, over all connections.
     pub queue_stats: Arc<QueueStats>,
+    /// The sandbox the daemon serves under.
+    pub seccomp: SeccompMode,
 }
 
 impl Daemon {
@@ -106,6 +109,8 @@ impl Daemon {
             bad_ranges_persist_error: self.media.persist_error(),
             agent: self.agent.as_ref().map(|a| a.state.lock().unwrap().clone()),
             services_failed: self.services.failures(),
+            seccomp: self.seccomp,
+            nvdimm: None,
         }
     }
 }
@@ -161,6 +166,7 @@ pub fn serve(config: Config, inherited: Inherited) -> Result<(), Error> {
         agent,
         services,
         queue_stats: Arc::default(),
+        seccomp: config.seccomp,
     });
     // Sockets this daemon bound; dropped (their paths removed) when serve returns.
     let mut bound = Vec::new();
@@ -171,7 +177,7 @@ pub fn serve(config: Config, inherited: Inherited) -> Result<(), Error> {
         events: daemon.events.clone(),
         guard: daemon.guard.clone(),
     };
-    let _guard = blockmap::guard::start(&guard_handles, &daemon.services, &config)?;
+    let _guard = blockmap::guard::start(&guard_handles, &daemon.services, &(&config).into())?;
 
     let Inherited {
         vhost_user: inherited_vsock,
@@ -259,6 +265,10 @@ pub fn serve(config: Config, inherited: Inherited) -> Result<(), Error> {
         daemon.region.size,
         daemon.region.path.display()
     );
+    // Start-up is done: everything that opens, binds, locks or creates has run.
+    // From here on, every thread (those started above included) serves under the
+    // allow-list, and so does each thread started later, which inherits it.
+    enter_sandbox(config.seccomp)?;
     // Listening, and the file judged (its policy chosen): ready.
     systemd::notify_or_log(&format!("READY=1\nSTATUS={}", status_line(&daemon)));
     start_notifier(&daemon)?;
@@ -294,6 +304,25 @@ pub fn serve(config: Config, inherited: Inherited) -> Result<(), Error> {
     drop(vsock);
     drop(bound);
     result
+}
+
+/// Installs the seccomp filter of `serve` on all threads, saying so first.
+fn enter_sandbox(mode: SeccompMode) -> Result<(), Error> {
+    match mode {
+        SeccompMode::Off => {
+            warn!("seccomp sandbox off (--seccomp off): every system call is allowed");
+            return Ok(());
+        }
+        SeccompMode::Enforce => info!(
+            "seccomp sandbox on (enforce): a system call outside the allow-list kills the \
+             daemon with SIGSYS; `--seccomp log` logs such calls instead"
+        ),
+        SeccompMode::Log => warn!(
+            "seccomp sandbox in log mode: system calls outside the allow-list are allowed \
+             and logged by the kernel (SECCOMP/audit lines in the kernel log)"
+        ),
+    }
+    sandbox::install(mode, Profile::Serve).map_err(|e| Error::Sandbox(e.to_string()))
 }
 
 /// The `instance` label of the metrics: `--metrics-instance`, or the backing file's
@@ -363,7 +392,7 @@ const NOTIFY_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 /// Restores a sync failure recorded by an earlier run (the file is then served in
 /// health `failed`: every flush EIO), and records the next one when it happens, with
 /// an event. The record goes only through `vhost-device-pmem health --clear`.
-fn watch_health(
+pub(crate) fn watch_health(
     flusher: &Flusher,
     state: &StateFiles,
     events: &Arc<EventHub>,

@@ -257,6 +257,9 @@ pub enum SyncContext {
     Disconnect,
     /// The final sync at exit.
     Shutdown,
+    /// The short-interval sync of an NVDIMM export whose block map changed (the
+    /// guest has no flush request to send).
+    Interval,
 }
 
 impl fmt::Display for SyncContext {
@@ -266,6 +269,7 @@ impl fmt::Display for SyncContext {
             Self::Downgrade => "downgrade",
             Self::Disconnect => "disconnect",
             Self::Shutdown => "shutdown",
+            Self::Interval => "interval",
         })
     }
 }
@@ -647,6 +651,20 @@ impl Flusher {
             }
         }
         true
+    }
+
+    /// Makes the whole file durable now under the current policy (nothing for
+    /// `direct`, `volatile`, `readonly`), for a device that sends no flush requests
+    /// (an NVDIMM); a failure is latched like a flush's, an earlier one returned.
+    pub fn sync_now(&self, context: SyncContext) -> io::Result<()> {
+        if let Some(f) = self.failure() {
+            return Err(io::Error::other(format!(
+                "a sync failed earlier ({} at {}): {}",
+                f.context, f.at, f.error
+            )));
+        }
+        self.sync(self.policy())
+            .inspect_err(|e| self.latch(context, e, 0))
     }
 
     /// Makes everything durable per the current policy, after the VMM went away or

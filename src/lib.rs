@@ -18,6 +18,7 @@
 //! - [`state`], [`jsonl`], [`service`], [`socket`], [`backing`], [`config`], [`sys`]:
 //!   the state directory, the line protocols, service threads, sockets, opening the
 //!   backing file, configuration, and the raw host calls no crate wraps.
+//! - [`sandbox`]: the seccomp allow-list installed once start-up is done.
 //! - [`systemd`]: inherited sockets, readiness, status and the watchdog (the
 //!   service manager's protocols).
 //! - [`region`]: the backing file judged and its flush policy chosen; [`daemon`]:
@@ -34,7 +35,9 @@ pub mod durability;
 mod fuzz;
 pub mod jsonl;
 pub mod media;
+pub mod nvdimm;
 pub mod region;
+pub mod sandbox;
 pub mod service;
 pub mod socket;
 pub mod state;
@@ -58,6 +61,11 @@ pub enum Error {
     Socket(#[from] SocketError),
     #[error(transparent)]
     Guard(#[from] GuardError),
+    #[error("{0}")]
+    Sandbox(String),
+    /// The NVDIMM export refused the file or QEMU's mapping of it.
+    #[error("{0}")]
+    Nvdimm(String),
     #[error("vhost-user: {0}")]
     VhostUser(String),
     #[error(

@@ -13,7 +13,7 @@ use vhost_device_pmem::{
         check,
         prepare::{self, Progress},
     },
-    config::{parse_offset, parse_size, Config, ServeArgs},
+    config::{parse_offset, parse_size, Config, NvdimmArgs, NvdimmConfig, ServeArgs},
     control,
     durability::SyncFailure,
     state::{Kind, StateFiles},
@@ -33,6 +33,12 @@ struct Cli {
 enum Command {
     /// Serve a backing file to a VMM over a vhost-user socket.
     Serve(Box<ServeArgs>),
+    /// Export FILE to a running QEMU as a guarded NVDIMM: judge it (direct mode:
+    /// DAX, MAP_SYNC, immutable block map), hot-plug memory-backend-file + nvdimm
+    /// over QMP, check that QEMU mapped that file (with MAP_SYNC in direct mode),
+    /// and guard it until SIGINT/SIGTERM or QEMU's exit. The VM keeps the NVDIMM
+    /// when this exits; `--attach` guards it again.
+    Nvdimm(Box<NvdimmArgs>),
     /// Print the daemon's status (JSON) from its control socket.
     Status {
         #[arg(long, value_name = "SOCK")]
@@ -215,6 +221,16 @@ fn run(cli: Cli) -> Result<(), String> {
                 // Another daemon, or a VMM that still maps the region from an earlier
                 // daemon, holds the file: a restart cannot help until it is gone, so
                 // a distinct status the service unit does not restart.
+                Err(e @ vhost_device_pmem::Error::Backing(BackingError::Locked(_))) => {
+                    error!("{e}");
+                    std::process::exit(EXIT_FILE_IN_USE.into());
+                }
+                r => r.map_err(|e| e.to_string()),
+            }
+        }
+        Command::Nvdimm(args) => {
+            let config = NvdimmConfig::try_from(*args).map_err(|e| e.to_string())?;
+            match vhost_device_pmem::nvdimm::run(config) {
                 Err(e @ vhost_device_pmem::Error::Backing(BackingError::Locked(_))) => {
                     error!("{e}");
                     std::process::exit(EXIT_FILE_IN_USE.into());

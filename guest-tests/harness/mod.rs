@@ -263,6 +263,33 @@ impl GuestEnv {
         Guest::spawn(cmd, dir.join("console.log"))
     }
 
+    /// Boots a q35 guest ready for NVDIMMs (`nvdimm=on`, `-m 512M,slots=2,maxmem=2G`,
+    /// no pmem device of its own) with two QMP sockets in `dir`: `qmp.sock` for the
+    /// test (returned connected) and `qmp-export.sock` for `vhost-device-pmem nvdimm`
+    /// (QEMU serves one client per monitor). `opts.qemu_args` may cold-plug one.
+    pub fn boot_for_nvdimm(&self, dir: &Path, script: &str, opts: &Boot) -> (Guest, Qmp) {
+        let initrd = self.initrd_for(dir, script, opts);
+        let qmp_path = dir.join("qmp.sock");
+        let mut cmd = self.qemu(&initrd, "nvdimm=on,memory-backend=mem");
+        cmd.args([
+            "-object",
+            "memory-backend-memfd,id=mem,size=512M,share=on",
+            "-m",
+            "512M,slots=2,maxmem=2G",
+            "-qmp",
+        ])
+        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+        .arg("-qmp")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            dir.join("qmp-export.sock").display()
+        ))
+        .args(&opts.qemu_args);
+        let guest = Guest::spawn(cmd, dir.join("console.log"));
+        let qmp = Qmp::connect(&qmp_path, Duration::from_secs(20));
+        (guest, qmp)
+    }
+
     /// The initramfs for one boot with `script` as /test.sh and `opts`' files, in
     /// `dir` (its file `initrd`).
     pub fn initrd_for(&self, dir: &Path, script: &str, opts: &Boot) -> PathBuf {

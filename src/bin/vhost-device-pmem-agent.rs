@@ -31,6 +31,8 @@ struct Device {
     data_offset: u64,
     /// Size of the block device in bytes.
     size: u64,
+    /// Guest-physical address of its region.
+    region_address: Option<u64>,
 }
 
 fn read_trim(p: &Path) -> Option<String> {
@@ -84,6 +86,7 @@ fn candidates(size: u64) -> Vec<(Device, Option<String>)> {
                 name,
                 data_offset,
                 size: disk_size,
+                region_address: read_num(&region.join("resource")),
             },
             pci,
         ));
@@ -91,16 +94,22 @@ fn candidates(size: u64) -> Vec<(Device, Option<String>)> {
     out
 }
 
-fn find(size: u64, pci: Option<&str>) -> Result<Device, String> {
+fn find(size: u64, pci: Option<&str>, address: Option<u64>) -> Result<Device, String> {
     let mut c = candidates(size);
     if let Some(want) = pci {
         c.retain(|(_, p)| p.as_deref() == Some(want));
     }
+    if let Some(want) = address {
+        c.retain(|(d, _)| d.region_address == Some(want));
+    }
     match c.len() {
         1 => Ok(c.pop().unwrap().0),
         0 => Err(format!(
-            "no pmem disk with a {size}-byte region{}",
-            pci.map(|p| format!(" at PCI {p}")).unwrap_or_default()
+            "no pmem disk with a {size}-byte region{}{}",
+            pci.map(|p| format!(" at PCI {p}")).unwrap_or_default(),
+            address
+                .map(|a| format!(" at guest-physical address {a:#x}"))
+                .unwrap_or_default()
         )),
         n => Err(format!(
             "{n} pmem disks have a {size}-byte region ({}); give the daemon --guest-pci-address",
@@ -224,12 +233,15 @@ fn main() {
         };
         match msg {
             ToAgent::Hello {
-                size, pci_address, ..
+                size,
+                pci_address,
+                guest_address,
+                ..
             } => {
                 // The block device may still be probing: retry for a while.
                 let mut found = Err(String::new());
                 for _ in 0..50 {
-                    found = find(size, pci_address.as_deref());
+                    found = find(size, pci_address.as_deref(), guest_address);
                     if found.is_ok() {
                         break;
                     }

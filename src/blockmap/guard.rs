@@ -76,6 +76,9 @@ pub struct GuardStatus {
     pub watching: bool,
     /// Set when the map was seen to change.
     pub map_changed: Option<String>,
+    /// Change notices (inotify) that triggered a verification.
+    #[serde(default)]
+    pub change_notices: u64,
 }
 
 /// Shared guard state, read by `status`.
@@ -132,6 +135,32 @@ impl Drop for Guard {
     }
 }
 
+/// What the guard is asked to do: `serve`'s options, or an NVDIMM export's (which
+/// cannot hold a lease: QEMU opens the file by its path and keeps it open).
+#[derive(Clone, Debug)]
+pub struct GuardOptions {
+    /// Seconds between periodic verifications; 0: only on lease breaks.
+    pub verify_interval: u64,
+    pub seal: bool,
+    /// Why no lease is taken, if none is (shown as the lease state).
+    pub no_lease: Option<String>,
+    /// Also verify at once after an inotify change notice on the file (a write(2),
+    /// fallocate, reflink, truncate or attribute change by any process; writes
+    /// through a mapping make none): the event-driven check where no lease is.
+    pub change_notices: bool,
+}
+
+impl From<&Config> for GuardOptions {
+    fn from(c: &Config) -> Self {
+        Self {
+            verify_interval: c.verify_interval,
+            seal: c.seal,
+            no_lease: None,
+            change_notices: false,
+        }
+    }
+}
+
 /// Starts guarding the daemon's backing file: seals it if asked, then starts the
 /// watcher thread, which takes the lease and compares the map with `baseline` (the
 /// fingerprint the policy was chosen with; None: the map was not immutable, so it is
@@ -139,7 +168,7 @@ impl Drop for Guard {
 pub fn start(
     daemon: &GuardHandles,
     services: &Arc<Services>,
-    config: &Config,
+    config: &GuardOptions,
 ) -> Result<Guard, GuardError> {
     let region = &daemon.region;
     let file_name = region.path.display().to_string();
@@ -190,6 +219,9 @@ pub fn start(
         lease_held: false,
         lease_retry: false,
         change_reported: false,
+        no_lease: config.no_lease.clone(),
+        notices: None,
+        want_notices: config.change_notices,
     };
     let orphan = daemon.clone();
     let handle = services
@@ -235,6 +267,11 @@ struct Watcher {
     /// The lease is wanted but not held (another process has the file open).
     lease_retry: bool,
     change_reported: bool,
+    /// Why no lease is taken at all, if none is.
+    no_lease: Option<String>,
+    /// The inotify descriptor watching the file, if change notices are on.
+    notices: Option<std::os::fd::OwnedFd>,
+    want_notices: bool,
 }
 
 impl Watcher {
@@ -251,7 +288,21 @@ impl Watcher {
             let _ = ready.send(Err(e));
             return;
         }
-        self.try_lease(true);
+        match self.no_lease.clone() {
+            None => {
+                self.try_lease(true);
+            }
+            Some(why) => {
+                info!(
+                    "no lease on {}: {why}; the block map is verified periodically",
+                    self.daemon.region.path.display()
+                );
+                self.lease_unavailable(why);
+            }
+        }
+        if self.want_notices && self.baseline.is_some() {
+            self.notices = self.watch_notices();
+        }
         // Anything that happened between the verdict and the lease is caught here.
         self.verify("at start");
         let _ = ready.send(Ok(()));
@@ -260,6 +311,10 @@ impl Watcher {
         while !self.stop.load(Ordering::Acquire) {
             let now = Instant::now();
             let wait = next_verify.map_or(TICK, |t| t.saturating_duration_since(now).min(TICK));
+            if self.drain_notices() {
+                self.daemon.guard.update(|s| s.change_notices += 1);
+                self.verify("after a change notice (inotify)");
+            }
             if let Some((s, _fd)) = sys::wait_signal(&set, wait) {
                 if s == sig || s == libc::SIGIO {
                     self.lease_broken();
@@ -282,6 +337,48 @@ impl Watcher {
         if self.lease_held {
             let _ = sys::release_lease(self.file());
         }
+    }
+
+    /// An inotify watch for modifications and attribute changes of the file.
+    fn watch_notices(&self) -> Option<std::os::fd::OwnedFd> {
+        use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+        let path = &self.daemon.region.path;
+        let fd = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).and_then(|fd| {
+            inotify::add_watch(&fd, path.as_path(), WatchFlags::MODIFY | WatchFlags::ATTRIB)
+                .map(|_| fd)
+        });
+        match fd {
+            Ok(fd) => {
+                info!(
+                    "watching {} for change notices (inotify): a change by any process is verified within {TICK:?}",
+                    path.display()
+                );
+                Some(fd)
+            }
+            Err(e) => {
+                warn!(
+                    "no change notices for {}: {e}; only periodic verification",
+                    path.display()
+                );
+                None
+            }
+        }
+    }
+
+    /// Reads every pending change notice; true if there was one.
+    fn drain_notices(&self) -> bool {
+        let Some(fd) = &self.notices else {
+            return false;
+        };
+        let mut buf = [0u8; 4096];
+        let mut any = false;
+        while let Ok(n) = rustix::io::read(fd, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            any = true;
+        }
+        any
     }
 
     fn next_periodic(&self) -> Option<Instant> {
@@ -499,6 +596,66 @@ mod tests {
             events: Arc::default(),
             guard: Arc::default(),
         }
+    }
+
+    #[test]
+    fn without_a_lease_or_an_interval_a_change_notice_alone_catches_a_punched_hole() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(&vec![7u8; 2 << 20]).unwrap();
+        f.sync_all().unwrap();
+        let baseline = blockmap::watch_fingerprint(&f).unwrap();
+        let h = GuardHandles {
+            region: Arc::new(Region {
+                path: path.clone(),
+                file: f.try_clone().unwrap(),
+                size: 2 << 20,
+                readonly: false,
+                flusher: Flusher::new(f.try_clone().unwrap(), Policy::Direct),
+                baseline: Some(baseline),
+            }),
+            events: Arc::default(),
+            guard: Arc::default(),
+        };
+        let services: Arc<Services> = Arc::default();
+        let guard = start(
+            &h,
+            &services,
+            &GuardOptions {
+                verify_interval: 0,
+                seal: false,
+                no_lease: Some("test".into()),
+                change_notices: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(h.region.flusher.policy(), Policy::Direct);
+        // Another process punches a hole: no lease, no periodic verification.
+        let other = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        sys::fallocate(
+            &other,
+            sys::FALLOC_FL_PUNCH_HOLE | sys::FALLOC_FL_KEEP_SIZE,
+            0,
+            1 << 20,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while h.region.flusher.policy() == Policy::Direct {
+            assert!(Instant::now() < deadline, "the punched hole went unnoticed");
+            thread::sleep(Duration::from_millis(20));
+        }
+        let s = h.guard.snapshot();
+        assert!(s.change_notices >= 1, "{s:?}");
+        assert!(s.map_changed.unwrap().contains("inotify"));
+        drop(guard);
     }
 
     #[test]

@@ -65,6 +65,18 @@ pub enum EventKind {
     /// The request queue is processed again (the ring is sane, or the device was
     /// reset).
     QueueRecovered { after: String },
+    /// An NVDIMM export found QEMU mapping the file it judged (`nvdimm`).
+    NvdimmMapped {
+        id: String,
+        qemu_pid: u32,
+        /// The mapping's line of /proc/PID/smaps.
+        maps_line: String,
+        /// MAP_SYNC is in effect for the mapping (VmFlags `sf`).
+        sf: bool,
+    },
+    /// An NVDIMM export refused QEMU's mapping (missing, or without `sf` in
+    /// `direct`), or QEMU went away.
+    NvdimmRefused { id: String, reason: String },
     /// The set of bad ranges of the backing file changed (media errors).
     BadRangesChanged {
         /// host-device, memory-failure, scrub or operator.

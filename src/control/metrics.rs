@@ -278,6 +278,8 @@ mod tests {
             bad_ranges_persist_error: None,
             agent: None,
             services_failed: vec![],
+            seccomp: crate::sandbox::SeccompMode::Enforce,
+            nvdimm: None,
         }
     }
 

@@ -449,6 +449,7 @@ pub(crate) mod tests {
             agent: None,
             services: Arc::default(),
             queue_stats: Arc::default(),
+            seccomp: crate::sandbox::SeccompMode::Off,
         });
         ControlHandles {
             status: {

@@ -172,4 +172,10 @@ pub struct StatusReport {
     /// Service threads that died (a panic, caught at the thread boundary).
     #[serde(default)]
     pub services_failed: Vec<crate::service::ServiceFailure>,
+    /// The seccomp sandbox: enforce, log or off.
+    #[serde(default)]
+    pub seccomp: crate::sandbox::SeccompMode,
+    /// The NVDIMM export's part (`vhost-device-pmem nvdimm`); absent for `serve`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvdimm: Option<crate::nvdimm::NvdimmStatus>,
 }

@@ -12,6 +12,7 @@ use crate::{
         Config, ServeArgs, DEFAULT_METRICS_INTERVAL, DEFAULT_SCRUB_RATE, DEFAULT_VERIFY_INTERVAL,
     },
     durability::Mode,
+    sandbox::SeccompMode,
 };
 
 const NAME: &str = "fuzz.toml";
@@ -32,6 +33,7 @@ enum Val {
     Num(u64),
     Bool(bool),
     Mode(Mode),
+    Seccomp(SeccompMode),
 }
 
 impl Val {
@@ -42,6 +44,7 @@ impl Val {
             Val::Num(n) => n.to_string(),
             Val::Bool(b) => b.to_string(),
             Val::Mode(m) => toml_str(&format!("{m:?}").to_lowercase()),
+            Val::Seccomp(s) => toml_str(&s.to_string()),
         }
     }
 }
@@ -86,10 +89,18 @@ fn valid() -> impl Strategy<Value = Vec<(&'static str, Val)>> {
                 (1u64..=i64::MAX as u64).prop_map(|n| ("metrics-interval", Val::Num(n))),
             ),
             proptest::option::of(text().prop_map(|s| ("metrics-instance", Val::Str(s)))),
+            proptest::option::of(
+                prop_oneof![
+                    Just(SeccompMode::Enforce),
+                    Just(SeccompMode::Log),
+                    Just(SeccompMode::Off)
+                ]
+                .prop_map(|s| ("seccomp", Val::Seccomp(s))),
+            ),
         ),
     );
     (keys, any::<prop::sample::Index>()).prop_map(
-        |(((a, b, c, d, e, f, g, h, i), (j, k, l, m, n, o, p, q)), shuffle)| {
+        |(((a, b, c, d, e, f, g, h, i), (j, k, l, m, n, o, p, q, r)), shuffle)| {
             let mut kv: Vec<_> = [
                 Some(a),
                 Some(b),
@@ -108,6 +119,7 @@ fn valid() -> impl Strategy<Value = Vec<(&'static str, Val)>> {
                 o,
                 p,
                 q,
+                r,
             ]
             .into_iter()
             .flatten()
@@ -162,6 +174,10 @@ fn expected(kv: &[(&str, Val)]) -> Config {
         metrics_file: path("metrics-file"),
         metrics_interval: num("metrics-interval", DEFAULT_METRICS_INTERVAL),
         metrics_instance: string("metrics-instance").filter(|s| !s.is_empty()),
+        seccomp: match get("seccomp") {
+            Some(Val::Seccomp(s)) => s,
+            _ => SeccompMode::Enforce,
+        },
     }
 }
 
@@ -239,7 +255,7 @@ fn config_errors_name_the_key() {
                     Val::Num(_) => w == "7",
                     Val::Bool(_) => w == "true",
                     Val::Path(_) | Val::Str(_) => w.starts_with('"'),
-                    Val::Mode(_) => false,
+                    Val::Mode(_) | Val::Seccomp(_) => false,
                 };
                 prop_assume!(!right);
                 let k = k.to_string();

@@ -290,13 +290,17 @@ fn to_agent() -> impl Strategy<Value = ToAgent> {
         (
             any::<u32>(),
             any::<u64>(),
-            proptest::option::of("\\PC{0,16}")
+            proptest::option::of("\\PC{0,16}"),
+            proptest::option::of(any::<u64>())
         )
-            .prop_map(|(version, size, pci_address)| ToAgent::Hello {
-                version,
-                size,
-                pci_address
-            }),
+            .prop_map(
+                |(version, size, pci_address, guest_address)| ToAgent::Hello {
+                    version,
+                    size,
+                    pci_address,
+                    guest_address
+                }
+            ),
         vec(bad_range(), 0..8).prop_map(|ranges| ToAgent::Badblocks { ranges }),
     ]
 }

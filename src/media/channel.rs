@@ -46,6 +46,10 @@ pub enum ToAgent {
         /// PCI address of the virtio-pmem device in the guest, if the operator gave
         /// one (`--guest-pci-address`); makes the match unambiguous.
         pci_address: Option<String>,
+        /// Guest-physical address of the region, for an NVDIMM (which has no PCI
+        /// address): the agent matches it against `/sys/bus/nd/devices/regionN/resource`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        guest_address: Option<u64>,
     },
     /// The complete current list of bad ranges of the backing file (file offsets).
     Badblocks { ranges: Vec<BadRange> },
@@ -94,12 +98,33 @@ pub struct GuestChannel {
 
 impl GuestChannel {
     pub fn new(size: u64, pci_address: Option<String>, ranges: Vec<BadRange>) -> Arc<Self> {
-        Arc::new(Self {
-            hello: ToAgent::Hello {
+        Self::with_hello(
+            ToAgent::Hello {
                 version: 1,
                 size,
                 pci_address,
+                guest_address: None,
             },
+            ranges,
+        )
+    }
+
+    /// The channel of an NVDIMM at `guest_address` (matched by address, not PCI).
+    pub fn for_nvdimm(size: u64, guest_address: u64, ranges: Vec<BadRange>) -> Arc<Self> {
+        Self::with_hello(
+            ToAgent::Hello {
+                version: 1,
+                size,
+                pci_address: None,
+                guest_address: Some(guest_address),
+            },
+            ranges,
+        )
+    }
+
+    fn with_hello(hello: ToAgent, ranges: Vec<BadRange>) -> Arc<Self> {
+        Arc::new(Self {
+            hello,
             list: Mutex::new((0, ranges)),
             changed: Condvar::new(),
             state: Mutex::default(),

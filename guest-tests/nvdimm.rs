@@ -1,0 +1,671 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Guest test of `vhost-device-pmem nvdimm`, the guarded NVDIMM export, against a
+//! real QEMU (q35, nvdimm=on) under TCG. Owns the export's refusals, its volatile
+//! hot-plug, the mapping check, re-attachment and the cold-plug arguments; this host
+//! has no DAX, so the direct path is only seen refusing here.
+
+mod harness;
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Write},
+    os::unix::{fs::FileExt, net::UnixStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use harness::{GuestEnv, Qmp, DAEMON};
+use serde_json::{json, Value};
+use vhost_device_pmem::{
+    config::NvdimmMode,
+    nvdimm::{
+        self,
+        mapping::{self, FileId},
+    },
+};
+
+const BOOT: Duration = Duration::from_secs(180);
+const SEED: &[u8] = b"VDP-NVDIMM-SEED 0123456";
+const GUEST_WROTE: &str = "written by the guest";
+
+/// The guest waits for the hot-plugged (or cold-plugged) NVDIMM's raw namespace,
+/// shows its region's guest-physical address, reads the seed, writes a line at 4 KiB
+/// and waits to be killed.
+const SCRIPT: &str = r#"
+[ -x /agent ] && /agent 2>/dev/console &
+echo VDP-WAIT
+n=1800
+while [ $n -gt 0 ] && [ ! -b /dev/pmem0 ]; do sleep 0.1; n=$((n - 1)); done
+[ -b /dev/pmem0 ] || mdev -s
+[ -b /dev/pmem0 ] || exit 10
+echo "VDP-PLUGGED $(cat /sys/block/pmem0/size) sectors"
+echo "VDP-RESOURCE $(cat /sys/bus/nd/devices/region0/resource)"
+for p in /sys/block/pmem*; do echo "VDP-REGION ${p##*/} $(cat $p/device/../resource)"; done
+echo "VDP-READBACK $(head -c 23 /dev/pmem0)"
+echo "written by the guest" | dd of=/dev/pmem0 bs=4096 seek=1 conv=sync,notrunc 2>/dev/null || exit 11
+sync
+echo VDP-WROTE
+if [ -x /agent ]; then
+  n=600
+  found=
+  while [ $n -gt 0 ]; do
+    for b in /sys/block/pmem*/badblocks; do c=$(cat $b); [ -n "$c" ] && found="${b#/sys/block/} $c"; done
+    [ -n "$found" ] && break
+    sleep 0.1
+    n=$((n - 1))
+  done
+  echo "VDP-BB $found"
+fi
+sleep 3600
+"#;
+
+/// A file of `size` bytes (mode 0600) that starts with [`SEED`].
+fn seeded(path: &Path, size: u64) {
+    let f = fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    f.write_all_at(SEED, 0).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// `vhost-device-pmem nvdimm ARGS` run to its end.
+fn nvdimm(args: &[&str]) -> Output {
+    Command::new(DAEMON)
+        .arg("nvdimm")
+        .args(args)
+        .output()
+        .expect("run vhost-device-pmem nvdimm")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A long-running export.
+struct Exporter {
+    child: Child,
+    control: PathBuf,
+    log: PathBuf,
+}
+
+impl Exporter {
+    fn start(dir: &Path, name: &str, args: &[&str]) -> Self {
+        let control = dir.join(format!("{name}.sock"));
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(DAEMON)
+            .arg("nvdimm")
+            .args(args)
+            .arg("--control-socket")
+            .arg(&control)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            control,
+            log,
+        }
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn call(&self, command: &str) -> Option<Value> {
+        let s = UnixStream::connect(&self.control).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        writeln!(&s, "{}", json!({ "command": command })).ok()?;
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).ok()?;
+        serde_json::from_str(&line).ok()
+    }
+
+    fn status(&self) -> Option<Value> {
+        Some(self.call("status")?["status"].clone())
+    }
+
+    /// The event backlog, as far as it goes within a second.
+    fn events(&self) -> Vec<Value> {
+        let s = UnixStream::connect(&self.control).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        writeln!(&s, "{}", json!({"command": "events", "backlog": true})).unwrap();
+        BufReader::new(&s)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
+    }
+
+    /// Waits until `status` shows QEMU's mapping verified; returns it.
+    fn wait_verified(&mut self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = self.status() {
+                if s["nvdimm"]["mapping_verified"] == true {
+                    return s;
+                }
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("the export exited ({st}):\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the export never verified the mapping:\n{}",
+                self.log_text()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the process to end by itself; its exit code.
+    fn wait(&mut self, timeout: Duration) -> i32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the export did not exit:\n{}",
+                self.log_text()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn terminate(&mut self) -> i32 {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.wait(Duration::from_secs(20))
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn memory_devices(qmp: &mut Qmp) -> Vec<Value> {
+    qmp.execute("query-memory-devices", json!({}))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// One boot: the refusals (a missing file, direct on this host's non-DAX ext4)
+/// plug nothing; `--mode volatile` hot-plugs a seeded file, the guest reads the seed
+/// on /dev/pmem0 and its write reaches the host file; `status` shows QEMU's pid, the
+/// mapping verified, no `sf`; a second export of the file is refused; after SIGTERM
+/// the VM keeps the NVDIMM and `--attach` guards it again, until QEMU exits.
+#[test]
+fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
+    let Some(env) =
+        GuestEnv::load("nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("nvdimm.img");
+    seeded(&img, 64 << 20);
+    let img_s = img.to_str().unwrap();
+    let agent_sock = d.join("agent.sock");
+    let started = Instant::now();
+    let (mut guest, mut qmp) =
+        env.boot_for_nvdimm(d, SCRIPT, &harness::Boot::default().with_agent(&agent_sock));
+    guest.expect("VDP-WAIT", BOOT);
+    let booted = started.elapsed();
+    let export_qmp = d.join("qmp-export.sock");
+    let qmp_s = export_qmp.to_str().unwrap();
+
+    // (b) A missing file is refused, and not created (QEMU would create it).
+    let missing = d.join("missing.img");
+    let o = nvdimm(&[
+        "--file",
+        missing.to_str().unwrap(),
+        "--qmp-socket",
+        qmp_s,
+        "--id",
+        "nv0",
+        "--mode",
+        "volatile",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("no such file"), "{}", text(&o));
+    assert!(!missing.exists());
+
+    // (a) Direct mode on a page-cache file is refused naming DAX; nothing plugged.
+    let o = nvdimm(&["--file", img_s, "--qmp-socket", qmp_s, "--id", "nv0"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("needs DAX") && t.contains("never durable"),
+        "{t}"
+    );
+    assert!(
+        memory_devices(&mut qmp).is_empty(),
+        "a refusal plugged something"
+    );
+
+    // (c) Volatile: hot-plugged, mapped, verified.
+    let plug_started = Instant::now();
+    let mut ex = Exporter::start(
+        d,
+        "export1",
+        &[
+            "--file",
+            img_s,
+            "--qmp-socket",
+            qmp_s,
+            "--id",
+            "nv0",
+            "--mode",
+            "volatile",
+            "--agent-socket",
+            agent_sock.to_str().unwrap(),
+        ],
+    );
+    let s = ex.wait_verified();
+    let verified_after = plug_started.elapsed();
+    let nv = &s["nvdimm"];
+    assert_eq!(nv["qemu_pid"], guest.pid(), "{s}");
+    assert_eq!(nv["mode"], "volatile");
+    assert_eq!(nv["attached"], "hot-plugged");
+    assert_eq!(nv["sf"], false, "a page-cache file has no MAP_SYNC: {s}");
+    assert!(
+        nv["maps_line"].as_str().unwrap().contains("nvdimm.img"),
+        "{s}"
+    );
+    assert_eq!(s["policy"], "volatile");
+    assert_eq!(s["health"], "healthy");
+    let devs = memory_devices(&mut qmp);
+    assert_eq!(devs.len(), 1, "{devs:?}");
+    assert_eq!(devs[0]["type"], "nvdimm");
+    assert_eq!(devs[0]["data"]["id"], "nv0");
+    assert_eq!(devs[0]["data"]["size"], 64u64 << 20);
+    let addr = devs[0]["data"]["addr"].as_u64().unwrap();
+    assert_eq!(nv["guest_address"], addr);
+    assert_eq!(addr % (2 << 20), 0, "align=2M must place it on 2 MiB");
+    let ev = ex.events();
+    let mapped = ev
+        .iter()
+        .find(|e| e["event"] == "nvdimm-mapped")
+        .unwrap_or_else(|| panic!("no nvdimm-mapped event: {ev:?}"));
+    assert_eq!(mapped["qemu_pid"], guest.pid());
+    assert_eq!(mapped["sf"], false);
+    let stats = ex.call("stats").unwrap();
+    assert_eq!(stats["ok"], true, "{stats}");
+    assert_eq!(
+        stats["stats"]["syncs"], 0,
+        "volatile makes no sync: {stats}"
+    );
+
+    let plugged = guest.expect("VDP-PLUGGED", BOOT);
+    let seen_after = plug_started.elapsed();
+    assert!(
+        plugged.contains(&format!("{} sectors", (64u64 << 20) / 512)),
+        "{plugged}"
+    );
+    let res = guest.expect("VDP-RESOURCE", BOOT);
+    let guest_addr = u64::from_str_radix(res.rsplit("0x").next().unwrap().trim(), 16).unwrap();
+    assert_eq!(
+        guest_addr, addr,
+        "the guest's region0/resource is QEMU's addr"
+    );
+    let rb = guest.expect("VDP-READBACK", BOOT);
+    assert!(rb.contains(std::str::from_utf8(SEED).unwrap()), "{rb}");
+    guest.expect("VDP-WROTE", BOOT);
+    let mut buf = vec![0u8; GUEST_WROTE.len()];
+    fs::File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut buf, 4096)
+        .unwrap();
+    assert_eq!(
+        buf,
+        GUEST_WROTE.as_bytes(),
+        "the guest's write is in the host file"
+    );
+
+    // Media errors: a bad range of the file reaches the guest's badblocks through
+    // the agent, which found the NVDIMM by its guest-physical address.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = ex.status().unwrap();
+        if s["agent"]["device"] == "/dev/pmem0" {
+            assert_eq!(s["agent"]["data_offset"], 0, "a raw namespace: {s}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never attached: {s}\n{}",
+            ex.log_text()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    let inject = Instant::now();
+    let c = UnixStream::connect(&ex.control).unwrap();
+    writeln!(
+        &c,
+        "{}",
+        json!({"command": "badblocks-inject", "offset": 8192, "length": 512})
+    )
+    .unwrap();
+    let bb = guest.expect("VDP-BB", BOOT);
+    let bb_after = inject.elapsed();
+    assert!(bb.ends_with("VDP-BB pmem0/badblocks 16 1"), "{bb}");
+
+    // (d) A second export of the same file is refused (serve's lock, exit 75), at
+    // once: one that got past the lock would hot-plug and run on.
+    let mut second = Exporter::start(
+        d,
+        "second",
+        &[
+            "--file",
+            img_s,
+            "--qmp-socket",
+            qmp_s,
+            "--id",
+            "nv1",
+            "--mode",
+            "volatile",
+        ],
+    );
+    assert_eq!(
+        second.wait(Duration::from_secs(20)),
+        75,
+        "{}",
+        second.log_text()
+    );
+    assert!(
+        second.log_text().contains("locked"),
+        "{}",
+        second.log_text()
+    );
+    assert_eq!(memory_devices(&mut qmp).len(), 1);
+
+    // SIGTERM: the export ends, the VM keeps the NVDIMM.
+    assert_eq!(ex.terminate(), 0, "{}", ex.log_text());
+    assert!(
+        ex.log_text().contains("keeps NVDIMM nv0"),
+        "{}",
+        ex.log_text()
+    );
+    assert_eq!(memory_devices(&mut qmp).len(), 1);
+
+    // Without --attach the id is taken: refused.
+    let o = nvdimm(&[
+        "--file",
+        img_s,
+        "--qmp-socket",
+        qmp_s,
+        "--id",
+        "nv0",
+        "--mode",
+        "volatile",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("--attach"), "{}", text(&o));
+
+    // --attach guards it again, and ends by itself when QEMU exits.
+    let mut ex2 = Exporter::start(
+        d,
+        "export2",
+        &[
+            "--file",
+            img_s,
+            "--qmp-socket",
+            qmp_s,
+            "--id",
+            "nv0",
+            "--mode",
+            "volatile",
+            "--attach",
+        ],
+    );
+    let s = ex2.wait_verified();
+    assert_eq!(s["nvdimm"]["attached"], "re-attached", "{s}");
+    assert_eq!(s["nvdimm"]["qemu_pid"], guest.pid());
+    assert!(
+        s["guard"]["lease"]
+            .as_str()
+            .unwrap()
+            .contains("impossible while QEMU holds the file open"),
+        "{s}"
+    );
+    guest.kill();
+    assert_eq!(ex2.wait(Duration::from_secs(20)), 0, "{}", ex2.log_text());
+    assert!(ex2.log_text().contains("exited"), "{}", ex2.log_text());
+
+    eprintln!(
+        "FIGURES: boot to VDP-WAIT {:.1}s; hot-plug to mapping verified {:.2}s; hot-plug to /dev/pmem0 in the guest {:.1}s; bad range to guest badblocks {:.2}s (TCG)",
+        booted.as_secs_f64(),
+        verified_after.as_secs_f64(),
+        seen_after.as_secs_f64(),
+        bb_after.as_secs_f64()
+    );
+}
+
+/// `--print-qemu-args` judges the file and prints arguments QEMU accepts: a guest
+/// booted with them cold-plugged reads the seed on /dev/pmem0, and `--attach`
+/// verifies QEMU's mapping of it.
+#[test]
+fn printed_qemu_args_cold_plug_the_nvdimm() {
+    let Some(env) = GuestEnv::load("printed_qemu_args_cold_plug_the_nvdimm") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("cold.img");
+    seeded(&img, 32 << 20);
+    let img_s = img.to_str().unwrap();
+    // Direct refuses here too (no DAX), before printing anything.
+    let o = nvdimm(&["--file", img_s, "--id", "nv0", "--print-qemu-args"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(o.stdout.is_empty());
+    let o = nvdimm(&[
+        "--file",
+        img_s,
+        "--id",
+        "nv0",
+        "--mode",
+        "volatile",
+        "--print-qemu-args",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let args: Vec<String> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(args.len(), 6, "{args:?}");
+    assert!(
+        args[3].contains("pmem=off") && args[3].contains("align=2097152"),
+        "{args:?}"
+    );
+    // A second NVDIMM, pmem=on on this non-DAX file, as an operator might write
+    // it by hand: QEMU only warns and maps it without MAP_SYNC. The sf check on
+    // its real mapping is what catches that silent fallback.
+    let fallback = d.join("fallback.img");
+    seeded(&fallback, 32 << 20);
+    let mut qemu_args = args;
+    qemu_args.extend([
+        "-object".to_string(),
+        format!(
+            "memory-backend-file,id=mem-nv1,mem-path={},size={},share=on,pmem=on,align=2097152",
+            fallback.display(),
+            32 << 20
+        ),
+        "-device".to_string(),
+        "nvdimm,id=nv1,memdev=mem-nv1".to_string(),
+    ]);
+    let opts = harness::Boot {
+        qemu_args,
+        ..Default::default()
+    };
+    let agent_sock = d.join("agent.sock");
+    let opts = opts.with_agent(&agent_sock);
+    let (mut guest, mut qmp) = env.boot_for_nvdimm(d, SCRIPT, &opts);
+    guest.expect("VDP-PLUGGED", BOOT);
+    let rb = guest.expect("VDP-READBACK", BOOT);
+    assert!(rb.contains(std::str::from_utf8(SEED).unwrap()), "{rb}");
+    let devs = memory_devices(&mut qmp);
+    assert_eq!(devs.len(), 2, "{devs:?}");
+    assert!(
+        devs.iter().all(|d| d["data"]["hotplugged"] == false),
+        "{devs:?}"
+    );
+    let fid = FileId::of(&fs::File::open(&fallback).unwrap()).unwrap();
+    let maps = mapping::mappings_of(guest.pid(), fid).unwrap();
+    let why = nvdimm::check_mapping(NvdimmMode::Direct, &maps).unwrap_err();
+    assert!(why.contains("without MAP_SYNC"), "{why}");
+    eprintln!(
+        "QEMU's pmem=on mapping of a non-DAX file: {} | VmFlags: {}",
+        maps[0].line,
+        maps[0].vm_flags.join(" ")
+    );
+    if let Some(w) = guest.console.iter().find(|l| l.contains("persistence")) {
+        eprintln!("QEMU said: {w}");
+    }
+    let mut ex = Exporter::start(
+        d,
+        "attach",
+        &[
+            "--file",
+            img_s,
+            "--qmp-socket",
+            d.join("qmp-export.sock").to_str().unwrap(),
+            "--id",
+            "nv0",
+            "--mode",
+            "volatile",
+            "--attach",
+            "--agent-socket",
+            agent_sock.to_str().unwrap(),
+        ],
+    );
+    let s = ex.wait_verified();
+    assert_eq!(s["nvdimm"]["attached"], "re-attached", "{s}");
+    // Two NVDIMMs of the same size: only the guest-physical address tells the
+    // agent which one is this export's (by size alone it refuses to guess).
+    let nv0_addr = devs.iter().find(|d| d["data"]["id"] == "nv0").unwrap()["data"]["addr"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(s["nvdimm"]["guest_address"], nv0_addr);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let device = loop {
+        let s = ex.status().unwrap();
+        if let Some(d) = s["agent"]["device"].as_str() {
+            break d.trim_start_matches("/dev/").to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never attached: {s}\n{}",
+            ex.log_text()
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    let region = guest
+        .lines_with("VDP-REGION")
+        .into_iter()
+        .find(|l| l.starts_with(&format!("VDP-REGION {device} ")))
+        .unwrap_or_else(|| panic!("no region line for {device}: {:?}", guest.console));
+    let region_addr = u64::from_str_radix(region.rsplit("0x").next().unwrap().trim(), 16).unwrap();
+    assert_eq!(
+        region_addr, nv0_addr,
+        "the agent took the other NVDIMM: {region}"
+    );
+    let c = UnixStream::connect(&ex.control).unwrap();
+    writeln!(
+        &c,
+        "{}",
+        json!({"command": "badblocks-inject", "offset": 4096, "length": 1024})
+    )
+    .unwrap();
+    let bb = guest.expect("VDP-BB", BOOT);
+    assert!(
+        bb.ends_with(&format!("VDP-BB {device}/badblocks 8 2")),
+        "{bb}"
+    );
+    assert_eq!(ex.terminate(), 0, "{}", ex.log_text());
+}
+
+/// In the DAX host lab (an fsdax NVDIMM with a DAX-mounted ext4, the static
+/// binary inside), `direct` judges a real DAX file: a sparse one is refused as not
+/// immutable (DAX itself is fine there), and `--prepare` makes it so and the
+/// cold-plug arguments say `pmem=on`. (Plugging it into a nested QEMU is the
+/// lab's power-cut proof, not this test.)
+#[test]
+fn direct_takes_a_prepared_dax_file_in_the_lab() {
+    let Some(env) = GuestEnv::load("direct_takes_a_prepared_dax_file_in_the_lab") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let nvdimm_img = dir.path().join("lab-nvdimm.img");
+    fs::File::create(&nvdimm_img)
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    let mut boot = harness::Boot::default()
+        .with_host_tools(&["mkfs.ext4"])
+        .with_host_files(&["/etc/mke2fs.conf"]);
+    boot.add_file(
+        "vdp/vhost-device-pmem",
+        &harness::static_binaries().join("vhost-device-pmem"),
+    );
+    let script = format!(
+        r#"
+export PATH=/usr/bin:/bin:/sbin
+{}
+mkdir -p /mnt/lab
+/usr/bin/mkfs.ext4 -q -F -b 4096 -E nodiscard /dev/pmem0 || exit 21
+mount -o dax /dev/pmem0 /mnt/lab || exit 22
+f=/mnt/lab/nv.img
+dd if=/dev/zero of=$f bs=1048576 count=0 seek=64 2>/dev/null || exit 23
+/vdp/vhost-device-pmem nvdimm --file $f --id nv0 --print-qemu-args >/tmp/a1 2>/tmp/e1
+echo "VDP-HOLEY rc=$?"
+grep -h refused /tmp/e1 | sed 's/^/VDP-E1 /'
+/vdp/vhost-device-pmem nvdimm --file $f --id nv0 --print-qemu-args --prepare >/tmp/a2 2>/tmp/e2
+echo "VDP-PREPARED rc=$?"
+sed 's/^/VDP-ARG /' /tmp/a2
+grep -h verdict /tmp/e2 | sed 's/^/VDP-LOG /'
+umount /mnt/lab
+"#,
+        harness::fsdax_convert(0)
+    );
+    let mut guest = env.boot_lab(dir.path(), &nvdimm_img, &script, &boot);
+    let rc = guest.finish(Duration::from_secs(300));
+    let holey = guest.expect("VDP-HOLEY", BOOT);
+    assert!(holey.ends_with("rc=1"), "{holey}");
+    let e1 = guest.expect("VDP-E1", BOOT);
+    assert!(
+        e1.contains("needs an immutable block map") && !e1.contains("needs DAX"),
+        "{e1}"
+    );
+    let prepared = guest.expect("VDP-PREPARED", BOOT);
+    assert!(
+        prepared.ends_with("rc=0"),
+        "{prepared}\n{:#?}",
+        guest.console
+    );
+    let verdict = guest.lines_with("VDP-LOG").join("\n");
+    assert!(
+        verdict.contains("dax=true, map_sync=true, immutable=true"),
+        "{verdict}"
+    );
+    let args = guest.lines_with("VDP-ARG").join("\n");
+    assert!(
+        args.contains("mem-path=/mnt/lab/nv.img,size=67108864,share=on,pmem=on,align=2097152"),
+        "{args}"
+    );
+    assert_eq!(rc, 0);
+}
