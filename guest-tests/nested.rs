@@ -43,13 +43,16 @@ use harness::{
     fsdax_convert,
     in_vm::{strace_window, vm_flags, SyncMapping, VmDaemon, SYNC_CALLS},
     records::{classify, record, recover_ext4_file, splitmix, Found, RECORD},
-    run, static_binaries, static_test_binary, Boot, Guest, GuestEnv, Qmp,
+    run, static_binaries, static_test_binary, Boot, Guest, GuestEnv,
 };
 use serde_json::{json, Value};
-use vhost_device_pmem::blockmap::{
-    self,
-    prepare::{self, Progress},
-    Extent,
+use vhost_device_pmem::{
+    blockmap::{
+        self,
+        prepare::{self, Progress},
+        Extent,
+    },
+    control,
 };
 
 /// Hard limit for one L1 boot, QEMU start to power-off or cut (nested TCG).
@@ -213,13 +216,19 @@ fn run_nested(test: &str, fs_name: &str, case: Case, cut: bool) {
         "volatile"
     };
     assert_eq!(l1["daemon"]["policy"], expect_policy, "{l1:#}");
+    assert_eq!(l1["nvdimm"]["mode"], expect_policy, "{l1:#}");
+    assert_eq!(l1["nvdimm"]["attached"], "hot-plugged", "{l1:#}");
+    assert_eq!(l1["nvdimm"]["mapping_verified"], true, "{l1:#}");
+    assert_eq!(l1["nvdimm"]["health_after"], "healthy", "{l1:#}");
+    assert_eq!(l1["nvdimm"]["interval_syncs_after"], 0, "{l1:#}");
+    // The exporter's sf and QEMU's mapping as L1 read it itself agree.
+    let sf = case == Case::Durable;
+    assert_eq!(l1["nvdimm"]["exporter_sf"], sf, "{l1:#}");
+    assert_eq!(l1["nvdimm"]["qemu_mapping_sf"], sf, "{l1:#}");
     if case == Case::Durable {
         for call in SYNC_CALLS {
             assert_eq!(l1["strace"][call], 0, "{call}: {l1:#}");
         }
-        assert_eq!(l1["nvdimm"]["qemu_mapping_sf"], true, "{l1:#}");
-    } else {
-        assert_eq!(l1["nvdimm"]["qemu_mapping_sf"], false, "{l1:#}");
     }
     assert!(
         l1["daemon"]["flush_requests"].as_u64().unwrap() >= records,
@@ -613,6 +622,7 @@ fn in_l1() {
     .collect();
 
     let mut l2_guest: Option<Guest> = None;
+    let mut exporter: Option<Exporter> = None;
     let mut nvdimm_status = Value::Null;
     let t0 = Instant::now();
     let counts = strace_window(&strace, daemon.pid(), &["write"], || {
@@ -623,7 +633,16 @@ fn in_l1() {
             &args,
         );
         relay_until(&mut l2, "VDP-L2-UP", t0 + L2_TIMEOUT);
-        nvdimm_status = hot_plug(&daemon_bin, &nfile, &qmp_path, case, scratch.path());
+        let ex = Exporter::start(&daemon_bin, &nfile, &qmp_path, case, scratch.path());
+        let st = ex.status();
+        say(&format!("VDP-L1-EXPORTER {}", st["nvdimm"]));
+        nvdimm_status = json!({
+            "exporter": "vhost-device-pmem nvdimm",
+            "mode": st["nvdimm"]["mode"], "attached": st["nvdimm"]["attached"],
+            "mapping_verified": st["nvdimm"]["mapping_verified"],
+            "exporter_sf": st["nvdimm"]["sf"], "health": st["health"],
+        });
+        exporter = Some(ex);
         // Independently of what the exporter says: QEMU's mapping of the file.
         let canonical = fs::canonicalize(&nfile).unwrap();
         let flags = vm_flags(l2.pid(), |_, perms, path| {
@@ -643,6 +662,10 @@ fn in_l1() {
         l2_guest = Some(l2);
     });
     let stats = daemon.stats();
+    let ex = exporter.expect("the exporter ran");
+    let ex_status = ex.status();
+    nvdimm_status["health_after"] = ex_status["health"].clone();
+    nvdimm_status["interval_syncs_after"] = ex_status["nvdimm"]["interval_syncs"].clone();
     let mut result = json!({
         "case": case.name(),
         "fs": fs_name,
@@ -674,6 +697,27 @@ fn in_l1() {
     let rc = l2.finish(L2_TIMEOUT);
     relay_lines(&l2.console[relayed..]);
     assert_eq!(rc, 0, "L2's script failed with {rc}");
+    // The export ends with its VM, cleanly.
+    let mut ex = ex;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(st) = ex.child.try_wait().unwrap() {
+            break st.code();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the export outlived its VM:\n{}",
+            ex.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        code,
+        Some(0),
+        "the export's exit after its VM:\n{}",
+        ex.log()
+    );
+    result["nvdimm"]["exit_after_vm"] = json!(code);
     let report = L2Report::parse(
         l2.console
             .iter()
@@ -718,24 +762,78 @@ fn relay_lines(lines: &[String]) {
     }
 }
 
-/// Hot-plugs `nfile` into L2 as an NVDIMM; its status as JSON.
-fn hot_plug(daemon: &Path, nfile: &Path, qmp_path: &Path, case: Case, _dir: &Path) -> Value {
-    let mut qmp = Qmp::connect(qmp_path, Duration::from_secs(30));
-    let pmem = case == Case::Durable;
-    qmp.execute(
-        "object-add",
-        json!({"qom-type": "memory-backend-file", "id": format!("mem-{NVDIMM_ID}"),
-               "mem-path": nfile, "size": EXPORT_SIZE, "share": true, "pmem": pmem,
-               "align": 2 << 20}),
-    )
-    .unwrap_or_else(|e| panic!("object-add: {e}"));
-    qmp.execute(
-        "device_add",
-        json!({"driver": "nvdimm", "id": NVDIMM_ID, "memdev": format!("mem-{NVDIMM_ID}")}),
-    )
-    .unwrap_or_else(|e| panic!("device_add: {e}"));
-    let _ = daemon;
-    json!({"exporter": "qmp"})
+/// `vhost-device-pmem nvdimm` run by L1: hot-plugs the NVDIMM into L2 and guards
+/// its file while L2 runs (killed on drop).
+struct Exporter {
+    child: std::process::Child,
+    control: PathBuf,
+    log: PathBuf,
+}
+
+impl Exporter {
+    /// Starts the export of `nfile` into the L2 QEMU behind `qmp_path` (`direct`, or
+    /// `--mode volatile`) and waits until it says QEMU's mapping is verified.
+    fn start(daemon: &Path, nfile: &Path, qmp_path: &Path, case: Case, dir: &Path) -> Self {
+        let (control, log) = (dir.join("nvdimm.ctl"), dir.join("nvdimm.log"));
+        let mode = match case {
+            Case::Durable => "direct",
+            Case::Volatile => "volatile",
+        };
+        let child = Command::new(daemon)
+            .arg("nvdimm")
+            .arg("--file")
+            .arg(nfile)
+            .arg("--qmp-socket")
+            .arg(qmp_path)
+            .args(["--id", NVDIMM_ID, "--mode", mode, "--control-socket"])
+            .arg(&control)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut ex = Self {
+            child,
+            control,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(v) = control::call(&ex.control, &control::Request::Status) {
+                if v["status"]["nvdimm"]["mapping_verified"] == true {
+                    break;
+                }
+            }
+            if let Some(st) = ex.child.try_wait().unwrap() {
+                panic!("the NVDIMM export exited with {st}:\n{}", ex.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the NVDIMM export never verified QEMU's mapping:\n{}",
+                ex.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ex
+    }
+
+    fn status(&self) -> Value {
+        let v = control::call(&self.control, &control::Request::Status).unwrap();
+        assert_eq!(v["ok"], true, "{v}");
+        v["status"].clone()
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 // ---- inside L2 -------------------------------------------------------------------
@@ -827,14 +925,14 @@ fn in_l2() {
 /// (L2 tells its devices apart by size).
 const BENCH_BACKENDS: [(&str, u64); 4] = [
     // QEMU's own virtio-pmem-pci: an fsync of the file per flush request.
-    ("builtin", 64 << 20),
+    ("builtin", 48 << 20),
     // This daemon, --mode direct: flushes answered without a syscall. (The daemon's
     // sizes are powers of two: QEMU makes them a PCI BAR.)
-    ("direct", 128 << 20),
+    ("direct", 32 << 20),
     // This daemon, --mode fsync: the control, one fsync per batch of flushes.
-    ("fsync", 256 << 20),
+    ("fsync", 16 << 20),
     // An NVDIMM (pmem=on, MAP_SYNC): the guest flushes cache lines itself.
-    ("nvdimm", 96 << 20),
+    ("nvdimm", 64 << 20),
 ];
 /// Pages each backend's bench file has (ops cycle over them).
 const BENCH_PAGES: u64 = 256;
