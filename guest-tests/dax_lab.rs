@@ -34,7 +34,7 @@ use std::{
 use harness::{
     fsdax_convert,
     in_vm::{strace_window, vm_flags, SyncMapping, VmDaemon, SYNC_CALLS},
-    static_binaries, static_test_binary, Boot, GuestEnv,
+    lab_boot, static_test_binary, GuestEnv,
 };
 use serde_json::{json, Value};
 use vhost_device_pmem::{
@@ -74,21 +74,7 @@ fn run_lab(fs_name: &str) {
     let nvdimm = dir.path().join("nvdimm.img");
     File::create(&nvdimm).unwrap().set_len(NVDIMM_SIZE).unwrap();
 
-    let (mkfs, mkfs_args, configs): (&str, &str, &[&str]) = match fs_name {
-        "ext4" => (
-            "mkfs.ext4",
-            "-q -F -b 4096 -E nodiscard",
-            &["/etc/mke2fs.conf"],
-        ),
-        _ => ("mkfs.xfs", "-q -f", &[]),
-    };
-    let mut boot = Boot::default()
-        .with_host_tools(&[mkfs, "strace"])
-        .with_host_files(configs);
-    boot.add_file(
-        "vdp/vhost-device-pmem",
-        &static_binaries().join("vhost-device-pmem"),
-    );
+    let (mut boot, mkfs) = lab_boot(fs_name);
     boot.add_file("vdp/dax-lab", &static_test_binary("dax_lab"));
 
     let fsdax = fsdax_convert(0);
@@ -97,7 +83,7 @@ fn run_lab(fs_name: &str) {
 export PATH=/usr/bin:/bin:/sbin
 {fsdax}
 mkdir -p /mnt/lab
-/usr/bin/{mkfs} {mkfs_args} /dev/pmem0 || exit 21
+{mkfs} /dev/pmem0 || exit 21
 mount -o dax /dev/pmem0 /mnt/lab || exit 22
 echo "VDP-MOUNT $(grep ' /mnt/lab ' /proc/mounts)"
 /vdp/vhost-device-pmem prepare /mnt/lab/pmem.img --size {SERVED_SIZE} || exit 23

@@ -42,8 +42,9 @@ use std::{
 use harness::{
     fsdax_convert,
     in_vm::{strace_window, vm_flags, SyncMapping, VmDaemon, SYNC_CALLS},
+    lab_boot,
     records::{classify, record, recover_ext4_file, splitmix, Found, RECORD},
-    run, static_binaries, static_test_binary, Boot, Guest, GuestEnv,
+    run, static_test_binary, Boot, Guest, GuestEnv,
 };
 use serde_json::{json, Value};
 use vhost_device_pmem::{
@@ -325,22 +326,14 @@ fn l1_rig(
     )
     .unwrap();
 
-    let (mkfs, mkfs_args, mount_opts, configs): (&str, &str, &str, &[&str]) = match fs_name {
-        "ext4" => (
-            "mkfs.ext4",
-            "-q -F -b 4096 -E nodiscard",
-            "dax,commit=600",
-            &["/etc/mke2fs.conf"],
-        ),
-        _ => ("mkfs.xfs", "-q -f", "dax", &[]),
+    // ext4 with a long commit interval: only what is synced reaches the NVDIMM's
+    // metadata before a cut.
+    let mount_opts = if fs_name == "ext4" {
+        "dax,commit=600"
+    } else {
+        "dax"
     };
-    let mut boot = Boot::default()
-        .with_host_tools(&[mkfs, "strace"])
-        .with_host_files(configs);
-    boot.add_file(
-        "vdp/vhost-device-pmem",
-        &static_binaries().join("vhost-device-pmem"),
-    );
+    let (mut boot, mkfs) = lab_boot(fs_name);
     boot.add_file("vdp/nested", &test_bin);
     boot.add_file("l2/vmlinuz", &env.kernel);
     boot.add_file("l2/initrd", &l2_initrd);
@@ -362,7 +355,7 @@ export PATH=/usr/bin:/bin:/sbin
 mkdir -p /qemu {L1_MOUNT}
 i=0; while [ ! -b /dev/vda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
 mount -o ro /dev/vda /qemu || exit 25
-/usr/bin/{mkfs} {mkfs_args} /dev/pmem0 || exit 21
+{mkfs} /dev/pmem0 || exit 21
 mount -o {mount_opts} /dev/pmem0 {L1_MOUNT} || exit 22
 echo "VDP-MOUNT $(grep ' {L1_MOUNT} ' /proc/mounts)"
 # Only what is synced reaches the NVDIMM's metadata before a cut.

@@ -371,6 +371,29 @@ echo "VDP-DATAOFF{n} $(( $(cat $nd/pfn{n}.0/resource) - $(cat $nd/namespace{n}.0
     )
 }
 
+/// The DAX lab's filesystem `fs_name` (`ext4` or `xfs`): a [`Boot`] with its mkfs,
+/// strace and the static daemon as /vdp/vhost-device-pmem, and the shell command that
+/// makes the filesystem (the device goes after it).
+pub fn lab_boot(fs_name: &str) -> (Boot, String) {
+    let (mkfs, args, configs): (&str, &str, &[&str]) = match fs_name {
+        "ext4" => (
+            "mkfs.ext4",
+            "-q -F -b 4096 -E nodiscard",
+            &["/etc/mke2fs.conf"],
+        ),
+        "xfs" => ("mkfs.xfs", "-q -f", &[]),
+        other => panic!("the lab has no filesystem {other}"),
+    };
+    let mut boot = Boot::default()
+        .with_host_tools(&[mkfs, "strace"])
+        .with_host_files(configs);
+    boot.add_file(
+        "vdp/vhost-device-pmem",
+        &static_binaries().join("vhost-device-pmem"),
+    );
+    (boot, format!("/usr/bin/{mkfs} {args}"))
+}
+
 /// Extras for one boot.
 #[derive(Default)]
 pub struct Boot {
