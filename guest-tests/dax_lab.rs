@@ -21,18 +21,21 @@ mod frontend;
 mod harness;
 
 use std::{
-    collections::BTreeMap,
     fs::{self, File},
-    io::{BufRead, BufReader, Write},
-    os::{fd::AsRawFd, unix::fs::FileExt},
+    io::Write,
+    os::unix::fs::FileExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::mpsc::{channel, Receiver},
     thread,
     time::{Duration, Instant},
 };
 
-use harness::{in_vm::VmDaemon, static_binaries, static_test_binary, Boot, GuestEnv, LAB_FSDAX};
+use harness::{
+    fsdax_convert,
+    in_vm::{strace_window, vm_flags, SyncMapping, VmDaemon, SYNC_CALLS},
+    lab_boot, static_test_binary, GuestEnv,
+};
 use serde_json::{json, Value};
 use vhost_device_pmem::{
     blockmap::{self, Extent},
@@ -49,15 +52,6 @@ const SERVED_SIZE: u64 = 64 << 20;
 const FLUSHES: u64 = 200;
 /// Hard limit for a badblocks entry to reach the daemon (the target is 1 s).
 const BADBLOCKS_TIMEOUT: Duration = Duration::from_secs(10);
-/// Syscalls that could make anything durable; none may happen during flushes.
-const SYNC_CALLS: [&str; 6] = [
-    "fsync",
-    "fdatasync",
-    "msync",
-    "sync_file_range",
-    "syncfs",
-    "sync",
-];
 
 // ---- host side: boot the lab ---------------------------------------------------
 
@@ -80,29 +74,16 @@ fn run_lab(fs_name: &str) {
     let nvdimm = dir.path().join("nvdimm.img");
     File::create(&nvdimm).unwrap().set_len(NVDIMM_SIZE).unwrap();
 
-    let (mkfs, mkfs_args, configs): (&str, &str, &[&str]) = match fs_name {
-        "ext4" => (
-            "mkfs.ext4",
-            "-q -F -b 4096 -E nodiscard",
-            &["/etc/mke2fs.conf"],
-        ),
-        _ => ("mkfs.xfs", "-q -f", &[]),
-    };
-    let mut boot = Boot::default()
-        .with_host_tools(&[mkfs, "strace"])
-        .with_host_files(configs);
-    boot.add_file(
-        "vdp/vhost-device-pmem",
-        &static_binaries().join("vhost-device-pmem"),
-    );
+    let (mut boot, mkfs) = lab_boot(fs_name);
     boot.add_file("vdp/dax-lab", &static_test_binary("dax_lab"));
 
+    let fsdax = fsdax_convert(0);
     let script = format!(
         r#"
 export PATH=/usr/bin:/bin:/sbin
-{LAB_FSDAX}
+{fsdax}
 mkdir -p /mnt/lab
-/usr/bin/{mkfs} {mkfs_args} /dev/pmem0 || exit 21
+{mkfs} /dev/pmem0 || exit 21
 mount -o dax /dev/pmem0 /mnt/lab || exit 22
 echo "VDP-MOUNT $(grep ' /mnt/lab ' /proc/mounts)"
 /vdp/vhost-device-pmem prepare /mnt/lab/pmem.img --size {SERVED_SIZE} || exit 23
@@ -290,7 +271,7 @@ fn inside_the_lab() {
     // trip, fewer when it finds the next request already queued; 83 to 110 for the
     // 110 round trips in the lab runs).
     let before = daemon.stats();
-    let counts = strace_window(&lab, daemon.pid(), &["write"], || {
+    let counts = strace_window(&lab.strace, daemon.pid(), &["write"], || {
         for _ in 0..FLUSHES / 2 {
             assert_eq!(fe.flush(1).unwrap(), vec![0]);
         }
@@ -363,7 +344,7 @@ fn inside_the_lab() {
     // Control for the strace method: the same window around something that does
     // fsync (recording an operator range persists the state file and its directory)
     // must count it.
-    let control_counts = strace_window(&lab, daemon.pid(), &[], || {
+    let control_counts = strace_window(&lab.strace, daemon.pid(), &[], || {
         let answer = daemon.call(&Request::BadblocksInject {
             offset: 60 << 20,
             length: 512,
@@ -518,146 +499,5 @@ fn next_bad_ranges_event(rx: &Receiver<(Instant, Value)>, deadline: Instant) -> 
             Ok(_) => continue,
             Err(e) => panic!("no bad-ranges-changed event within {BADBLOCKS_TIMEOUT:?}: {e}"),
         }
-    }
-}
-
-/// Counts the daemon's [`SYNC_CALLS`] and `extra` syscalls, all threads, while `f`
-/// runs: strace attaches before and detaches after (its `-c` summary).
-fn strace_window(lab: &Lab, pid: u32, extra: &[&str], f: impl FnOnce()) -> BTreeMap<String, u64> {
-    let names: Vec<&str> = SYNC_CALLS.iter().chain(extra).copied().collect();
-    let dir = tempfile::tempdir().unwrap();
-    let summary = dir.path().join("strace.txt");
-    let mut strace = Command::new(&lab.strace)
-        .args(["-f", "-c", "-o"])
-        .arg(&summary)
-        .args(["-p", &pid.to_string(), "-e"])
-        .arg(format!("trace={}", names.join(",")))
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // "strace: Process N attached with M threads" comes once every thread is.
-    let (tx, rx) = channel();
-    let stderr = strace.stderr.take().unwrap();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut seen = Vec::new();
-    loop {
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) if line.contains("attached") => break,
-            Ok(line) => seen.push(line),
-            Err(e) => panic!("strace did not attach: {e}: {seen:?}"),
-        }
-    }
-    f();
-    // SIGINT: strace detaches from every thread and writes the summary.
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
-    wait_child(&mut strace, "strace");
-    let text = fs::read_to_string(&summary).unwrap();
-    let mut counts: BTreeMap<String, u64> = names.iter().map(|n| (n.to_string(), 0)).collect();
-    // "% time  seconds  usecs/call  calls  errors  syscall": calls is the fourth
-    // column; errors may be empty, the name is always last.
-    for line in text.lines() {
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        if cols.len() >= 5 && cols[0].parse::<f64>().is_ok() {
-            if let (Some(c), Ok(calls)) = (counts.get_mut(*cols.last().unwrap()), cols[3].parse()) {
-                *c = calls;
-            }
-        }
-    }
-    let _ = writeln!(std::io::stderr(), "strace -c of pid {pid}:\n{text}");
-    counts
-}
-
-fn wait_child(child: &mut Child, what: &str) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st.code().unwrap_or(-1);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{what} did not exit");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The VmFlags lines of the mappings of process `pid` that `pick(start, perms,
-/// path)` selects, from /proc/PID/smaps.
-fn vm_flags(pid: u32, pick: impl Fn(usize, &str, &str) -> bool) -> Vec<String> {
-    let text = fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
-    let mut out = Vec::new();
-    let mut current = false;
-    for line in text.lines() {
-        if let Some(flags) = line.strip_prefix("VmFlags:") {
-            if current {
-                out.push(flags.trim().to_string());
-            }
-            continue;
-        }
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        // A mapping header: "start-end perms offset dev inode [path]".
-        if let Some((start, _)) = cols.first().and_then(|c| c.split_once('-')) {
-            if let (Ok(start), Some(perms)) = (usize::from_str_radix(start, 16), cols.get(1)) {
-                if cols.len() >= 5 && !cols[0].ends_with(':') {
-                    current = pick(start, perms, cols.get(5).copied().unwrap_or(""));
-                }
-            }
-        }
-    }
-    out
-}
-
-/// A MAP_SHARED_VALIDATE|MAP_SYNC read-write mapping of a whole file.
-struct SyncMapping {
-    addr: *mut libc::c_void,
-    len: usize,
-}
-
-impl SyncMapping {
-    fn new(file: &File, len: usize) -> std::io::Result<Self> {
-        // SAFETY: a fresh mapping at a kernel-chosen address, owned by the result.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Self { addr, len })
-    }
-
-    fn addr(&self) -> usize {
-        self.addr as usize
-    }
-
-    fn write(&self, offset: usize, data: &[u8]) {
-        assert!(offset + data.len() <= self.len);
-        // SAFETY: in bounds of our own live mapping; the file is not truncated.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                self.addr.cast::<u8>().add(offset),
-                data.len(),
-            )
-        };
-    }
-}
-
-impl Drop for SyncMapping {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly our mapping.
-        unsafe { libc::munmap(self.addr, self.len) };
     }
 }

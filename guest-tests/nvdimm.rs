@@ -640,7 +640,7 @@ sed 's/^/VDP-ARG /' /tmp/a2
 grep -h verdict /tmp/e2 | sed 's/^/VDP-LOG /'
 umount /mnt/lab
 "#,
-        harness::LAB_FSDAX
+        harness::fsdax_convert(0)
     );
     let mut guest = env.boot_lab(dir.path(), &nvdimm_img, &script, &boot);
     let rc = guest.finish(Duration::from_secs(300));

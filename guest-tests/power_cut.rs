@@ -49,13 +49,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{in_vm::VmDaemon, static_binaries, static_test_binary, Boot, Guest, GuestEnv};
+use harness::{
+    in_vm::VmDaemon,
+    records::{self, classify, record, splitmix, Found, RECORD, RECORD_MAGIC},
+    static_binaries, static_test_binary, Boot, Guest, GuestEnv,
+};
 use serde_json::json;
 use vhost_device_pmem::blockmap::{self, Extent};
 
-/// One record: 4 KiB, one page of the served file.
-const RECORD: usize = 4096;
-const RECORD_MAGIC: &[u8; 8] = b"VDPREC01";
 /// The file the daemon serves inside the VM.
 const SERVED_SIZE: u64 = 64 << 20;
 /// Path of the served file inside the VM, and in its filesystem.
@@ -71,58 +72,6 @@ const CUT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Every this many flush points (and at the last one) the log-writes check also
 /// repairs the filesystem and reads the records through it.
 const FS_SAMPLE_EVERY: u64 = 100;
-
-// ---- records ------------------------------------------------------------------------
-
-/// Record `i` of the run with `nonce`: magic, i, nonce, a checksum of the rest, and
-/// filler that differs per record and per run.
-fn record(nonce: u64, i: u64) -> Vec<u8> {
-    let mut r = vec![0u8; RECORD];
-    r[..8].copy_from_slice(RECORD_MAGIC);
-    r[8..16].copy_from_slice(&i.to_le_bytes());
-    r[16..24].copy_from_slice(&nonce.to_le_bytes());
-    let mut x = nonce ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5851_f42d_4c95_7f2d;
-    for chunk in r[32..].chunks_mut(8) {
-        x = splitmix(x);
-        chunk.copy_from_slice(&x.to_le_bytes());
-    }
-    let sum = fnv1a(&r[32..]);
-    r[24..32].copy_from_slice(&sum.to_le_bytes());
-    r
-}
-
-fn splitmix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-fn fnv1a(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// What a record slot holds when read back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Found {
-    Intact,
-    /// All zeros: the write never reached the disk.
-    Zero,
-    /// Anything else (torn, stale, garbage).
-    Other,
-}
-
-fn classify(found: &[u8], expected: &[u8]) -> Found {
-    if found == expected {
-        Found::Intact
-    } else if found.iter().all(|&b| b == 0) {
-        Found::Zero
-    } else {
-        Found::Other
-    }
-}
 
 // ---- inside the VM ------------------------------------------------------------------
 
@@ -423,42 +372,7 @@ fn recover_served_file(image: &Path, scratch: &Path) -> Result<Vec<u8>, String> 
 
 /// [`recover_served_file`] on an image that may be changed.
 fn recover_in_place(image: &Path, scratch: &Path) -> Result<Vec<u8>, String> {
-    let out = Command::new("e2fsck")
-        .arg("-fy")
-        .arg(image)
-        .output()
-        .map_err(|e| format!("e2fsck: {e}"))?;
-    // 0: clean, 1: errors corrected (the journal replayed counts); else a failure.
-    let code = out.status.code().unwrap_or(-1);
-    if code != 0 && code != 1 {
-        return Err(format!(
-            "e2fsck -fy exited {code}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let dump = scratch.join("served-file.out");
-    let _ = fs::remove_file(&dump);
-    let out = Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("dump {SERVED_PATH} {}", dump.display()))
-        .arg(image)
-        .output()
-        .map_err(|e| format!("debugfs: {e}"))?;
-    let data = fs::read(&dump).map_err(|e| {
-        format!(
-            "debugfs dump of {SERVED_PATH} made nothing ({e}): {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    let _ = fs::remove_file(&dump);
-    if data.len() as u64 != SERVED_SIZE {
-        return Err(format!(
-            "{SERVED_PATH} has {} bytes after recovery, not {SERVED_SIZE}",
-            data.len()
-        ));
-    }
-    Ok(data)
+    records::recover_ext4_file(image, SERVED_PATH, SERVED_SIZE, scratch)
 }
 
 // ---- power cut ----------------------------------------------------------------------

@@ -37,6 +37,18 @@ pub fn open_region(config: &Config) -> Result<(Region, String), Error> {
         config.readonly,
         config.allow_shared_permissions,
     )?;
+    if !backing.size.is_power_of_two() {
+        // The daemon announces the file's size as its shared-memory region; QEMU
+        // (11.1, vhost-user-test-device-pci) makes it a PCI BAR and aborts on a
+        // size that is not a power of two (an assertion in pci_register_bar).
+        warn!(
+            "{}: {} bytes is not a power of two: QEMU 11.1 aborts when it creates the \
+             device (`pci_register_bar: Assertion is_power_of_2(size)`); size the file \
+             to a power of two for QEMU",
+            config.file.display(),
+            backing.size
+        );
+    }
     let verdict = match blockmap::inspect(&backing.file) {
         Ok(v) => Some(v),
         Err(e) => {

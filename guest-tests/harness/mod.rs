@@ -7,6 +7,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod in_vm;
+pub mod records;
 
 use std::{
     collections::HashMap,
@@ -157,13 +158,26 @@ impl GuestEnv {
 
     /// Boots the DAX host lab: a guest that plays a host with persistent memory. An
     /// emulated NVDIMM backed by `nvdimm` (a file, usually sparse, of the NVDIMM's
-    /// size) shows up as /dev/pmem0 in a raw namespace; [`LAB_FSDAX`] turns it into
+    /// size) shows up as /dev/pmem0 in a raw namespace; [`fsdax_convert`]`(0)` turns it into
     /// an fsdax one. 1 GiB of RAM, no virtio-pmem device.
     pub fn boot_lab(&self, dir: &Path, nvdimm: &Path, script: &str, opts: &Boot) -> Guest {
+        self.boot_lab_with(dir, nvdimm, script, opts, "1G")
+    }
+
+    /// [`Self::boot_lab`] with `memory` of RAM (`2G` for a lab that boots guests of
+    /// its own).
+    pub fn boot_lab_with(
+        &self,
+        dir: &Path,
+        nvdimm: &Path,
+        script: &str,
+        opts: &Boot,
+        memory: &str,
+    ) -> Guest {
         let size = fs::metadata(nvdimm).expect("NVDIMM backing file").len();
         let initrd = self.initrd_for(dir, script, opts);
         let mut cmd = self.qemu(&initrd, "nvdimm=on");
-        cmd.args(["-m", "1G,slots=2,maxmem=4G", "-object"])
+        cmd.args(["-m", &format!("{memory},slots=2,maxmem=4G"), "-object"])
             .arg(format!(
                 "memory-backend-file,id=nv0,share=on,mem-path={},size={size}",
                 nvdimm.display()
@@ -211,6 +225,44 @@ impl GuestEnv {
         (guest, qmp)
     }
 
+    /// Starts QEMU (machine q35 with `machine_opts`) on a complete initramfs made
+    /// beforehand ([`Self::initrd_for`]), with `args`: a guest booted by a guest (the
+    /// DAX lab's own guests), whose initramfs the host built.
+    pub fn boot_initrd(
+        &self,
+        dir: &Path,
+        initrd: &Path,
+        machine_opts: &str,
+        args: &[String],
+    ) -> Guest {
+        self.boot_initrd_under(dir, initrd, machine_opts, args, &[])
+    }
+
+    /// [`Self::boot_initrd`] with QEMU started by `wrapper` (a program and its
+    /// arguments, e.g. strace), which then owns the console.
+    pub fn boot_initrd_under(
+        &self,
+        dir: &Path,
+        initrd: &Path,
+        machine_opts: &str,
+        args: &[String],
+        wrapper: &[String],
+    ) -> Guest {
+        let mut qemu = self.qemu(initrd, machine_opts);
+        qemu.args(args);
+        let cmd = match wrapper.split_first() {
+            None => qemu,
+            Some((program, wrapper_args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(wrapper_args)
+                    .arg(qemu.get_program())
+                    .args(qemu.get_args());
+                cmd
+            }
+        };
+        Guest::spawn(cmd, dir.join("console.log"))
+    }
+
     /// Boots a q35 guest ready for NVDIMMs (`nvdimm=on`, `-m 512M,slots=2,maxmem=2G`,
     /// no pmem device of its own) with two QMP sockets in `dir`: `qmp.sock` for the
     /// test (returned connected) and `qmp-export.sock` for `vhost-device-pmem nvdimm`
@@ -238,7 +290,9 @@ impl GuestEnv {
         (guest, qmp)
     }
 
-    fn initrd_for(&self, dir: &Path, script: &str, opts: &Boot) -> PathBuf {
+    /// The initramfs for one boot with `script` as /test.sh and `opts`' files, in
+    /// `dir` (its file `initrd`).
+    pub fn initrd_for(&self, dir: &Path, script: &str, opts: &Boot) -> PathBuf {
         let files: Vec<(&str, &[u8])> = opts
             .files
             .iter()
@@ -292,22 +346,53 @@ impl GuestEnv {
     }
 }
 
-/// Shell for a lab guest ([`GuestEnv::boot_lab`]): turns the NVDIMM's raw namespace
-/// into an fsdax one (struct pages kept on the NVDIMM, 4 KiB alignment) through
-/// sysfs, as `ndctl create-namespace -m fsdax` would, so /dev/pmem0 supports DAX
-/// mounts and MAP_SYNC. Exits 20 if the conversion fails.
-pub const LAB_FSDAX: &str = r#"
+/// Shell that turns NVDIMM region `n`'s raw namespace (`namespaceN.0`) into an fsdax
+/// one (struct pages kept on the NVDIMM, 4 KiB alignment) through sysfs, as `ndctl
+/// create-namespace -m fsdax` would, so /dev/pmemN supports DAX mounts and MAP_SYNC;
+/// then prints `VDP-FSDAX <sectors> sectors` and `VDP-DATAOFF<n> <bytes>`, the data
+/// offset of the fsdax device in the NVDIMM (the pfn device's data start minus the
+/// namespace's start). Exits 20 if the conversion fails. Region 0 is the lab's
+/// NVDIMM ([`GuestEnv::boot_lab`]).
+pub fn fsdax_convert(n: impl std::fmt::Display) -> String {
+    format!(
+        r#"
 nd=/sys/bus/nd/devices
-echo namespace0.0 > /sys/bus/nd/drivers/nd_pmem/unbind || exit 20
-cat /proc/sys/kernel/random/uuid > $nd/pfn0.0/uuid || exit 20
-echo pmem > $nd/pfn0.0/mode || exit 20
-echo 4096 > $nd/pfn0.0/align || exit 20
-echo namespace0.0 > $nd/pfn0.0/namespace || exit 20
-echo pfn0.0 > /sys/bus/nd/drivers/nd_pmem/bind || exit 20
-[ -b /dev/pmem0 ] || mdev -s
-[ -b /dev/pmem0 ] || exit 20
-echo "VDP-FSDAX $(cat /sys/block/pmem0/size) sectors"
-"#;
+echo namespace{n}.0 > /sys/bus/nd/drivers/nd_pmem/unbind || exit 20
+cat /proc/sys/kernel/random/uuid > $nd/pfn{n}.0/uuid || exit 20
+echo pmem > $nd/pfn{n}.0/mode || exit 20
+echo 4096 > $nd/pfn{n}.0/align || exit 20
+echo namespace{n}.0 > $nd/pfn{n}.0/namespace || exit 20
+echo pfn{n}.0 > /sys/bus/nd/drivers/nd_pmem/bind || exit 20
+[ -b /dev/pmem{n} ] || mdev -s
+[ -b /dev/pmem{n} ] || exit 20
+echo "VDP-FSDAX $(cat /sys/block/pmem{n}/size) sectors"
+echo "VDP-DATAOFF{n} $(( $(cat $nd/pfn{n}.0/resource) - $(cat $nd/namespace{n}.0/resource) ))"
+"#
+    )
+}
+
+/// The DAX lab's filesystem `fs_name` (`ext4` or `xfs`): a [`Boot`] with its mkfs,
+/// strace and the static daemon as /vdp/vhost-device-pmem, and the shell command that
+/// makes the filesystem (the device goes after it).
+pub fn lab_boot(fs_name: &str) -> (Boot, String) {
+    let (mkfs, args, configs): (&str, &str, &[&str]) = match fs_name {
+        "ext4" => (
+            "mkfs.ext4",
+            "-q -F -b 4096 -E nodiscard",
+            &["/etc/mke2fs.conf"],
+        ),
+        "xfs" => ("mkfs.xfs", "-q -f", &[]),
+        other => panic!("the lab has no filesystem {other}"),
+    };
+    let mut boot = Boot::default()
+        .with_host_tools(&[mkfs, "strace"])
+        .with_host_files(configs);
+    boot.add_file(
+        "vdp/vhost-device-pmem",
+        &static_binaries().join("vhost-device-pmem"),
+    );
+    (boot, format!("/usr/bin/{mkfs} {args}"))
+}
 
 /// Extras for one boot.
 #[derive(Default)]
@@ -552,6 +637,14 @@ impl Guest {
                 }
             }
         }
+    }
+
+    /// The next console line (also kept in [`Self::console`]), or `None` when none
+    /// came within `timeout` or QEMU has exited and its output is drained.
+    pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
+        let line = self.lines.recv_timeout(timeout).ok()?;
+        self.console.push(line.clone());
+        Some(line)
     }
 
     /// Waits for the guest's /test.sh to finish and QEMU to exit; returns the
