@@ -60,19 +60,7 @@ pub fn open_region(config: &Config) -> Result<(Region, String), Error> {
         }
     };
     if let Some(v) = &verdict {
-        info!(
-            "{}: {} bytes on {}, {} extent(s), dax={}, map_sync={}, immutable={}",
-            config.file.display(),
-            v.size,
-            v.filesystem,
-            v.extents,
-            v.dax,
-            v.map_sync,
-            v.immutable()
-        );
-        for p in v.problems.iter().take(8) {
-            warn!("block map problem: {p}");
-        }
+        v.log(&config.file);
     }
     let (policy, reason) = choose_policy(
         config.mode,

@@ -188,6 +188,23 @@ impl Verdict {
     pub fn immutable(&self) -> bool {
         self.problems.is_empty() && self.size > 0
     }
+
+    /// Logs the verdict on `path` at start-up (info) and its first problems (warn).
+    pub fn log(&self, path: &std::path::Path) {
+        log::info!(
+            "block map verdict: {}: {} bytes on {}, {} extent(s), dax={}, map_sync={}, immutable={}",
+            path.display(),
+            self.size,
+            self.filesystem,
+            self.extents,
+            self.dax,
+            self.map_sync,
+            self.immutable()
+        );
+        for p in self.problems.iter().take(8) {
+            log::warn!("block map problem: {p}");
+        }
+    }
 }
 
 /// Reads all extents of `file` covering `[0, size)`, in batches, after writing back

@@ -123,19 +123,7 @@ pub fn judge(config: &NvdimmConfig) -> Result<Judged, Error> {
         }
     };
     if let Some(v) = &verdict {
-        info!(
-            "verdict: {}: {} bytes on {}, {} extent(s), dax={}, map_sync={}, immutable={}",
-            path.display(),
-            v.size,
-            v.filesystem,
-            v.extents,
-            v.dax,
-            v.map_sync,
-            v.immutable()
-        );
-        for p in v.problems.iter().take(8) {
-            warn!("block map problem: {p}");
-        }
+        v.log(path);
     }
     let file = path.display().to_string();
     let (policy, reason) = match config.mode {
