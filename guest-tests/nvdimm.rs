@@ -180,6 +180,46 @@ impl Exporter {
         }
     }
 
+    /// `(name, Seccomp:, Seccomp_filters:)` of every thread of the export.
+    fn thread_modes(&self) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        for t in fs::read_dir(format!("/proc/{}/task", self.child.id())).unwrap() {
+            let Ok(status) = fs::read_to_string(t.unwrap().path().join("status")) else {
+                continue; // the thread ended meanwhile
+            };
+            let field = |k: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .map(|v| v.trim().to_string())
+                    .unwrap_or_default()
+            };
+            out.push((field("Name:"), field("Seccomp:"), field("Seccomp_filters:")));
+        }
+        out
+    }
+
+    /// The export runs under `--seccomp enforce` (the default): `status` says so
+    /// and every thread has the filter (mode 2, the allow-list and clone3's
+    /// ENOSYS filter); returns the thread count.
+    fn assert_sandboxed(&self, status: &Value) -> usize {
+        assert_eq!(status["seccomp"], "enforce", "{status}");
+        assert!(
+            self.log_text().contains("seccomp sandbox on (enforce)"),
+            "{}",
+            self.log_text()
+        );
+        let threads = self.thread_modes();
+        for (name, mode, filters) in &threads {
+            assert_eq!(
+                (mode.as_str(), filters.as_str()),
+                ("2", "2"),
+                "{name}: {threads:?}"
+            );
+        }
+        threads.len()
+    }
+
     fn terminate(&mut self) -> i32 {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
@@ -206,7 +246,9 @@ fn memory_devices(qmp: &mut Qmp) -> Vec<Value> {
 /// plug nothing; `--mode volatile` hot-plugs a seeded file, the guest reads the seed
 /// on /dev/pmem0 and its write reaches the host file; `status` shows QEMU's pid, the
 /// mapping verified, no `sf`; a second export of the file is refused; after SIGTERM
-/// the VM keeps the NVDIMM and `--attach` guards it again, until QEMU exits.
+/// the VM keeps the NVDIMM and `--attach` guards it again, until QEMU exits. Every
+/// export runs under the default `--seccomp enforce` (a call outside the `nvdimm`
+/// allow-list would kill it with SIGSYS: no clean exit 0), every thread filtered.
 #[test]
 fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
     let Some(env) =
@@ -352,6 +394,10 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
         );
         thread::sleep(Duration::from_millis(200));
     }
+    // The QMP session, the plug, the mapping check, the guard, the media-error
+    // sources and the agent channel all ran under the filter, on every thread.
+    let threads = ex.assert_sandboxed(&ex.status().unwrap());
+    assert!(threads >= 5, "{:?}", ex.thread_modes());
     let inject = Instant::now();
     let c = UnixStream::connect(&ex.control).unwrap();
     writeln!(
@@ -434,6 +480,7 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
     );
     let s = ex2.wait_verified();
     assert_eq!(s["nvdimm"]["attached"], "re-attached", "{s}");
+    ex2.assert_sandboxed(&s);
     assert_eq!(s["nvdimm"]["qemu_pid"], guest.pid());
     assert!(
         s["guard"]["lease"]
@@ -447,7 +494,7 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
     assert!(ex2.log_text().contains("exited"), "{}", ex2.log_text());
 
     eprintln!(
-        "FIGURES: boot to VDP-WAIT {:.1}s; hot-plug to mapping verified {:.2}s; hot-plug to /dev/pmem0 in the guest {:.1}s; bad range to guest badblocks {:.2}s (TCG)",
+        "FIGURES: boot to VDP-WAIT {:.1}s; hot-plug to mapping verified {:.2}s (under seccomp enforce); hot-plug to /dev/pmem0 in the guest {:.1}s; bad range to guest badblocks {:.2}s (TCG); {threads} exporter threads, all Seccomp: 2",
         booted.as_secs_f64(),
         verified_after.as_secs_f64(),
         seen_after.as_secs_f64(),
@@ -555,6 +602,7 @@ fn printed_qemu_args_cold_plug_the_nvdimm() {
     );
     let s = ex.wait_verified();
     assert_eq!(s["nvdimm"]["attached"], "re-attached", "{s}");
+    ex.assert_sandboxed(&s);
     // Two NVDIMMs of the same size: only the guest-physical address tells the
     // agent which one is this export's (by size alone it refuses to guess).
     let nv0_addr = devs.iter().find(|d| d["data"]["id"] == "nv0").unwrap()["data"]["addr"]

@@ -363,6 +363,12 @@ pub struct NvdimmArgs {
     /// the agent finds the NVDIMM by its guest-physical address.
     #[arg(long, value_name = "SOCK")]
     pub agent_socket: Option<PathBuf>,
+    /// The seccomp sandbox installed once start-up is done (the file judged,
+    /// opened and locked, the sockets bound), before the QMP session: `enforce`
+    /// kills the export on a system call outside its allow-list, `log` lets the
+    /// call through and the kernel logs it, `off` installs none. Default enforce.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub seccomp: Option<SeccompMode>,
 }
 
 /// Default of `sync-interval` (seconds).
@@ -399,6 +405,7 @@ pub struct NvdimmConfig {
     pub state_dir: Option<PathBuf>,
     pub qmp_timeout: u64,
     pub agent_socket: Option<PathBuf>,
+    pub seccomp: SeccompMode,
 }
 
 /// QEMU's rule for ids: a letter, then letters, digits, `-`, `.` and `_`.
@@ -449,6 +456,7 @@ impl TryFrom<NvdimmArgs> for NvdimmConfig {
             state_dir: a.state_dir,
             qmp_timeout,
             agent_socket: a.agent_socket,
+            seccomp: a.seccomp.unwrap_or_default(),
         })
     }
 }
@@ -738,8 +746,12 @@ mod tests {
                 state_dir: None,
                 qmp_timeout: DEFAULT_QMP_TIMEOUT,
                 agent_socket: None,
+                seccomp: SeccompMode::Enforce,
             }
         );
+        let c = parse(&["--qmp-socket", "/q", "--seccomp", "log"]).unwrap();
+        assert_eq!(c.seccomp, SeccompMode::Log);
+        assert!(parse(&["--qmp-socket", "/q", "--seccomp", "permissive"]).is_err());
         let c = parse(&["--qmp-socket", "/q", "--attach", "--mode", "volatile"]).unwrap();
         assert_eq!(
             (c.action, c.mode),

@@ -268,7 +268,7 @@ pub fn serve(config: Config, inherited: Inherited) -> Result<(), Error> {
     // Start-up is done: everything that opens, binds, locks or creates has run.
     // From here on, every thread (those started above included) serves under the
     // allow-list, and so does each thread started later, which inherits it.
-    enter_sandbox(config.seccomp)?;
+    enter_sandbox(config.seccomp, Profile::Serve)?;
     // Listening, and the file judged (its policy chosen): ready.
     systemd::notify_or_log(&format!("READY=1\nSTATUS={}", status_line(&daemon)));
     start_notifier(&daemon)?;
@@ -306,8 +306,8 @@ pub fn serve(config: Config, inherited: Inherited) -> Result<(), Error> {
     result
 }
 
-/// Installs the seccomp filter of `serve` on all threads, saying so first.
-fn enter_sandbox(mode: SeccompMode) -> Result<(), Error> {
+/// Installs the seccomp filter of `profile` on all threads, saying so first.
+pub(crate) fn enter_sandbox(mode: SeccompMode, profile: Profile) -> Result<(), Error> {
     match mode {
         SeccompMode::Off => {
             warn!("seccomp sandbox off (--seccomp off): every system call is allowed");
@@ -322,7 +322,7 @@ fn enter_sandbox(mode: SeccompMode) -> Result<(), Error> {
              and logged by the kernel (SECCOMP/audit lines in the kernel log)"
         ),
     }
-    sandbox::install(mode, Profile::Serve).map_err(|e| Error::Sandbox(e.to_string()))
+    sandbox::install(mode, profile).map_err(|e| Error::Sandbox(e.to_string()))
 }
 
 /// The `instance` label of the metrics: `--metrics-instance`, or the backing file's

@@ -38,14 +38,17 @@ impl fmt::Display for SeccompMode {
 }
 
 /// Which code runs under the filter. Each profile is the [`common`] list plus its
-/// own; a new subcommand that wants a sandbox adds a variant and a function next to
-/// [`serve_rules`] (e.g. `Nvdimm` for the QMP client: `socket(AF_UNIX)`, `connect`,
-/// reads and writes, no mmap of guest memory, no leases).
+/// own function ([`serve_rules`], [`nvdimm_rules`]), built from the shared parts
+/// (unix sockets, syncs and state records, the guard's ioctls, fcntl commands).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Profile {
     /// `serve` after its start-up: vhost-user connections, flushes, the guard,
     /// media errors, the control socket, metrics, the service manager, the exit.
     Serve,
+    /// `nvdimm` after its start-up: the QMP session (connect, SO_PEERCRED), the
+    /// mapping check, the guard with change notices, interval syncs, media errors,
+    /// the control and agent sockets, QEMU's exit.
+    Nvdimm,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +116,7 @@ pub fn rules(profile: Profile) -> Result<Rules, SandboxError> {
     let mut r = common()?;
     match profile {
         Profile::Serve => r.extend(serve_rules()?),
+        Profile::Nvdimm => r.extend(nvdimm_rules()?),
     }
     Ok(r)
 }
@@ -218,19 +222,7 @@ fn common() -> Result<Rules, SandboxError> {
         (libc::SYS_dup3, any()),
         (libc::SYS_pipe2, any()),
         (libc::SYS_eventfd2, any()),
-        (
-            libc::SYS_fcntl,
-            one_of(
-                1,
-                &[
-                    libc::F_GETFD as u64,
-                    libc::F_SETFD as u64,
-                    libc::F_GETFL as u64,
-                    libc::F_SETFL as u64,
-                    libc::F_DUPFD_CLOEXEC as u64,
-                ],
-            )?,
-        ),
+        (libc::SYS_fcntl, fcntl(&[])?),
         // Waiting.
         (libc::SYS_ppoll, any()),
         (libc::SYS_epoll_create1, any()),
@@ -253,7 +245,7 @@ fn common() -> Result<Rules, SandboxError> {
     Ok(r)
 }
 
-/// The ioctl requests `serve` makes after start-up, as the kernel sees them (the
+/// The ioctl requests `serve` and `nvdimm` make after start-up, as the kernel sees them (the
 /// low 32 bits).
 pub mod ioctl {
     /// The block map (the guard's verification).
@@ -269,24 +261,30 @@ pub mod ioctl {
 const F_SETSIG: u64 = 10;
 const F_SETOWN_EX: u64 = 15;
 
-/// `serve`'s own calls, by what needs them.
-fn serve_rules() -> Result<Rules, SandboxError> {
+/// The fcntl commands every thread may use (descriptor and status flags, dup).
+const COMMON_FCNTL: [u64; 5] = [
+    libc::F_GETFD as u64,
+    libc::F_SETFD as u64,
+    libc::F_GETFL as u64,
+    libc::F_SETFL as u64,
+    libc::F_DUPFD_CLOEXEC as u64,
+];
+
+/// fcntl(2) with [`COMMON_FCNTL`] and `extra` commands: a profile's entry replaces
+/// the common one.
+fn fcntl(extra: &[u64]) -> Result<Vec<SeccompRule>, SandboxError> {
+    let cmds: Vec<u64> = COMMON_FCNTL.iter().chain(extra).copied().collect();
+    one_of(1, &cmds)
+}
+
+/// Unix sockets, already bound or to connect: serving connections (accept),
+/// talking to a peer (connect, send, receive), the peer's credentials
+/// (SO_PEERCRED), socket options. `socket(2)` for AF_UNIX only; no bind or listen
+/// (every listening socket is bound during start-up).
+fn unix_socket_rules() -> Result<Rules, SandboxError> {
     let any = Vec::new;
     let af_unix = libc::AF_UNIX as u64;
-    let mut rules: Rules = [
-        // Durability: the flush path (fdatasync/fsync/msync/sync_file_range), the
-        // final syncs, the state files (temporary file, rename, directory fsync).
-        (libc::SYS_fdatasync, any()),
-        (libc::SYS_fsync, any()),
-        (libc::SYS_msync, any()),
-        (libc::SYS_renameat2, any()),
-        (libc::SYS_unlinkat, any()),
-        (libc::SYS_ftruncate, any()),
-        (libc::SYS_fchmod, any()),
-        (libc::SYS_umask, any()),
-        // Guest memory: SET_MEM_TABLE and SHMEM_MAP map the VMM's descriptors
-        // (mmap above, without PROT_EXEC).
-        // vhost-user and the control, agent and notify sockets: AF_UNIX only.
+    Ok([
         (libc::SYS_socket, vec![when(&[(0, Op::Eq, af_unix)])?]),
         (libc::SYS_accept4, any()),
         (libc::SYS_accept, any()),
@@ -300,51 +298,94 @@ fn serve_rules() -> Result<Rules, SandboxError> {
         (libc::SYS_setsockopt, any()),
         (libc::SYS_getsockname, any()),
         (libc::SYS_getpeername, any()),
-        // The guard: the block map, the seal; the inode generation of state records.
-        (
-            libc::SYS_ioctl,
-            one_of(
-                1,
-                &[
-                    ioctl::FS_IOC_FIEMAP,
-                    ioctl::FS_IOC_GETFLAGS,
-                    ioctl::FS_IOC_SETFLAGS,
-                    ioctl::FS_IOC_GETVERSION,
-                ],
-            )?,
-        ),
-        // The common commands (this entry replaces the common one), the lease
-        // (F_SETLEASE, delivered as a real-time signal to the guard's thread:
-        // F_SETSIG, F_SETOWN_EX) and the exclusive open-file lock.
-        (
-            libc::SYS_fcntl,
-            one_of(
-                1,
-                &[
-                    libc::F_GETFD as u64,
-                    libc::F_SETFD as u64,
-                    libc::F_GETFL as u64,
-                    libc::F_SETFL as u64,
-                    libc::F_DUPFD_CLOEXEC as u64,
-                    libc::F_SETLEASE as u64,
-                    libc::F_GETLEASE as u64,
-                    F_SETSIG,
-                    F_SETOWN_EX,
-                    libc::F_OFD_SETLK as u64,
-                    libc::F_OFD_GETLK as u64,
-                ],
-            )?,
-        ),
+    ]
+    .into_iter()
+    .collect())
+}
+
+/// Durability of the file and of the state files: fdatasync/fsync of the file
+/// (flushes, interval and final syncs), a state record's temporary file, rename
+/// and directory fsync, a stale record's removal.
+fn sync_and_state_rules() -> Rules {
+    let any = Vec::new;
+    let mut r: Rules = [
+        (libc::SYS_fdatasync, any()),
+        (libc::SYS_fsync, any()),
+        (libc::SYS_renameat2, any()),
+        (libc::SYS_unlinkat, any()),
+        (libc::SYS_ftruncate, any()),
+        (libc::SYS_fchmod, any()),
+        (libc::SYS_umask, any()),
     ]
     .into_iter()
     .collect();
     #[cfg(target_arch = "x86_64")]
-    rules.insert(libc::SYS_renameat, any());
-    // aarch64 has it as number 84, which the `libc` crate does not name.
+    r.insert(libc::SYS_renameat, any());
+    r
+}
+
+/// The guard's ioctl requests: the block map, the seal; the inode generation of
+/// state records.
+fn guard_ioctl_rules() -> Result<Vec<SeccompRule>, SandboxError> {
+    one_of(
+        1,
+        &[
+            ioctl::FS_IOC_FIEMAP,
+            ioctl::FS_IOC_GETFLAGS,
+            ioctl::FS_IOC_SETFLAGS,
+            ioctl::FS_IOC_GETVERSION,
+        ],
+    )
+}
+
+/// `serve`'s own calls, by what needs them.
+fn serve_rules() -> Result<Rules, SandboxError> {
+    let any = Vec::new;
+    // vhost-user and the control, agent and notify sockets.
+    let mut rules = unix_socket_rules()?;
+    // Durability: the flush path (fdatasync/fsync/msync/sync_file_range), the
+    // final syncs, the state files.
+    rules.extend(sync_and_state_rules());
+    rules.insert(libc::SYS_msync, any());
+    // Guest memory: SET_MEM_TABLE and SHMEM_MAP map the VMM's descriptors
+    // (mmap in the common list, without PROT_EXEC).
+    rules.insert(libc::SYS_ioctl, guard_ioctl_rules()?);
+    // The lease (F_SETLEASE, delivered as a real-time signal to the guard's
+    // thread: F_SETSIG, F_SETOWN_EX) and the exclusive open-file lock.
+    rules.insert(
+        libc::SYS_fcntl,
+        fcntl(&[
+            libc::F_SETLEASE as u64,
+            libc::F_GETLEASE as u64,
+            F_SETSIG,
+            F_SETOWN_EX,
+            libc::F_OFD_SETLK as u64,
+            libc::F_OFD_GETLK as u64,
+        ])?,
+    );
+    // aarch64 has sync_file_range as number 84, which the `libc` crate does not name.
     #[cfg(target_arch = "x86_64")]
     rules.insert(libc::SYS_sync_file_range, any());
     #[cfg(target_arch = "aarch64")]
     rules.insert(84, any());
+    Ok(rules)
+}
+
+/// `nvdimm`'s own calls after its start-up, by what needs them: the QMP session
+/// (an AF_UNIX connect, line reads and writes with a read timeout, SO_PEERCRED),
+/// the mapping check (reads of /proc/PID/smaps: the common open and read), the
+/// guard (FIEMAP, the seal, inotify change notices: no lease, QEMU holds the file
+/// open), the interval and final syncs, the state records, the control and agent
+/// sockets, QEMU's exit (a stat of /proc/PID). No msync, no sync_file_range: the
+/// export never maps the file for writing and never flushes a range.
+fn nvdimm_rules() -> Result<Rules, SandboxError> {
+    let any = Vec::new;
+    let mut rules = unix_socket_rules()?;
+    rules.extend(sync_and_state_rules());
+    rules.insert(libc::SYS_ioctl, guard_ioctl_rules()?);
+    rules.insert(libc::SYS_inotify_init1, any());
+    rules.insert(libc::SYS_inotify_add_watch, any());
+    rules.insert(libc::SYS_inotify_rm_watch, any());
     Ok(rules)
 }
 
@@ -354,10 +395,12 @@ mod tests {
 
     #[test]
     fn every_profile_compiles_for_this_machine_in_both_modes() {
-        for mode in [SeccompMode::Enforce, SeccompMode::Log] {
-            let (allow, clone3) = programs(mode, Profile::Serve).unwrap();
-            assert!(allow.len() > 100, "{}", allow.len());
-            assert!(!clone3.is_empty());
+        for profile in [Profile::Serve, Profile::Nvdimm] {
+            for mode in [SeccompMode::Enforce, SeccompMode::Log] {
+                let (allow, clone3) = programs(mode, profile).unwrap();
+                assert!(allow.len() > 100, "{profile:?}: {}", allow.len());
+                assert!(!clone3.is_empty());
+            }
         }
     }
 
@@ -372,5 +415,54 @@ mod tests {
         }
         assert!(!r[&libc::SYS_socket].is_empty(), "socket has conditions");
         assert!(!r[&libc::SYS_clone].is_empty(), "clone has conditions");
+    }
+
+    #[test]
+    fn nvdimm_lists_the_qmp_session_and_guard_calls_and_refuses_exec_and_inet() {
+        let r = rules(Profile::Nvdimm).unwrap();
+        // The QMP session: connect, line I/O with a read timeout, SO_PEERCRED; the
+        // guard's change notices; the interval syncs and state records.
+        for call in [
+            libc::SYS_connect,
+            libc::SYS_getsockopt,
+            libc::SYS_setsockopt,
+            libc::SYS_read,
+            libc::SYS_write,
+            libc::SYS_openat,
+            libc::SYS_inotify_init1,
+            libc::SYS_inotify_add_watch,
+            libc::SYS_inotify_rm_watch,
+            libc::SYS_fdatasync,
+            libc::SYS_fsync,
+            libc::SYS_renameat2,
+            libc::SYS_accept4,
+            libc::SYS_statx,
+        ] {
+            assert!(r.contains_key(&call), "{call}");
+        }
+        // No exec, no tracing, no new listening sockets, no flush path of serve.
+        for call in [
+            libc::SYS_execve,
+            libc::SYS_execveat,
+            libc::SYS_ptrace,
+            libc::SYS_bind,
+            libc::SYS_listen,
+            libc::SYS_msync,
+            libc::SYS_kill,
+        ] {
+            assert!(!r.contains_key(&call), "{call}");
+        }
+        // socket(2) only for AF_UNIX: exactly serve's single-condition rule.
+        let af_unix = when(&[(0, Op::Eq, libc::AF_UNIX as u64)]).unwrap();
+        assert_eq!(r[&libc::SYS_socket], vec![af_unix]);
+        assert_eq!(r[&libc::SYS_ioctl], guard_ioctl_rules().unwrap());
+        // fcntl: the common commands and nothing of the lease's.
+        assert_eq!(r[&libc::SYS_fcntl], fcntl(&[]).unwrap());
+        // Serve shares the socket and state parts, and keeps its lease and flush calls.
+        let s = rules(Profile::Serve).unwrap();
+        assert_eq!(s[&libc::SYS_socket], r[&libc::SYS_socket]);
+        assert!(s.contains_key(&libc::SYS_msync));
+        assert!(!s.contains_key(&libc::SYS_inotify_init1));
+        assert_ne!(s[&libc::SYS_fcntl], r[&libc::SYS_fcntl]);
     }
 }

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The seccomp sandbox bites: a child process (this test binary run again) installs
-//! the real `serve` filter through `sandbox::install` and then makes one call; and the
-//! real daemon serves with every one of its threads under the filter.
+//! the real `serve` or `nvdimm` filter through `sandbox::install` and then makes one
+//! call; and the real daemon serves with every one of its threads under the filter.
 //!
 //! Never reaches into the daemon for the bite: the child is a plain process.
 
@@ -19,7 +19,8 @@ use daemon::{Daemon, Scratch, MIB2};
 use frontend::TestFrontend;
 use vhost_device_pmem::sandbox::{self, Profile, SeccompMode};
 
-/// The child's environment variable: `MODE:CALL`.
+/// The child's environment variable: `MODE:CALL`, MODE `enforce`, `log` or `off`
+/// (the `serve` profile) or `nvdimm` (the `nvdimm` profile, enforced).
 const CHILD: &str = "VDP_SANDBOX_CHILD";
 
 /// Runs [`sandbox_child`] in a new process of this binary with `mode` and `call`.
@@ -51,12 +52,22 @@ fn sandbox_child() {
         return;
     };
     let (mode, call) = spec.split_once(':').unwrap();
-    let mode = match mode {
-        "enforce" => SeccompMode::Enforce,
-        "log" => SeccompMode::Log,
-        _ => SeccompMode::Off,
+    let (mode, profile) = match mode {
+        "enforce" => (SeccompMode::Enforce, Profile::Serve),
+        "nvdimm" => (SeccompMode::Enforce, Profile::Nvdimm),
+        "log" => (SeccompMode::Log, Profile::Serve),
+        _ => (SeccompMode::Off, Profile::Serve),
     };
-    sandbox::install(mode, Profile::Serve).unwrap();
+    // Opened before the filter, as the export opens its file at start-up.
+    let exe = std::fs::File::open(std::env::current_exe().unwrap()).unwrap();
+    let exe_path = std::ffi::CString::new(
+        std::env::current_exe()
+            .unwrap()
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .unwrap();
+    sandbox::install(mode, profile).unwrap();
     say("installed\n");
     // SAFETY: plain system calls with valid arguments; the fork child exits at once.
     let ret: i64 = unsafe {
@@ -74,6 +85,51 @@ fn sandbox_child() {
                 // the sleep with restart_syscall.
                 std::thread::sleep(std::time::Duration::from_millis(1500));
                 0
+            }
+            // The nvdimm export's own calls. The guard's change notices:
+            "inotify" => {
+                let fd = libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK);
+                let wd = libc::inotify_add_watch(fd, exe_path.as_ptr(), libc::IN_MODIFY);
+                libc::inotify_rm_watch(fd, wd).into()
+            }
+            // The guard's block map (FIEMAP; an error answer is no kill).
+            "fiemap" => {
+                let v = vhost_device_pmem::blockmap::inspect(&exe);
+                say(&format!("inspect: {}\n", v.is_ok()));
+                0
+            }
+            // The QMP session's peer credentials.
+            "peercred" => {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+                let mut cred: libc::ucred = std::mem::zeroed();
+                let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_PEERCRED,
+                    (&mut cred as *mut libc::ucred).cast(),
+                    &mut len,
+                )
+                .into()
+            }
+            // The mapping check reads /proc/PID/smaps.
+            "smaps" => {
+                use vhost_device_pmem::nvdimm::mapping::{mappings_of, FileId};
+                let id = FileId::of(&exe).unwrap();
+                mappings_of(std::process::id(), id).unwrap().len() as i64
+            }
+            // A new listening socket: none after start-up.
+            "bind" => {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                let mut addr: libc::sockaddr_un = std::mem::zeroed();
+                addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+                addr.sun_path[1] = b'v' as libc::c_char; // abstract
+                libc::bind(
+                    fd,
+                    (&addr as *const libc::sockaddr_un).cast(),
+                    (std::mem::size_of::<libc::sa_family_t>() + 2) as libc::socklen_t,
+                )
+                .into()
             }
             "ioctl-tcgets" => {
                 let mut t: libc::termios = std::mem::zeroed();
@@ -128,6 +184,20 @@ fn enforce_kills_the_process_on_a_call_outside_the_list() {
     for call in ["socket-inet", "fork", "ptrace", "getppid", "ioctl-tcgets"] {
         assert_killed(&child("enforce", call), call);
     }
+}
+
+/// The `nvdimm` profile lets the export's own calls through (change notices, the
+/// block map, SO_PEERCRED, /proc/PID/smaps, a unix socket) and kills on a foreign
+/// socket, a fork, ptrace, a new listening socket; `serve`'s has no inotify.
+#[test]
+fn the_nvdimm_profile_allows_the_exports_calls_and_kills_the_rest() {
+    for call in ["inotify", "fiemap", "peercred", "smaps", "socket-unix"] {
+        assert_survived(&child("nvdimm", call), call);
+    }
+    for call in ["socket-inet", "fork", "ptrace", "bind", "ioctl-tcgets"] {
+        assert_killed(&child("nvdimm", call), call);
+    }
+    assert_killed(&child("enforce", "inotify"), "serve: inotify");
 }
 
 #[test]

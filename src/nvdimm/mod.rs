@@ -37,11 +37,12 @@ use crate::{
         events::{EventHub, EventKind},
         status::StatusReport,
     },
-    daemon::watch_health,
+    daemon::{enter_sandbox, watch_health},
     durability::{choose_policy, Flusher, Mode, Policy, SyncContext},
     io_err,
     media::{channel::GuestChannel, MediaErrors},
     region::Region,
+    sandbox::{Profile, SeccompMode},
     service::Services,
     socket,
     state::StateFiles,
@@ -233,6 +234,9 @@ struct Export {
     status: Arc<Mutex<NvdimmStatus>>,
     media: Arc<MediaErrors>,
     _bound: Option<socket::BoundSocket>,
+    /// `--agent-socket`, bound during start-up (no bind under the filter); the
+    /// guest channel is served on it once QMP gave the guest-physical address.
+    agent: Option<socket::BoundSocket>,
 }
 
 impl Export {
@@ -312,7 +316,8 @@ impl Export {
                     let media = media.clone();
                     let services = services.clone();
                     let reason = reason.clone();
-                    Arc::new(move || report(&region, &status, &media, &services, &reason))
+                    let seccomp = config.seccomp;
+                    Arc::new(move || report(&region, &status, &media, &services, &reason, seccomp))
                 },
                 region: region.clone(),
                 queue_stats: Arc::default(),
@@ -325,6 +330,10 @@ impl Export {
             info!("control socket: {}", path.display());
             bound = Some(sock);
         }
+        let agent = match &config.agent_socket {
+            Some(path) => Some(socket::bind(path, None)?),
+            None => None,
+        };
         Ok(Self {
             config,
             path,
@@ -334,6 +343,7 @@ impl Export {
             status,
             media,
             _bound: bound,
+            agent,
         })
     }
 
@@ -351,7 +361,7 @@ impl Export {
         Error::Nvdimm(reason)
     }
 
-    fn run(self, sigset: libc::sigset_t) -> Result<(), Error> {
+    fn run(mut self, sigset: libc::sigset_t) -> Result<(), Error> {
         {
             let services = self.services.clone();
             thread::Builder::new()
@@ -365,6 +375,11 @@ impl Export {
                 })
                 .map_err(io_err("start signal thread"))?;
         }
+        // Start-up is done: the file judged, opened and locked, the state records
+        // named, the control and agent sockets bound. The QMP session (connect,
+        // the plug, SO_PEERCRED, the mapping check) and everything after it run
+        // under the filter, on every thread (those started above included).
+        enter_sandbox(self.config.seccomp, Profile::Nvdimm)?;
         let pid = self.plug_and_verify()?;
         let guard_handles = GuardHandles {
             region: self.region.clone(),
@@ -382,7 +397,8 @@ impl Export {
             },
         )?;
         *self.guard_slot() = Some(guard_handles.guard.clone());
-        let _agent_sock = self.start_media_errors()?;
+        let agent = self.agent.take();
+        let _agent_sock = self.start_media_errors(agent)?;
         info!(
             "guarding {} for QEMU pid {pid} until SIGINT/SIGTERM or QEMU's exit",
             self.path.display()
@@ -430,9 +446,12 @@ impl Export {
     }
 
     /// The bad-range sources (the host device's badblocks, memory-failure notices)
-    /// and, with `--agent-socket`, the guest channel matched by guest-physical
-    /// address. Returns the channel's bound socket.
-    fn start_media_errors(&self) -> Result<Option<socket::BoundSocket>, Error> {
+    /// and, with `--agent-socket` (bound at start-up: `agent`), the guest channel
+    /// matched by guest-physical address. Returns the channel's bound socket.
+    fn start_media_errors(
+        &self,
+        agent: Option<socket::BoundSocket>,
+    ) -> Result<Option<socket::BoundSocket>, Error> {
         let dup = || {
             self.region
                 .file
@@ -446,7 +465,7 @@ impl Export {
         if let Err(e) = self.media.watch_poison(&self.region.file, map_sync) {
             warn!("memory-failure notices are off: {e}");
         }
-        let Some(path) = &self.config.agent_socket else {
+        let Some(sock) = agent else {
             return Ok(None);
         };
         let addr = self
@@ -456,7 +475,6 @@ impl Export {
             .guest_address
             .ok_or_else(|| Error::Nvdimm("no guest-physical address for the agent".into()))?;
         let channel = GuestChannel::for_nvdimm(self.region.size, addr, self.media.list());
-        let sock = socket::bind(path, None)?;
         let listener = sock.listener.try_clone().map_err(io_err("dup listener"))?;
         channel
             .spawn(listener, &self.services)
@@ -465,7 +483,7 @@ impl Export {
         *AGENT.lock().unwrap_or_else(|p| p.into_inner()) = Some(channel);
         info!(
             "guest agent channel: {} (the NVDIMM at guest-physical {addr:#x})",
-            path.display()
+            sock.path.display()
         );
         Ok(Some(sock))
     }
@@ -682,12 +700,13 @@ fn report(
     media: &MediaErrors,
     services: &Services,
     reason: &str,
+    seccomp: SeccompMode,
 ) -> StatusReport {
     let nv = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let policy = region.flusher.policy();
     let live = nv.mapping_verified && !nv.qemu_exited;
     StatusReport {
-        seccomp: crate::sandbox::SeccompMode::Off,
+        seccomp,
         health: region.flusher.health(),
         sync_failure: region.flusher.failure(),
         queue_broken: None,
