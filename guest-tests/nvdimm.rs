@@ -5,6 +5,8 @@
 //! has no DAX, so the direct path is only seen refusing here.
 
 mod harness;
+#[path = "../tests/support/procfs.rs"]
+mod procfs;
 
 use std::{
     fs,
@@ -180,25 +182,6 @@ impl Exporter {
         }
     }
 
-    /// `(name, Seccomp:, Seccomp_filters:)` of every thread of the export.
-    fn thread_modes(&self) -> Vec<(String, String, String)> {
-        let mut out = Vec::new();
-        for t in fs::read_dir(format!("/proc/{}/task", self.child.id())).unwrap() {
-            let Ok(status) = fs::read_to_string(t.unwrap().path().join("status")) else {
-                continue; // the thread ended meanwhile
-            };
-            let field = |k: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(k))
-                    .map(|v| v.trim().to_string())
-                    .unwrap_or_default()
-            };
-            out.push((field("Name:"), field("Seccomp:"), field("Seccomp_filters:")));
-        }
-        out
-    }
-
     /// The export runs under `--seccomp enforce` (the default): `status` says so
     /// and every thread has the filter (mode 2, the allow-list and clone3's
     /// ENOSYS filter); returns the thread count.
@@ -209,7 +192,7 @@ impl Exporter {
             "{}",
             self.log_text()
         );
-        let threads = self.thread_modes();
+        let threads = procfs::thread_modes(self.child.id());
         for (name, mode, filters) in &threads {
             assert_eq!(
                 (mode.as_str(), filters.as_str()),
@@ -397,7 +380,7 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
     // The QMP session, the plug, the mapping check, the guard, the media-error
     // sources and the agent channel all ran under the filter, on every thread.
     let threads = ex.assert_sandboxed(&ex.status().unwrap());
-    assert!(threads >= 5, "{:?}", ex.thread_modes());
+    assert!(threads >= 5, "{:?}", procfs::thread_modes(ex.child.id()));
     let inject = Instant::now();
     let c = UnixStream::connect(&ex.control).unwrap();
     writeln!(

@@ -9,6 +9,8 @@
 mod daemon;
 #[path = "support/frontend.rs"]
 mod frontend;
+#[path = "support/procfs.rs"]
+mod procfs;
 
 use std::{
     os::unix::process::ExitStatusExt,
@@ -269,26 +271,6 @@ fn clone3_is_answered_enosys_and_threads_still_start() {
     }
 }
 
-/// `Seccomp:` and `Seccomp_filters:` of every thread of `pid`.
-fn thread_modes(pid: u32) -> Vec<(String, String, String)> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = t.unwrap().path();
-        let Ok(status) = std::fs::read_to_string(dir.join("status")) else {
-            continue; // the thread ended meanwhile
-        };
-        let field = |k: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(k))
-                .map(|v| v.trim().to_string())
-                .unwrap_or_default()
-        };
-        out.push((field("Name:"), field("Seccomp:"), field("Seccomp_filters:")));
-    }
-    out
-}
-
 #[test]
 fn the_daemon_serves_with_every_thread_under_the_filter_by_default() {
     let s = Scratch::new();
@@ -298,7 +280,7 @@ fn the_daemon_serves_with_every_thread_under_the_filter_by_default() {
     let mut fe = TestFrontend::connect_started(&d.socket)
         .unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
     assert_eq!(fe.flush(3).unwrap(), vec![0; 3], "{}", d.log_text());
-    let threads = thread_modes(d.pid());
+    let threads = procfs::thread_modes(d.pid());
     assert!(threads.len() >= 4, "{threads:?}");
     for (name, mode, filters) in &threads {
         // 2: filter mode; two filters (the allow-list and clone3's ENOSYS).
@@ -321,7 +303,7 @@ fn seccomp_off_serves_without_a_filter() {
     let s = Scratch::new();
     let file = s.backing_file("pmem.img", 2 * MIB2);
     let d = Daemon::start(&s, "d", &file, &["--mode", "fsync", "--seccomp", "off"]);
-    for (name, mode, _) in thread_modes(d.pid()) {
+    for (name, mode, _) in procfs::thread_modes(d.pid()) {
         assert_eq!(mode, "0", "{name}");
     }
     assert_eq!(d.status()["seccomp"], "off");
