@@ -40,11 +40,11 @@ use std::{
 };
 
 use harness::{
-    fsdax_convert,
+    agent_qemu_args, fsdax_convert,
     in_vm::{strace_window, vm_flags, SyncMapping, VmDaemon, SYNC_CALLS},
     lab_boot,
     records::{classify, record, recover_ext4_file, splitmix, Found, RECORD},
-    run, static_test_binary, Boot, Guest, GuestEnv,
+    run, static_binaries, static_test_binary, Boot, Guest, GuestEnv,
 };
 use serde_json::{json, Value};
 use vhost_device_pmem::{
@@ -317,6 +317,7 @@ fn l1_rig(
         .with_host_tools(&["mkfs.ext4"])
         .with_host_files(&["/etc/mke2fs.conf"]);
     l2boot.add_file("vdp/nested", &test_bin);
+    l2boot.add_file("agent", &static_binaries().join("vhost-device-pmem-agent"));
     let l2_initrd = env.initrd_for(&l2dir, l2_script, &l2boot);
     let l2_env = l2dir.join("env.sh");
     fs::write(
@@ -380,6 +381,7 @@ fn l2_script(records: u64, nonce: u64) -> String {
     format!(
         r#"
 export PATH=/usr/bin:/bin:/sbin
+/agent 2>/dev/console &
 mkdir -p /mnt/v /mnt/n
 /usr/bin/mkfs.ext4 -q -F -b 4096 /dev/pmem0 || exit 30
 mount -o dax /dev/pmem0 /mnt/v || exit 31
@@ -395,6 +397,14 @@ mount -o dax /dev/pmem1 /mnt/n || exit 34
 echo "VDP-L2-MOUNTS $(grep -c ' dax\|,dax' /proc/mounts)"
 VDP_L2_RECORDS={records} VDP_L2_NONCE={nonce} /vdp/nested --exact in_l2 --ignored --nocapture \
   --test-threads=1 || exit 35
+# A bad range of the NVDIMM's file, injected by L1 on the export's control socket,
+# reaches this guest's badblocks of the fsdax device through the agent.
+n=1200; found=
+while [ $n -gt 0 ] && [ -z "$found" ]; do
+  c=$(cat /sys/block/pmem1/badblocks); [ -n "$c" ] && found="pmem1 $c"
+  sleep 0.1; n=$((n - 1))
+done
+echo "VDP-BB $found"
 umount /mnt/v
 umount /mnt/n
 "#
@@ -612,6 +622,7 @@ fn in_l1() {
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain(agent_qemu_args(&scratch.path().join("agent.sock")))
     .collect();
 
     let mut l2_guest: Option<Guest> = None;
@@ -686,6 +697,36 @@ fn in_l1() {
         }
     }
     let mut l2 = l2_guest.unwrap();
+    // Media errors: a bad range inside the NVDIMM's fsdax data reaches L2's
+    // badblocks of /dev/pmem1 at the sector the data offset says.
+    let dataoff = L2Report::parse(
+        l2.console
+            .iter()
+            .filter_map(|l| l.find("VDP-").map(|i| &l[i..])),
+    )
+    .dataoff_n;
+    assert!(dataoff > 0, "L2 printed no fsdax data offset");
+    let bad = dataoff + (1 << 20) + 3 * 512;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ex.status()["agent"]["device"] != "/dev/pmem1" {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never attached to /dev/pmem1: {:#}\n{}",
+            ex.status(),
+            ex.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let agent = ex.status()["agent"].clone();
+    let answer = control::call(
+        &ex.control,
+        &control::Request::BadblocksInject {
+            offset: bad,
+            length: 512,
+        },
+    )
+    .unwrap();
+    assert_eq!(answer["ok"], true, "{answer}");
     let relayed = l2.console.len();
     let rc = l2.finish(L2_TIMEOUT);
     relay_lines(&l2.console[relayed..]);
@@ -711,6 +752,16 @@ fn in_l1() {
         ex.log()
     );
     result["nvdimm"]["exit_after_vm"] = json!(code);
+    let bb = l2
+        .console
+        .iter()
+        .find_map(|l| l.split_once("VDP-BB "))
+        .map(|(_, r)| r.trim().to_string())
+        .unwrap_or_default();
+    let sector = (bad - dataoff) / 512;
+    assert_eq!(bb, format!("pmem1 {sector} 1"), "{agent}");
+    result["media_error"] = json!({"file_offset": bad, "data_offset": dataoff,
+        "guest_badblocks": bb, "agent": agent});
     let report = L2Report::parse(
         l2.console
             .iter()
@@ -780,6 +831,8 @@ impl Exporter {
             .arg(qmp_path)
             .args(["--id", NVDIMM_ID, "--mode", mode, "--control-socket"])
             .arg(&control)
+            .arg("--agent-socket")
+            .arg(dir.join("agent.sock"))
             .env("RUST_LOG", "info")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

@@ -485,6 +485,7 @@ fn generate_docs_writes_a_page_per_subcommand_and_completions() {
         "-events",
         "-health",
         "-metrics",
+        "-nvdimm",
         "-prepare",
         "-serve",
         "-stats",

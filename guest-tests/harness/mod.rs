@@ -412,17 +412,7 @@ impl Boot {
             "agent".into(),
             fs::read(dir.join("vhost-device-pmem-agent")).unwrap(),
         ));
-        self.qemu_args.extend([
-            "-device".into(),
-            "virtio-serial-pci".into(),
-            "-chardev".into(),
-            format!(
-                "socket,id=agent0,path={},reconnect-ms=500",
-                agent_socket.display()
-            ),
-            "-device".into(),
-            "virtserialport,chardev=agent0,name=org.vhost-device-pmem.0".into(),
-        ]);
+        self.qemu_args.extend(agent_qemu_args(agent_socket));
         self
     }
 
@@ -480,6 +470,22 @@ impl Boot {
         let data = fs::read(host).unwrap_or_else(|e| panic!("{}: {e}", host.display()));
         self.files.push((guest, data));
     }
+}
+
+/// QEMU arguments for the guest agent's virtio-serial port, its host side the
+/// daemon's (or export's) agent socket, reconnecting until that socket exists.
+pub fn agent_qemu_args(agent_socket: &Path) -> Vec<String> {
+    vec![
+        "-device".into(),
+        "virtio-serial-pci".into(),
+        "-chardev".into(),
+        format!(
+            "socket,id=agent0,path={},reconnect-ms=500",
+            agent_socket.display()
+        ),
+        "-device".into(),
+        "virtserialport,chardev=agent0,name=org.vhost-device-pmem.0".into(),
+    ]
 }
 
 /// The dynamic loader every dynamically linked x86_64 program names.

@@ -208,6 +208,10 @@ fn main() {
     let mut out = port.try_clone().expect("dup port");
     let mut reader = LineReader::new(port, jsonl::MAX_ANSWER_LINE);
     let mut device: Option<Device> = None;
+    // What the hello asked for: the device is looked up again before each list of
+    // bad ranges, since its namespace may have changed since (a raw namespace made
+    // fsdax moves the data behind a metadata area).
+    let mut wanted: Option<(u64, Option<String>, Option<u64>)> = None;
     loop {
         let msg: ToAgent = match jsonl::read_message(&mut reader) {
             // The host side is not connected (daemon restarting): wait for it.
@@ -247,6 +251,7 @@ fn main() {
                     }
                     thread::sleep(Duration::from_millis(200));
                 }
+                wanted = Some((size, pci_address, guest_address));
                 match found {
                     Ok(d) => {
                         send(
@@ -265,6 +270,23 @@ fn main() {
                 }
             }
             ToAgent::Badblocks { ranges } => {
+                if let Some((size, pci, address)) = &wanted {
+                    if let Ok(now) = find(*size, pci.as_deref(), *address) {
+                        let moved = device
+                            .as_ref()
+                            .is_none_or(|d| d.name != now.name || d.data_offset != now.data_offset);
+                        if moved {
+                            send(
+                                &mut out,
+                                &FromAgent::Attached {
+                                    device: format!("/dev/{}", now.name),
+                                    data_offset: now.data_offset,
+                                },
+                            );
+                        }
+                        device = Some(now);
+                    }
+                }
                 let Some(dev) = &device else {
                     send(
                         &mut out,
