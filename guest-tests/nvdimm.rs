@@ -21,11 +21,11 @@ use std::{
 use harness::{GuestEnv, Qmp, DAEMON};
 use serde_json::{json, Value};
 use vhost_device_pmem::{
-    config::NvdimmMode,
-    nvdimm::{
+    app::nvdimm::{
         self,
         mapping::{self, FileId},
     },
+    config::NvdimmMode,
 };
 
 const BOOT: Duration = Duration::from_secs(180);
@@ -556,7 +556,9 @@ fn printed_qemu_args_cold_plug_the_nvdimm() {
     );
     let fid = FileId::of(&fs::File::open(&fallback).unwrap()).unwrap();
     let maps = mapping::mappings_of(guest.pid(), fid).unwrap();
-    let why = nvdimm::check_mapping(NvdimmMode::Direct, &maps).unwrap_err();
+    let why = nvdimm::check_mapping(NvdimmMode::Direct, &maps)
+        .unwrap_err()
+        .to_string();
     assert!(why.contains("without MAP_SYNC"), "{why}");
     eprintln!(
         "QEMU's pmem=on mapping of a non-DAX file: {} | VmFlags: {}",

@@ -14,14 +14,17 @@ use std::{
     io,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
-        Mutex, OnceLock,
+        Arc, Mutex, OnceLock,
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
 
-use crate::blockmap::Verdict;
+use crate::{
+    blockmap::Verdict,
+    util::{lock, Busy},
+};
 
 /// The mode asked for on the command line or in the config file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -91,6 +94,17 @@ impl Policy {
                 "NOTHING IS PERSISTENT: flushes are acknowledged without making data durable"
             }
             Self::ReadOnly => "the region is read-only; flushes have nothing to do",
+        }
+    }
+
+    /// What the exit can say once the final sync under this policy succeeded.
+    pub fn exit_promise(self) -> String {
+        match self {
+            Self::Volatile => "nothing was made durable (policy volatile: a power cut loses \
+                               what the page cache holds)"
+                .into(),
+            Self::ReadOnly => "the region was read-only; nothing to make durable".into(),
+            p => format!("data is durable per policy {p}"),
         }
     }
 }
@@ -418,50 +432,6 @@ impl FlushStats {
     }
 }
 
-/// Marks a stretch of work in progress (a sync, a queue pass) so that the service
-/// manager's watchdog can tell "stuck" from "idle": one relaxed store when the work
-/// starts and one when it ends, nothing else on the hot path.
-#[derive(Default)]
-pub struct Busy {
-    /// Milliseconds since [`busy_epoch`] (plus one) when the work started; 0: idle.
-    since: AtomicU64,
-}
-
-/// The monotonic origin of [`Busy`] timestamps (first use in the process).
-fn busy_epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-fn busy_now() -> u64 {
-    u64::try_from(busy_epoch().elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
-}
-
-impl Busy {
-    /// Marks the work started; it ends when the returned guard is dropped.
-    pub fn enter(&self) -> BusyGuard<'_> {
-        self.since.store(busy_now(), Ordering::Relaxed);
-        BusyGuard(self)
-    }
-
-    /// How long the work in progress has been going on; `None` when idle.
-    pub fn running_for(&self) -> Option<Duration> {
-        match self.since.load(Ordering::Relaxed) {
-            0 => None,
-            t => Some(Duration::from_millis(busy_now().saturating_sub(t))),
-        }
-    }
-}
-
-/// Ends a [`Busy`] stretch when dropped.
-pub struct BusyGuard<'a>(&'a Busy);
-
-impl Drop for BusyGuard<'_> {
-    fn drop(&mut self) {
-        self.0.since.store(0, Ordering::Relaxed);
-    }
-}
-
 /// Executes flushes for one backing file under the policy in force.
 ///
 /// Group commit comes from batching: the queue handler takes every flush request
@@ -478,7 +448,8 @@ pub struct Flusher {
     failed: AtomicBool,
     failure: Mutex<Option<SyncFailure>>,
     on_failure: OnceLock<FailureHook>,
-    pub stats: FlushStats,
+    /// Shared with the control socket, which reads them and nothing else.
+    pub stats: Arc<FlushStats>,
     /// Set while a sync syscall is in progress (the watchdog reads it).
     pub busy: Busy,
     /// Runs just before every sync syscall (tests hold a sync there).
@@ -496,7 +467,7 @@ impl Flusher {
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
             on_failure: OnceLock::new(),
-            stats: FlushStats::default(),
+            stats: Arc::default(),
             busy: Busy::default(),
             #[cfg(test)]
             sync_hook: OnceLock::new(),
@@ -685,12 +656,6 @@ impl Flusher {
                 .inspect_err(|e| self.latch(context, e, 0)),
         }
     }
-}
-
-/// Locks a mutex whose holder may have panicked (the data here is consistent after
-/// every statement, so a panic elsewhere must not take `status` down with it).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

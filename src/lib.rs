@@ -2,83 +2,173 @@
 //! vhost-device-pmem: a vhost-user virtio-pmem backend that serves a host file whose
 //! block map is immutable, so guest flushes need little or no host work.
 //!
-//! Where things are:
+//! # The map
 //!
-//! - [`device`]: the vhost-user device ([`device::PmemBackend`]), the request queue
-//!   ([`device::queue`]) and the virtio-pmem wire format ([`device::wire`]).
-//! - [`durability`]: what a flush costs and promises: modes, the flush executor, the
-//!   latched failure, the health vocabulary. The flush path is
-//!   `device::queue` → `durability` (→ `device::wire` for the answer).
-//! - [`blockmap`]: reading and judging a file's block map, `prepare`, `check`, and the
-//!   guard that watches it while serving.
-//! - [`media`]: media errors: their sources, the bad-range set, the guest channel.
-//! - [`control`]: the control socket, events, the `status` document and the
-//!   Prometheus metrics (rendered in `control::metrics`, written by
-//!   `control::metrics_file`).
-//! - [`state`], [`jsonl`], [`service`], [`socket`], [`backing`], [`config`], [`sys`]:
-//!   the state directory, the line protocols, service threads, sockets, opening the
-//!   backing file, configuration, and the raw host calls no crate wraps.
-//! - [`sandbox`]: the seccomp allow-list installed once start-up is done.
-//! - [`systemd`]: inherited sockets, readiness, status and the watchdog (the
-//!   service manager's protocols).
-//! - [`region`]: the backing file judged and its flush policy chosen; [`daemon`]:
-//!   the services around it, the accept loop, the exit. This file: the error type.
+//! Modules sit on floors; a module imports only from its own floor or the floors
+//! below, and no imports form a circle (`tests/layers.rs` checks both on every
+//! `cargo test`). From the bottom up:
+//!
+//! 1. **utilities**: [`sys`] (the raw host calls no crate wraps), [`jsonl`] (the line
+//!    protocols), [`util`] (lock, busy marker, guest log limiter, wall clock),
+//!    [`service`] (the thread boundary every long-lived thread goes through).
+//! 2. **core**: [`backing`] (opening and locking the file), [`blockmap`] (reading and
+//!    judging a block map, `prepare`, `check`), [`durability`] (modes, policies, the
+//!    flush executor, the latched failure), [`region`] (the file judged and its
+//!    policy chosen, for either export), [`state`] (the per-file records),
+//!    [`media::ranges`] (the bad-range set).
+//! 3. **report**: [`events`] (the event hub) and [`report`] (the plain data of
+//!    `status`, which every layer above fills through the handles it is given).
+//! 4. **services**: [`device`] (the vhost-user device, the request queue, the wire
+//!    format), [`media`] (media-error sources and the guest channel), [`guard`] (the
+//!    lease, the seal and the block-map watcher), [`control`] (the control socket and
+//!    the metrics).
+//! 5. **runtime**: [`host`] (the start-up steps both exports share, the one status
+//!    report, signals, the exit), [`socket`], [`sandbox`], [`systemd`], [`config`].
+//! 6. **apps**: [`app::serve`] (virtio-pmem over vhost-user: the accept loop) and
+//!    [`app::nvdimm`] (the guarded NVDIMM: QMP and the mapping check).
+//!
+//! The binary (`main.rs`) stands on top. The flush path is
+//! `device::queue` → `durability` (→ `device::wire` for the answer).
+//!
+//! This file: the error type of the daemon, and how it is reported.
 
+pub mod app;
 pub mod backing;
 pub mod blockmap;
 pub mod config;
 pub mod control;
-pub mod daemon;
 pub mod device;
 pub mod durability;
+pub mod events;
 #[cfg(test)]
 mod fuzz;
+pub mod guard;
+pub mod host;
 pub mod jsonl;
 pub mod media;
-pub mod nvdimm;
 pub mod region;
+pub mod report;
 pub mod sandbox;
 pub mod service;
 pub mod socket;
 pub mod state;
 pub mod sys;
 pub mod systemd;
+pub mod util;
 
-use std::io;
+use std::{io, path::PathBuf};
 
 use crate::{
-    backing::BackingError, blockmap::guard::GuardError, durability::ModeError, socket::SocketError,
+    app::nvdimm::NvdimmError, durability::ModeError, guard::GuardError, host::Step,
+    region::RegionError, sandbox::SandboxError, socket::SocketError,
 };
 
-/// Everything that can stop the daemon.
+/// Everything that can stop an export. Each variant carries its cause as its
+/// source; [`error_chain`] prints the whole chain.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Backing(#[from] BackingError),
-    #[error(transparent)]
-    Mode(#[from] ModeError),
+    Region(#[from] RegionError),
     #[error(transparent)]
     Socket(#[from] SocketError),
     #[error(transparent)]
     Guard(#[from] GuardError),
-    #[error("{0}")]
-    Sandbox(String),
-    /// The NVDIMM export refused the file or QEMU's mapping of it.
-    #[error("{0}")]
-    Nvdimm(String),
-    #[error("vhost-user: {0}")]
-    VhostUser(String),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Nvdimm(#[from] NvdimmError),
+    #[error("vhost-user")]
+    VhostUser(#[source] VhostUserError),
     #[error(
-        "{0}; what the guest wrote may not be on stable storage (see `vhost-device-pmem health`)"
+        "{file}: a sync failed; what the guest wrote may not be on stable storage (see \
+         `vhost-device-pmem health`)"
     )]
-    SyncFailed(String),
-    #[error("{what}: {source}")]
+    SyncFailed {
+        file: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the state records: {what}")]
+    State {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("write the metrics file {path} (--metrics-file)")]
+    MetricsFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("block the signals")]
+    Signals(#[source] io::Error),
+    #[error("start {0}")]
+    Start(&'static str, #[source] io::Error),
+    #[error("duplicate a descriptor")]
+    Dup(#[source] io::Error),
+    /// A start-up step that must run before the sandbox was asked for after it.
+    #[error("start-up order: {0:?} after the sandbox is in place")]
+    StartOrder(Step),
+    #[error("{what}")]
     Io {
         what: &'static str,
+        #[source]
         source: io::Error,
     },
 }
 
-pub(crate) fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> Error {
-    move |source| Error::Io { what, source }
+/// vhost-user-backend's error, which implements `Display` but not
+/// `std::error::Error`, as a source.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct VhostUserError(pub vhost_user_backend::Error);
+
+impl From<ModeError> for Error {
+    fn from(e: ModeError) -> Self {
+        Self::Region(RegionError::Mode(e))
+    }
+}
+
+/// `error: X: caused by Y: caused by Z` without the `error: `: an error and every
+/// source under it, each once (a `transparent` wrapper shows its inner error's
+/// text, so a source whose text ends the chain so far is skipped).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut last = out.clone();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if text != last {
+            out.push_str(": caused by ");
+            out.push_str(&text);
+        }
+        last = text;
+        next = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chain_names_every_cause_once() {
+        let e = Error::SyncFailed {
+            file: "/img".into(),
+            source: io::Error::from_raw_os_error(libc::EIO),
+        };
+        let chain = error_chain(&e);
+        assert!(
+            chain.starts_with("/img: a sync failed;")
+                && chain.contains(": caused by Input/output error"),
+            "{chain}"
+        );
+        // A transparent wrapper is not repeated.
+        let e: Error = RegionError::Dup(io::Error::from_raw_os_error(libc::EMFILE)).into();
+        assert_eq!(
+            error_chain(&e),
+            "duplicate the backing file's descriptor: caused by Too many open files (os error 24)"
+        );
+    }
 }

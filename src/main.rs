@@ -16,6 +16,7 @@ use vhost_device_pmem::{
     config::{parse_offset, parse_size, Config, NvdimmArgs, NvdimmConfig, ServeArgs},
     control,
     durability::SyncFailure,
+    region::RegionError,
     state::{Kind, StateFiles},
 };
 
@@ -217,25 +218,33 @@ fn run(cli: Cli) -> Result<(), String> {
                 args.socket_path = Some(path);
             }
             let config = Config::try_from(*args).map_err(|e| e.to_string())?;
-            match vhost_device_pmem::daemon::serve(config, inherited) {
+            match vhost_device_pmem::app::serve::run(&config, inherited) {
                 // Another daemon, or a VMM that still maps the region from an earlier
                 // daemon, holds the file: a restart cannot help until it is gone, so
                 // a distinct status the service unit does not restart.
-                Err(e @ vhost_device_pmem::Error::Backing(BackingError::Locked(_))) => {
+                Err(
+                    e @ vhost_device_pmem::Error::Region(RegionError::Backing(
+                        BackingError::Locked(_),
+                    )),
+                ) => {
                     error!("{e}");
                     std::process::exit(EXIT_FILE_IN_USE.into());
                 }
-                r => r.map_err(|e| e.to_string()),
+                r => r.map_err(|e| vhost_device_pmem::error_chain(&e)),
             }
         }
         Command::Nvdimm(args) => {
             let config = NvdimmConfig::try_from(*args).map_err(|e| e.to_string())?;
-            match vhost_device_pmem::nvdimm::run(config) {
-                Err(e @ vhost_device_pmem::Error::Backing(BackingError::Locked(_))) => {
+            match vhost_device_pmem::app::nvdimm::run(config) {
+                Err(
+                    e @ vhost_device_pmem::Error::Region(RegionError::Backing(
+                        BackingError::Locked(_),
+                    )),
+                ) => {
                     error!("{e}");
                     std::process::exit(EXIT_FILE_IN_USE.into());
                 }
-                r => r.map_err(|e| e.to_string()),
+                r => r.map_err(|e| vhost_device_pmem::error_chain(&e)),
             }
         }
         Command::Badblocks {

@@ -5,37 +5,13 @@
 //! Owns: the allow-list of each [`Profile`] and [`install`]. Never decides *when* to
 //! install (the daemon does, after its start-up) and never makes a call it filters.
 
-use std::{collections::BTreeMap, fmt};
+use std::collections::BTreeMap;
 
+pub use crate::report::SeccompMode;
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
     SeccompFilter, SeccompRule, TargetArch,
 };
-use serde::{Deserialize, Serialize};
-
-/// `--seccomp`: what an unlisted system call does.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum SeccompMode {
-    /// Kill the whole process (SIGSYS, core-dumpable) on an unlisted call.
-    #[default]
-    Enforce,
-    /// Allow an unlisted call and have the kernel log it (audit type 1326 / SECCOMP
-    /// lines in the kernel log): to find what a new path needs.
-    Log,
-    /// No filter.
-    Off,
-}
-
-impl fmt::Display for SeccompMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Enforce => "enforce",
-            Self::Log => "log",
-            Self::Off => "off",
-        })
-    }
-}
 
 /// Which code runs under the filter. Each profile is the [`common`] list plus its
 /// own function ([`serve_rules`], [`nvdimm_rules`]), built from the shared parts

@@ -21,6 +21,8 @@ use std::{
 use log::{error, warn};
 use serde::{Deserialize, Serialize};
 
+use crate::util::{lock, rfc3339_now};
+
 /// A service thread that ended by panicking.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceFailure {
@@ -155,7 +157,7 @@ impl Services {
                 lock(&me.failed).push(ServiceFailure {
                     service,
                     reason: reason.clone(),
-                    at: crate::control::events::rfc3339_now(),
+                    at: rfc3339_now(),
                 });
                 last_word(&reason);
             }
@@ -166,10 +168,6 @@ impl Services {
     pub fn failures(&self) -> Vec<ServiceFailure> {
         lock(&self.failed).clone()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Waits until `fd` is readable (true) or shutdown is asked for (false).

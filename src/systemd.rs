@@ -23,11 +23,14 @@ use std::{
         linux::net::SocketAddrExt,
         unix::net::{SocketAddr, UnixDatagram, UnixListener},
     },
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc::{Receiver, RecvTimeoutError},
+    },
     time::Duration,
 };
 
-use crate::service::Services;
+use crate::{events::Event, service::Services};
 
 /// The first inherited descriptor (SD_LISTEN_FDS_START).
 const LISTEN_FDS_START: RawFd = 3;
@@ -209,20 +212,31 @@ pub fn notify_stopping() {
     notify_or_log("STOPPING=1\nSTATUS=stopping: making the data durable");
 }
 
-/// The notifier's loop, until shutdown: every `tick`, STATUS= when `status()`
-/// changed, and with a `watchdog` interval, WATCHDOG=1 only if [`progress`] holds
-/// for what `busy()` reports (sync, queue pass); otherwise STATUS= says what is
-/// stuck and no ping goes out. `send` delivers a message (normally [`notify`]).
+/// The notifier's loop, until shutdown. It wakes on every event of the daemon
+/// (`changes`: a policy downgrade, a sync failure, a VMM connecting or leaving, ...)
+/// and, only when the service manager asked for a `watchdog`, every `tick` as well:
+/// an idle daemon without a watchdog makes no wake-ups. Each time it sends STATUS=
+/// when `status()` changed, and with a watchdog WATCHDOG=1 only if [`progress`]
+/// holds for what `busy()` reports (sync, queue pass); otherwise STATUS= says what
+/// is stuck and no ping goes out. `send` delivers a message (normally [`notify`]).
 pub fn run_notifier(
     services: &Services,
-    tick: Duration,
+    changes: &Receiver<Event>,
+    tick: Option<Duration>,
     watchdog: Option<Duration>,
     status: impl Fn() -> String,
     busy: impl Fn() -> (Option<Duration>, Option<Duration>),
     send: impl Fn(&str),
 ) {
     let mut last = String::new();
-    while !services.sleep(tick) {
+    loop {
+        let woke = match tick {
+            Some(t) => !matches!(changes.recv_timeout(t), Err(RecvTimeoutError::Disconnected)),
+            None => changes.recv().is_ok(),
+        };
+        if !woke || services.stopping() {
+            return;
+        }
         let mut line = status();
         let mut msg = String::new();
         if let Some(limit) = watchdog {
@@ -445,12 +459,15 @@ mod tests {
         rx.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
         let services = Arc::new(Services::default());
+        let hub = crate::events::EventHub::default();
+        let changes = hub.subscribe(false);
         let notifier = {
             let (services, flusher) = (services.clone(), flusher.clone());
             std::thread::spawn(move || {
                 run_notifier(
                     &services,
-                    tick,
+                    &changes,
+                    Some(tick),
                     Some(interval),
                     || "policy datasync, health healthy".into(),
                     || (flusher.busy.running_for(), None),
@@ -513,9 +530,11 @@ mod tests {
         let services = Services::default();
         let sent = std::sync::Mutex::new(Vec::<String>::new());
         let ticks = std::sync::atomic::AtomicU32::new(0);
+        let hub = crate::events::EventHub::default();
         run_notifier(
             &services,
-            Duration::from_millis(1),
+            &hub.subscribe(false),
+            Some(Duration::from_millis(1)),
             Some(Duration::from_secs(1)),
             || "policy fsync, health healthy".into(),
             || {
@@ -533,6 +552,45 @@ mod tests {
                 "STATUS=policy fsync, health healthy; STUCK: a sync of the backing file"
             ),
             "{sent:?}"
+        );
+    }
+
+    #[test]
+    fn without_a_watchdog_the_notifier_wakes_only_on_events() {
+        use std::sync::{atomic::AtomicU32, Arc};
+
+        let services = Arc::new(Services::default());
+        let hub = Arc::new(crate::events::EventHub::default());
+        let changes = hub.subscribe(false);
+        let wakes = Arc::new(AtomicU32::new(0));
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let notifier = {
+            let (services, wakes) = (services.clone(), wakes.clone());
+            std::thread::spawn(move || {
+                run_notifier(
+                    &services,
+                    &changes,
+                    None,
+                    None,
+                    || format!("status {}", wakes.fetch_add(1, Ordering::Relaxed)),
+                    || (None, None),
+                    |m| tx.send(m.to_string()).unwrap(),
+                )
+            })
+        };
+        // Each event wakes it once, and each wake reads the status once.
+        for i in 0..3 {
+            hub.publish(crate::events::EventKind::Sealed { sealed: true });
+            assert_eq!(rx.recv().unwrap(), format!("STATUS=status {i}"));
+        }
+        // Shutdown ends it at the next event (the host publishes one at exit).
+        services.shutdown();
+        hub.publish(crate::events::EventKind::Stopping);
+        notifier.join().unwrap();
+        assert_eq!(
+            wakes.load(Ordering::Relaxed),
+            3,
+            "no wake-up without an event"
         );
     }
 }

@@ -116,7 +116,7 @@ fn sandbox_child() {
             }
             // The mapping check reads /proc/PID/smaps.
             "smaps" => {
-                use vhost_device_pmem::nvdimm::mapping::{mappings_of, FileId};
+                use vhost_device_pmem::app::nvdimm::mapping::{mappings_of, FileId};
                 let id = FileId::of(&exe).unwrap();
                 mappings_of(std::process::id(), id).unwrap().len() as i64
             }

@@ -313,10 +313,14 @@ fn a_new_connection_negotiates_from_scratch() {
     assert_eq!(st["features_acked"], "0x0", "{st:#}");
 
     let mut fe = TestFrontend::connect(&d.socket).unwrap();
-    let st = d.wait_status("the second connection", |s| s["connections"] == 2);
+    // Connected, not negotiated yet: not counted as a VMM connection yet.
+    let st = d.wait_status("the second connection", |s| s["connected"] == true);
     assert_eq!(st["features_acked"], "0x0", "{st:#}");
+    assert_eq!(st["connections"], 1, "{st:#}");
+    assert!(st["vmm"].is_null(), "{st:#}");
     assert_eq!(fe.config().unwrap(), (0, SIZE));
     fe.start().unwrap();
+    d.wait_status("the second VMM", |s| s["connections"] == 2);
     assert_eq!(
         fe.maps.wait_for(1, frontend::TIMEOUT),
         1,
@@ -531,9 +535,10 @@ fn a_broken_queue_starts_clean_with_the_next_connection() {
     }
     d.wait_status("the disconnect", |s| s["connected"] == false);
     let mut fe = TestFrontend::connect(&d.socket).unwrap();
-    let st = d.wait_status("the second connection", |s| s["connections"] == 2);
+    let st = d.wait_status("the second connection", |s| s["connected"] == true);
     assert_eq!(st["health"], "healthy", "{st:#}");
     fe.start().unwrap();
+    d.wait_status("the second VMM", |s| s["connections"] == 2);
     assert_eq!(fe.flush(1).unwrap(), vec![0]);
 }
 

@@ -8,7 +8,6 @@
 //! dirty data so that delayed allocations show up as what they will become).
 
 pub mod check;
-pub mod guard;
 pub mod prepare;
 
 use std::{

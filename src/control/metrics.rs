@@ -10,8 +10,9 @@
 use std::fmt::Write;
 
 use crate::{
-    control::{status::StatusReport, StatsReport},
+    control::StatsReport,
     durability::{Health, LatencyBuckets, Policy, LATENCY_BUCKETS},
+    report::StatusReport,
 };
 
 /// Every metric name starts with this.
@@ -259,6 +260,7 @@ mod tests {
             downgraded: Some("map changed".into()),
             socket: "/s".into(),
             connected: true,
+            vmm: None,
             connections: 3,
             last_disconnect: None,
             features_acked: "0x0".into(),

@@ -8,10 +8,8 @@
 //! device or the durability policy; the only commands that act are
 //! `badblocks-inject` and `badblocks-clear` (operators recording media errors).
 
-pub mod events;
 pub mod metrics;
 pub mod metrics_file;
-pub mod status;
 
 use std::{
     io,
@@ -30,12 +28,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{
-    control::{events::EventHub, status::StatusReport},
     device::queue::{QueueCounters, QueueStats},
-    durability::StatsSnapshot,
+    durability::{FlushStats, StatsSnapshot},
+    events::EventHub,
     jsonl::{self, Line, LineReader},
     media::{ranges::BadRange, MediaErrors, Source},
-    region::Region,
+    report::StatusReport,
     service::{self, Services},
 };
 
@@ -72,8 +70,8 @@ const EVENTS_IDLE_CHECK: Duration = Duration::from_millis(500);
 #[derive(Clone)]
 pub struct ControlHandles {
     pub status: Arc<dyn Fn() -> StatusReport + Send + Sync>,
-    /// For the flush counters.
-    pub region: Arc<Region>,
+    /// The flush counters of the region's flusher.
+    pub flush: Arc<FlushStats>,
     pub queue_stats: Arc<QueueStats>,
     pub media: Arc<MediaErrors>,
     pub events: Arc<EventHub>,
@@ -85,7 +83,7 @@ impl ControlHandles {
     /// The `stats` answer now.
     pub fn stats(&self) -> StatsReport {
         StatsReport {
-            flush: self.region.flusher.stats.snapshot(),
+            flush: self.flush.snapshot(),
             queue: self.queue_stats.snapshot(),
         }
     }
@@ -96,7 +94,7 @@ impl ControlHandles {
             instance: self.metrics_instance.to_string(),
             status: (self.status)(),
             stats: self.stats(),
-            latency: self.region.flusher.stats.latency_buckets(),
+            latency: self.flush.latency_buckets(),
         })
     }
 }
@@ -395,10 +393,10 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::{
-        control::{events::EventKind, status::DeviceStatus},
-        daemon::Daemon,
         durability::{Flusher, Mode, Policy},
+        events::EventKind,
         region::Region,
+        report::DeviceStatus,
     };
 
     use serde_json::json;
@@ -425,12 +423,14 @@ pub(crate) mod tests {
             .truncate(false)
             .open(&img)
             .unwrap();
-        let events: Arc<crate::control::events::EventHub> = Arc::default();
+        let events: Arc<crate::events::EventHub> = Arc::default();
         let state = crate::state::StateFiles::new(&img, Some(state_dir), Some(&f)).unwrap();
         let media =
             crate::media::MediaErrors::load(&img, 2 << 20, state, events.clone(), Arc::default())
                 .unwrap();
-        let d = Arc::new(Daemon {
+        let device: Arc<DeviceStatus> = Arc::default();
+        let queue: Arc<crate::device::queue::QueueStats> = Arc::default();
+        let d = Arc::new(crate::host::Shared {
             region: Arc::new(Region {
                 path: PathBuf::from("/img"),
                 file: f.try_clone().unwrap(),
@@ -438,26 +438,32 @@ pub(crate) mod tests {
                 readonly: false,
                 flusher: Flusher::new(f, Policy::Fsync),
                 baseline: None,
+                mode_requested: Mode::Auto,
+                policy_reason: "test".into(),
             }),
-            status: Arc::new(DeviceStatus::default()),
-            mode_requested: Mode::Auto,
-            policy_reason: "test".into(),
-            socket_path: PathBuf::from("/s"),
             events,
-            guard: Arc::default(),
             media,
-            agent: None,
             services: Arc::default(),
-            queue_stats: Arc::default(),
+            guard: {
+                let g = std::sync::OnceLock::new();
+                let _ = g.set(Arc::default());
+                g
+            },
+            agent: Default::default(),
+            socket: Default::default(),
+            export: crate::host::ExportState::VirtioPmem {
+                device,
+                queue: queue.clone(),
+            },
             seccomp: crate::sandbox::SeccompMode::Off,
         });
         ControlHandles {
             status: {
                 let d = d.clone();
-                Arc::new(move || d.status_report())
+                Arc::new(move || d.report())
             },
-            region: d.region.clone(),
-            queue_stats: d.queue_stats.clone(),
+            flush: d.region.flusher.stats.clone(),
+            queue_stats: queue,
             media: d.media.clone(),
             events: d.events.clone(),
             metrics_instance: "/img".into(),

@@ -41,11 +41,11 @@ use vmm_sys_util::{
 };
 
 use crate::{
-    control::events::{EventHub, EventKind},
-    control::status::DeviceStatus,
     device::queue::{process_queue, QueueState, QueueStats},
     device::wire::{PmemConfig, VIRTIO_PMEM_F_SHMEM_REGION, VIRTIO_PMEM_SHMEM_REGION_ID},
+    events::{EventHub, EventKind},
     region::Region,
+    report::DeviceStatus,
 };
 
 /// Queue size offered to the driver.
@@ -308,7 +308,18 @@ impl VhostUserBackendMut for PmemBackend {
     }
 
     fn acked_features(&mut self, features: u64) {
-        self.status.set_features(features);
+        if self.status.set_features(features) {
+            let vmm = self.status.vmm();
+            info!(
+                "VMM connected: {}, features {features:#x}",
+                vmm.as_ref()
+                    .map_or_else(|| "unknown peer".to_string(), ToString::to_string)
+            );
+            self.events.publish(EventKind::VmmConnected {
+                pid: vmm.as_ref().and_then(|v| v.pid),
+                comm: vmm.and_then(|v| v.comm),
+            });
+        }
         if features & VIRTIO_PMEM_F_SHMEM_REGION == 0 {
             error!("the guest driver did not accept VIRTIO_PMEM_F_SHMEM_REGION: it will look for the region at config.start, which a vhost-user backend cannot provide; this guest cannot use the device");
         }

@@ -12,7 +12,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use log::{error, warn};
@@ -26,6 +26,7 @@ use crate::{
         VIRTIO_PMEM_RESP_OK,
     },
     durability::Flusher,
+    util::GuestLog,
 };
 
 /// Errors that stop processing of the whole queue (the ring itself is unusable).
@@ -35,66 +36,6 @@ pub enum QueueError {
     AvailRing(virtio_queue::Error),
     #[error("cannot write the used ring: {0}")]
     UsedRing(virtio_queue::Error),
-}
-
-/// Messages a guest can cause (malformed chains, unsupported request types): at
-/// most [`GuestLog::BURST`] per [`GuestLog::WINDOW`], then one line saying how many
-/// were held back. Constant memory whatever the guest sends; the counters in
-/// `stats` count every one.
-#[derive(Debug)]
-pub struct GuestLog {
-    /// What is being logged, for the "held back" line.
-    what: &'static str,
-    window_start: Option<Instant>,
-    logged: u32,
-    suppressed: u64,
-}
-
-impl Default for GuestLog {
-    fn default() -> Self {
-        Self::new("guest request problem")
-    }
-}
-
-impl GuestLog {
-    pub const BURST: u32 = 10;
-    pub const WINDOW: Duration = Duration::from_secs(60);
-
-    pub const fn new(what: &'static str) -> Self {
-        Self {
-            what,
-            window_start: None,
-            logged: 0,
-            suppressed: 0,
-        }
-    }
-
-    /// Whether a message may be logged now (counting it as held back if not).
-    pub fn allow(&mut self, now: Instant) -> bool {
-        let expired = self
-            .window_start
-            .is_none_or(|t| now.duration_since(t) >= Self::WINDOW);
-        if expired {
-            if self.suppressed > 0 {
-                warn!(
-                    "{} more {}(s) in the last {:?} were not logged (see `stats`)",
-                    self.suppressed,
-                    self.what,
-                    Self::WINDOW
-                );
-            }
-            self.window_start = Some(now);
-            self.logged = 0;
-            self.suppressed = 0;
-        }
-        if self.logged < Self::BURST {
-            self.logged += 1;
-            true
-        } else {
-            self.suppressed += 1;
-            false
-        }
-    }
 }
 
 /// What one pass over the queue did.
@@ -121,7 +62,7 @@ pub struct QueueStats {
     pub malformed: AtomicU64,
     pub unsupported: AtomicU64,
     /// Set while a queue pass is in progress (the watchdog reads it).
-    pub pass: crate::durability::Busy,
+    pub pass: crate::util::Busy,
 }
 
 /// A point-in-time copy of [`QueueStats`], for `stats`.
@@ -579,18 +520,6 @@ mod tests {
     }
 
     #[test]
-    fn guest_caused_messages_are_rate_limited_in_constant_memory() {
-        let mut log = GuestLog::default();
-        let t0 = Instant::now();
-        let allowed = (0..10_240).filter(|_| log.allow(t0)).count();
-        assert_eq!(allowed, GuestLog::BURST as usize);
-        assert_eq!(log.suppressed, 10_240 - u64::from(GuestLog::BURST));
-        // A new window logs again (and reports what it held back).
-        assert!(log.allow(t0 + GuestLog::WINDOW));
-        assert_eq!(log.suppressed, 0);
-    }
-
-    #[test]
     fn thousands_of_distinct_unsupported_types_are_all_answered_and_counted() {
         let mem = memory();
         let mut state = QueueState::new(Arc::default());
@@ -607,8 +536,8 @@ mod tests {
         }
         assert_eq!(state.stats.snapshot().unsupported_requests, 1280);
         let log = state.log;
-        assert_eq!(log.logged, GuestLog::BURST);
-        assert_eq!(log.suppressed, 1280 - u64::from(GuestLog::BURST));
+        assert_eq!(log.logged(), GuestLog::BURST);
+        assert_eq!(log.suppressed(), 1280 - u64::from(GuestLog::BURST));
     }
 
     #[test]

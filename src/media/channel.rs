@@ -25,10 +25,11 @@ use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    device::queue::GuestLog,
     jsonl::{self, LineReader},
     media::ranges::{BadRange, SECTOR},
+    report::AgentState,
     service::{self, Services},
+    util::GuestLog,
 };
 
 /// Name of the virtio-serial port the agent looks for by default.
@@ -70,17 +71,6 @@ pub enum FromAgent {
     Applied { sectors: Vec<(u64, u64)> },
     /// Something the agent could not do.
     Error { message: String },
-}
-
-/// What the daemon knows about the agent, for `status`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct AgentState {
-    pub connected: bool,
-    pub device: Option<String>,
-    pub data_offset: Option<u64>,
-    /// Ranges the agent last reported as applied.
-    pub applied: Vec<(u64, u64)>,
-    pub last_error: Option<String>,
 }
 
 /// The daemon's side: serves one agent connection at a time and pushes the list.

@@ -28,9 +28,10 @@ use self::{
 };
 use crate::{
     blockmap,
-    control::events::{EventHub, EventKind},
+    events::{EventHub, EventKind},
     service::{self, Services},
     state::{Kind, StateFiles},
+    util::lock,
 };
 
 /// How often a failed write of the state file is retried.
@@ -409,11 +410,4 @@ impl MediaErrors {
         )?;
         Ok(())
     }
-}
-
-/// Locks a mutex whose holder may have panicked: the data of these mutexes (a set of
-/// ranges, an error message, a channel handle) is consistent after every statement,
-/// so a panic elsewhere must not take `status` and every later report down with it.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -12,10 +12,11 @@ use std::{
         mpsc::{self, Receiver, SyncSender, TrySendError},
         Mutex,
     },
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use serde::Serialize;
+
+use crate::util::{lock, rfc3339_now};
 
 /// Events kept for subscribers that ask for the backlog.
 const BACKLOG: usize = 64;
@@ -86,6 +87,16 @@ pub enum EventKind {
         /// Ranges in the set now.
         total: usize,
     },
+    /// A VMM negotiated the device's features over the vhost-user socket (a
+    /// client that connects and leaves without negotiating is no VMM).
+    VmmConnected {
+        pid: Option<u32>,
+        comm: Option<String>,
+    },
+    /// The VMM's connection ended; the device was reset.
+    VmmDisconnected { reason: String },
+    /// The daemon is stopping (a signal, QEMU's exit, or an error).
+    Stopping,
 }
 
 /// One event as sent: its kind and fields, a sequence number and the time.
@@ -124,7 +135,7 @@ impl EventHub {
     /// Publishes an event to every subscriber (dropping those that left) and keeps
     /// it in the backlog. Returns the event as published.
     pub fn publish(&self, kind: EventKind) -> Event {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = lock(&self.inner);
         inner.seq += 1;
         let event = Event {
             kind,
@@ -147,7 +158,7 @@ impl EventHub {
     /// A new subscription; with `backlog`, the recent events come first.
     pub fn subscribe(&self, backlog: bool) -> Receiver<Event> {
         let (tx, rx) = mpsc::sync_channel(SUBSCRIBER_QUEUE);
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = lock(&self.inner);
         if backlog {
             for e in &inner.backlog {
                 let _ = tx.try_send(e.clone());
@@ -159,42 +170,13 @@ impl EventHub {
 
     /// Events published so far that are still in the backlog.
     pub fn recent(&self) -> Vec<Event> {
-        self.inner.lock().unwrap().backlog.iter().cloned().collect()
+        lock(&self.inner).backlog.iter().cloned().collect()
     }
 
     /// Live subscriptions (those that left are noticed at the next publish).
     pub fn subscribers(&self) -> usize {
-        self.inner.lock().unwrap().subscribers.len()
+        lock(&self.inner).subscribers.len()
     }
-}
-
-/// The current time as RFC 3339 UTC with milliseconds.
-pub fn rfc3339_now() -> String {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    rfc3339(d.as_secs(), d.subsec_millis())
-}
-
-fn rfc3339(secs: u64, millis: u32) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (proleptic Gregorian).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
 }
 
 #[cfg(test)]
@@ -252,12 +234,5 @@ mod tests {
         }
         assert_eq!(rx.try_iter().count(), SUBSCRIBER_QUEUE);
         assert_eq!(hub.recent().len(), BACKLOG);
-    }
-
-    #[test]
-    fn rfc3339_formats_known_instants() {
-        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.005Z");
-        assert_eq!(rfc3339(1_763_722_261, 123), "2025-11-21T10:51:01.123Z");
     }
 }

@@ -19,16 +19,15 @@ use std::{
 };
 
 use log::{error, info, warn};
-use serde::{Deserialize, Serialize};
 
 use crate::{
     blockmap::{self, Filesystem},
-    config::Config,
-    control::events::EventHub,
-    control::events::{rfc3339_now, EventKind},
+    events::EventHub,
     region::Region,
+    report::GuardStatus,
     service::Services,
     sys::{self, LeaseKind},
+    {events::EventKind, util::rfc3339_now},
 };
 
 /// What the guard needs of the daemon, and nothing more: the region it watches (and
@@ -58,27 +57,6 @@ pub enum GuardError {
     Seal { file: String, source: io::Error },
     #[error("cannot start the block-map watcher: {0}")]
     Start(io::Error),
-}
-
-/// The guard's part of `status`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct GuardStatus {
-    /// "write lease held", "read lease held", "broken: ...", "unavailable: ...".
-    pub lease: String,
-    pub lease_breaks: u64,
-    /// The immutable attribute is set by this daemon.
-    pub sealed: bool,
-    /// 0: only on lease breaks.
-    pub verify_interval_secs: u64,
-    pub verifications: u64,
-    pub last_verified: Option<String>,
-    /// Whether the map is watched at all (only an immutable map is).
-    pub watching: bool,
-    /// Set when the map was seen to change.
-    pub map_changed: Option<String>,
-    /// Change notices (inotify) that triggered a verification.
-    #[serde(default)]
-    pub change_notices: u64,
 }
 
 /// Shared guard state, read by `status`.
@@ -148,17 +126,6 @@ pub struct GuardOptions {
     /// fallocate, reflink, truncate or attribute change by any process; writes
     /// through a mapping make none): the event-driven check where no lease is.
     pub change_notices: bool,
-}
-
-impl From<&Config> for GuardOptions {
-    fn from(c: &Config) -> Self {
-        Self {
-            verify_interval: c.verify_interval,
-            seal: c.seal,
-            no_lease: None,
-            change_notices: false,
-        }
-    }
 }
 
 /// Starts guarding the daemon's backing file: seals it if asked, then starts the
@@ -596,6 +563,8 @@ mod tests {
                 readonly: false,
                 flusher: Flusher::new(f, policy),
                 baseline: Some(1),
+                mode_requested: crate::durability::Mode::Auto,
+                policy_reason: "test".into(),
             }),
             events: Arc::default(),
             guard: Arc::default(),
@@ -625,6 +594,8 @@ mod tests {
                 readonly: false,
                 flusher: Flusher::new(f.try_clone().unwrap(), Policy::Direct),
                 baseline: Some(baseline),
+                mode_requested: crate::durability::Mode::Auto,
+                policy_reason: "test".into(),
             }),
             events: Arc::default(),
             guard: Arc::default(),

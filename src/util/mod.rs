@@ -1,0 +1,21 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Small helpers every floor may use: the busy marker, the guest log limiter, the
+//! wall clock, and the poison-tolerant lock.
+//!
+//! Owns: nothing of the domain. Never imports another module of the crate.
+
+pub mod busy;
+pub mod guest_log;
+pub mod time;
+
+pub use self::{
+    busy::{Busy, BusyGuard},
+    guest_log::GuestLog,
+    time::rfc3339_now,
+};
+
+/// Locks `m`, taking the data of a poisoned lock as it is: a thread that panicked
+/// while holding it is recorded by `Services`, and the others go on.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
