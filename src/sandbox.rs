@@ -362,6 +362,8 @@ fn nvdimm_rules() -> Result<Rules, SandboxError> {
     rules.insert(libc::SYS_inotify_init1, any());
     rules.insert(libc::SYS_inotify_add_watch, any());
     rules.insert(libc::SYS_inotify_rm_watch, any());
+    // The wait for QEMU's exit: a pidfd of the pid QMP's SO_PEERCRED named.
+    rules.insert(libc::SYS_pidfd_open, any());
     Ok(rules)
 }
 

@@ -114,6 +114,12 @@ fn sandbox_child() {
                 )
                 .into()
             }
+            // The wait for QEMU's exit: a pidfd of a live process (this one).
+            "pidfd" => {
+                let fd = libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0);
+                say(&format!("pidfd {fd}\n"));
+                fd
+            }
             // The mapping check reads /proc/PID/smaps.
             "smaps" => {
                 use vhost_device_pmem::app::nvdimm::mapping::{mappings_of, FileId};
@@ -193,7 +199,14 @@ fn enforce_kills_the_process_on_a_call_outside_the_list() {
 /// socket, a fork, ptrace, a new listening socket; `serve`'s has no inotify.
 #[test]
 fn the_nvdimm_profile_allows_the_exports_calls_and_kills_the_rest() {
-    for call in ["inotify", "fiemap", "peercred", "smaps", "socket-unix"] {
+    for call in [
+        "inotify",
+        "fiemap",
+        "peercred",
+        "smaps",
+        "socket-unix",
+        "pidfd",
+    ] {
         assert_survived(&child("nvdimm", call), call);
     }
     for call in ["socket-inet", "fork", "ptrace", "bind", "ioctl-tcgets"] {
