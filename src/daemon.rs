@@ -200,12 +200,13 @@ pub fn serve(config: Config, inherited: Inherited) -> Result<(), Error> {
     };
     let csock = match (inherited_csock, &config.control_socket) {
         (Some(l), _) => Some(BoundSocket::inherited(l)),
-        (None, Some(path)) => Some(socket::bind(path, config.socket_group.as_deref())?),
+        (None, Some(path)) => Some(socket::bind(path, control::socket_group(&config))?),
         (None, None) => None,
     };
     if let Some(csock) = csock {
         let listener = csock.listener.try_clone().map_err(io_err("dup listener"))?;
-        control::spawn(listener, handles.clone(), &daemon.services)
+        let policy = control::clients::ClientPolicy::of(&config)?;
+        control::spawn_with(listener, handles.clone(), &daemon.services, policy)
             .map_err(io_err("start control socket"))?;
         info!(
             "control socket: {}{}",
@@ -272,8 +273,18 @@ pub fn serve(config: Config, inherited: Inherited) -> Result<(), Error> {
     // Listening, and the file judged (its policy chosen): ready.
     systemd::notify_or_log(&format!("READY=1\nSTATUS={}", status_line(&daemon)));
     start_notifier(&daemon)?;
+    // A connection that cannot be set up (out of descriptors, say) waits in the
+    // backlog and is tried again after a back-off: never the end of the daemon.
+    let mut retry = control::accept::Backoff::new("VMM connection set-up");
     while wait_for_connection(listener.as_raw_fd(), &stop).map_err(io_err("poll"))? {
-        serve_connection(&daemon, &mut listener, &current, &stop)?;
+        match serve_connection(&daemon, &mut listener, &current, &stop) {
+            Ok(()) => retry.succeeded(),
+            Err(e) => {
+                if retry.pause(&e, stop.as_raw_fd()) {
+                    break;
+                }
+            }
+        }
     }
 
     // One signal stops every service (accept loops, media sources, retries); then
