@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Local clients and the guest cannot starve or flood the daemon: the real binary
 //! under a real descriptor limit (setrlimit in the child) with hundreds of idle
-//! control clients, and a second real uid in the control group.
+//! control clients, a second real uid in the control group, and a fake guest
+//! flooding the agent channel.
 
 #[path = "support/daemon.rs"]
 mod daemon;
@@ -12,7 +13,7 @@ mod root;
 
 use std::{
     fs,
-    io::{Read, Write},
+    io::{BufRead, BufReader, Read, Write},
     os::unix::{
         fs::{MetadataExt, PermissionsExt},
         net::UnixStream,
@@ -426,4 +427,79 @@ fn the_daemons_own_uid_may_change_state_and_another_uid_in_the_control_group_may
     let o = as_user(DAEMON_UID, &[], &inject);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(d.status()["bad_ranges"][0]["offset"], 8192);
+}
+
+/// The log lines `log` holds after its first `skip`, each checked: one line per
+/// record (env_logger's `[` first), no control character from anyone.
+fn checked_lines(log: &str, skip: usize) -> usize {
+    let mut n = 0;
+    for line in log.lines().skip(skip) {
+        assert!(
+            line.starts_with('[') && !line.trim_start().starts_with("[2030"),
+            "a line that is not one of the daemon's records (forged by the guest?): {line:?}"
+        );
+        assert!(
+            !line.chars().any(char::is_control),
+            "a control character in the log: {line:?}"
+        );
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn a_guest_flooding_the_agent_channel_gets_a_bounded_escaped_log() {
+    let s = Scratch::new();
+    let file = s.backing_file("pmem.img", SIZE);
+    let agent = s.path("agent.sock");
+    let d = Daemon::start(
+        &s,
+        "d",
+        &file,
+        &["--mode", "fsync", "--agent-socket", agent.to_str().unwrap()],
+    );
+    let before = d.log_text().lines().count();
+    // Plays the guest's end of the virtio-serial port.
+    let port = UnixStream::connect(&agent).unwrap();
+    let mut hello = String::new();
+    BufReader::new(&port).read_line(&mut hello).unwrap();
+    assert!(hello.contains("hello"), "{hello}");
+    let forged = r"\n[2030-01-01T00:00:00Z ERROR vhost_device_pmem] forged line\r\u001b[2K\u202e";
+    let mut w = std::io::BufWriter::new(&port);
+    const ERRORS: u64 = 200_000;
+    for i in 0..ERRORS {
+        writeln!(w, r#"{{"type":"error","message":"boom {i}{forged}"}}"#).unwrap();
+    }
+    for _ in 0..1000 {
+        writeln!(
+            w,
+            r#"{{"type":"attached","device":"/dev/pmem0{forged}","data_offset":0}}"#
+        )
+        .unwrap();
+        writeln!(w, r#"{{"type":"applied","sectors":[[8,1]]}}"#).unwrap();
+        // Not a message: the decoder's error quotes the guest's tag.
+        writeln!(w, r#"{{"type":"x{forged}"}}"#).unwrap();
+    }
+    w.flush().unwrap();
+    let st = eventually("the daemon read every message", || {
+        let st = d.status();
+        (st["agent"]["messages"] == ERRORS + 2000 && st["agent"]["bad_messages"] == 1000)
+            .then_some(st)
+    });
+    let last = st["agent"]["last_error"].as_str().unwrap();
+    assert!(
+        last.starts_with("boom 199999\\n[2030") && !last.chars().any(char::is_control),
+        "{last:?}"
+    );
+    let log = d.log_text();
+    let lines = checked_lines(&log, before);
+    eprintln!(
+        "agent flood: {} messages, {lines} log lines, {} bytes of log",
+        ERRORS + 3000,
+        log.len()
+    );
+    assert!(lines < 60, "{lines} log lines:\n{log}");
+    assert!(log.contains(
+        r"boom 0\n[2030-01-01T00:00:00Z ERROR vhost_device_pmem] forged line\r\u{1b}[2K\u{202e}"
+    ));
 }
