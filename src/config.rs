@@ -58,9 +58,27 @@ pub struct ServeArgs {
     /// JSON control socket for `status` and `stats`.
     #[arg(long, value_name = "SOCK")]
     pub control_socket: Option<PathBuf>,
-    /// Group that may connect to the sockets (mode 0660); default: owner only (0600).
+    /// Group that may connect to the vhost-user and agent sockets (mode 0660), i.e.
+    /// QEMU's; default: owner only (0600). The control socket has its own.
     #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
+    /// Group that may connect to the control socket (mode 0660) for the commands
+    /// that only read (status, stats, metrics, events, badblocks list); default:
+    /// the operator group if given, else owner only (0600).
+    #[arg(long, value_name = "GROUP")]
+    pub control_group: Option<String>,
+    /// Group whose members may also run the control commands that change state
+    /// (badblocks inject and clear); root and the daemon's own uid always may.
+    #[arg(long, value_name = "GROUP")]
+    pub operator_group: Option<String>,
+    /// Most control clients served at once; at the cap the one idle the longest is
+    /// closed to make room. Default 64.
+    #[arg(long, value_name = "N")]
+    pub control_max_clients: Option<usize>,
+    /// Seconds a control client may take to send a whole request (or to read an
+    /// answer) before it is closed. Default 60.
+    #[arg(long, value_name = "SECS")]
+    pub control_idle_timeout: Option<u64>,
     /// Serve a backing file that group or others may write.
     #[arg(long, overrides_with = "no_allow_shared_permissions")]
     pub allow_shared_permissions: bool,
@@ -131,6 +149,10 @@ struct FileConfig {
     readonly: Option<bool>,
     control_socket: Option<PathBuf>,
     socket_group: Option<String>,
+    control_group: Option<String>,
+    operator_group: Option<String>,
+    control_max_clients: Option<usize>,
+    control_idle_timeout: Option<u64>,
     allow_shared_permissions: Option<bool>,
     verify_interval: Option<u64>,
     seal: Option<bool>,
@@ -162,7 +184,16 @@ pub struct Config {
     pub mode: Mode,
     pub readonly: bool,
     pub control_socket: Option<PathBuf>,
+    /// Group of the vhost-user and agent sockets.
     pub socket_group: Option<String>,
+    /// Group of the control socket (read-only commands).
+    pub control_group: Option<String>,
+    /// Members may run the control commands that change state.
+    pub operator_group: Option<String>,
+    /// Control clients served at once (positive).
+    pub control_max_clients: usize,
+    /// Seconds a control client may take per request (positive).
+    pub control_idle_timeout: u64,
     pub allow_shared_permissions: bool,
     /// Seconds between block-map verifications; 0 disables the periodic ones.
     pub verify_interval: u64,
@@ -240,6 +271,20 @@ impl Config {
         if metrics_interval == 0 {
             return Err(ConfigError::Zero("metrics-interval"));
         }
+        let control_max_clients = args
+            .control_max_clients
+            .or(file_cfg.control_max_clients)
+            .unwrap_or(crate::control::clients::DEFAULT_MAX_CLIENTS);
+        if control_max_clients == 0 {
+            return Err(ConfigError::Zero("control-max-clients"));
+        }
+        let control_idle_timeout = args
+            .control_idle_timeout
+            .or(file_cfg.control_idle_timeout)
+            .unwrap_or(crate::control::clients::DEFAULT_IDLE_TIMEOUT);
+        if control_idle_timeout == 0 {
+            return Err(ConfigError::Zero("control-idle-timeout"));
+        }
         let metrics_instance = args.metrics_instance.or(file_cfg.metrics_instance);
         if metrics_instance.as_deref() == Some("") {
             return Err(ConfigError::EmptyInstance);
@@ -261,6 +306,10 @@ impl Config {
             readonly: flag(args.readonly, args.no_readonly, file_cfg.readonly),
             control_socket: args.control_socket.or(file_cfg.control_socket),
             socket_group: args.socket_group.or(file_cfg.socket_group),
+            control_group: args.control_group.or(file_cfg.control_group),
+            operator_group: args.operator_group.or(file_cfg.operator_group),
+            control_max_clients,
+            control_idle_timeout,
             allow_shared_permissions: flag(
                 args.allow_shared_permissions,
                 args.no_allow_shared_permissions,
@@ -560,6 +609,10 @@ mod tests {
                 readonly: false,
                 control_socket: None,
                 socket_group: None,
+                control_group: None,
+                operator_group: None,
+                control_max_clients: crate::control::clients::DEFAULT_MAX_CLIENTS,
+                control_idle_timeout: crate::control::clients::DEFAULT_IDLE_TIMEOUT,
                 allow_shared_permissions: false,
                 verify_interval: DEFAULT_VERIFY_INTERVAL,
                 seal: false,

@@ -256,7 +256,14 @@ pub struct AgentState {
     pub data_offset: Option<u64>,
     /// Ranges the agent last reported as applied.
     pub applied: Vec<(u64, u64)>,
+    /// The agent's last error, escaped and capped (`media::channel::guest_text`).
     pub last_error: Option<String>,
+    /// Messages received, over all connections.
+    #[serde(default)]
+    pub messages: u64,
+    /// Lines that were not a message (too long, not JSON, ...).
+    #[serde(default)]
+    pub bad_messages: u64,
 }
 
 /// `--seccomp`: what an unlisted system call does.

@@ -42,6 +42,10 @@ pub struct Services {
     /// poll(2).
     stop_fd: OwnedFd,
     threads: Mutex<Vec<(String, JoinHandle<()>)>>,
+    /// Short-lived threads (one per control client): joined at exit like the
+    /// services, and reaped as they finish so their number stays that of the live
+    /// ones.
+    workers: Mutex<Vec<JoinHandle<()>>>,
     /// Run once at shutdown, for services that wait in something neither a sleep
     /// nor a poll of `stop_fd` can interrupt (a connection's read).
     on_shutdown: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
@@ -59,6 +63,7 @@ impl Default for Services {
             )
             .expect("eventfd"),
             threads: Mutex::default(),
+            workers: Mutex::default(),
             on_shutdown: Mutex::default(),
         }
     }
@@ -75,6 +80,32 @@ impl Services {
         let handle = self.spawn_owned(name, last_word, body)?;
         lock(&self.threads).push((name.to_string(), handle));
         Ok(())
+    }
+
+    /// Starts a short-lived worker (one client's connection) with the same panic
+    /// handling as a service; it is joined by [`Self::stop_all`] if still running.
+    /// Workers that ended are reaped here, so the list holds only live ones.
+    pub fn spawn_worker<F>(self: &Arc<Self>, name: &str, body: F) -> io::Result<()>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        let handle = self.spawn_owned(name, |_| {}, body)?;
+        let mut workers = lock(&self.workers);
+        let (done, live): (Vec<_>, Vec<_>) = std::mem::take(&mut *workers)
+            .into_iter()
+            .partition(JoinHandle::is_finished);
+        *workers = live;
+        workers.push(handle);
+        drop(workers);
+        for h in done {
+            let _ = h.join();
+        }
+        Ok(())
+    }
+
+    /// Workers started by [`Self::spawn_worker`] that have not been reaped yet.
+    pub fn workers(&self) -> usize {
+        lock(&self.workers).len()
     }
 
     /// Whether shutdown was asked for.
@@ -122,7 +153,12 @@ impl Services {
     pub fn stop_all(&self, grace: Duration) {
         self.shutdown();
         let deadline = Instant::now() + grace;
-        let threads = std::mem::take(&mut *lock(&self.threads));
+        let mut threads = std::mem::take(&mut *lock(&self.threads));
+        threads.extend(
+            std::mem::take(&mut *lock(&self.workers))
+                .into_iter()
+                .map(|h| (h.thread().name().unwrap_or("worker").to_string(), h)),
+        );
         for (name, handle) in threads {
             while !handle.is_finished() && Instant::now() < deadline {
                 thread::sleep(Duration::from_millis(10));
@@ -232,5 +268,41 @@ mod tests {
             .join()
             .unwrap();
         assert_eq!(services.failures().len(), 1);
+    }
+
+    #[test]
+    fn finished_workers_are_reaped_and_live_ones_joined_at_exit() {
+        let services = Arc::new(Services::default());
+        for _ in 0..100 {
+            services.spawn_worker("short", || {}).unwrap();
+            // Each has ended (or will): the list never holds more than the live ones.
+            while lock(&services.workers)[..]
+                .iter()
+                .filter(|h| !h.is_finished())
+                .count()
+                > 0
+            {
+                thread::yield_now();
+            }
+        }
+        assert!(services.workers() <= 1, "{} kept", services.workers());
+        let (tx, rx) = mpsc::channel();
+        let svc = services.clone();
+        services
+            .spawn_worker("waits-for-stop", move || {
+                while !svc.sleep(Duration::from_secs(60)) {}
+                tx.send(()).unwrap();
+            })
+            .unwrap();
+        services.stop_all(Duration::from_secs(30));
+        rx.try_recv()
+            .expect("joined: it had finished when stop_all returned");
+        assert_eq!(services.workers(), 0);
+        // A worker's panic is recorded like a service's.
+        services
+            .spawn_worker("bad", || panic!("client bug"))
+            .unwrap();
+        services.stop_all(Duration::from_secs(30));
+        assert_eq!(services.failures()[0].service, "bad");
     }
 }

@@ -110,7 +110,7 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<BoundSocket, SocketError
     Ok(sock)
 }
 
-fn group_id(name: &str) -> Result<u32, SocketError> {
+pub(crate) fn group_id(name: &str) -> Result<u32, SocketError> {
     if let Ok(gid) = name.parse::<u32>() {
         return Ok(gid);
     }

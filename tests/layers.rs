@@ -77,18 +77,49 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The code of a file without its unit tests (`#[cfg(test)]` items from the first
-/// `#[cfg(test)]` on: by convention they close the file) and without comments.
+/// The code of a file without comments and without its test-only items (each item
+/// after a `#[cfg(test)]`: up to its `;`, or through its braces).
 fn production_code(text: &str) -> String {
-    let cut = text.find("#[cfg(test)]").unwrap_or(text.len());
-    text[..cut]
+    let code: String = text
         .lines()
         .map(|l| match l.find("//") {
             Some(i) => &l[..i],
             None => l,
         })
         .collect::<Vec<_>>()
-        .join("\n")
+        .join("\n");
+    let mut out = String::new();
+    let mut rest = code.as_str();
+    while let Some(i) = rest.find("#[cfg(test)]") {
+        out.push_str(&rest[..i]);
+        let item = &rest[i..];
+        let end = match (item.find(';'), item.find('{')) {
+            (Some(semi), Some(open)) if semi < open => semi + 1,
+            (_, Some(open)) => {
+                let mut depth = 0;
+                let mut end = item.len();
+                for (j, c) in item[open..].char_indices() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                end = open + j + 1;
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                end
+            }
+            (Some(semi), None) => semi + 1,
+            (None, None) => item.len(),
+        };
+        rest = &item[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Expands `a::{b, c::{d, e}}` into `a::b`, `a::c::d`, `a::c::e`.
@@ -317,6 +348,9 @@ fn the_checker_sees_nested_use_trees_and_inline_paths() {
     let code = "use crate::{a::{self, b::C}, d};\nfn f() { crate::e::g(); }";
     let p = crate_paths(code);
     assert_eq!(p, ["a", "a::b::C", "d", "e::g"]);
+    let code = "fn a() { crate::x::y(); }\n#[cfg(test)]\nfn t() { if true { crate::up::z(); } }\n\
+                #[cfg(test)]\nuse crate::up2;\nfn b() { crate::w::v(); } // crate::c::d";
+    assert_eq!(crate_paths(&production_code(code)), ["x::y", "w::v"]);
     assert_eq!(floor_of("blockmap::prepare"), Some((1, "blockmap")));
     assert_eq!(floor_of("media::ranges"), Some((1, "media::ranges")));
     assert_eq!(floor_of("media::channel"), Some((3, "media")));

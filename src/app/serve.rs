@@ -8,7 +8,10 @@
 //! handles a request (that is `device`) or a flush (`durability`).
 
 use std::{
-    os::{fd::AsFd, unix::net::UnixListener},
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::net::UnixListener,
+    },
     sync::{Arc, Mutex, RwLock},
 };
 
@@ -23,14 +26,14 @@ use crate::{
     durability::SyncContext,
     events::EventKind,
     guard::GuardOptions,
-    host::{peer, ExportState, Host, HostOptions, MetricsOptions, Scrub, Shared},
+    host::{peer, ControlClients, ExportState, Host, HostOptions, MetricsOptions, Scrub, Shared},
     media::channel::GuestChannel,
     region::{Export, RegionSpec},
     report::{DeviceStatus, VmmIdentity},
     sandbox::Profile,
     service::{self, Services},
     systemd::Inherited,
-    util::{lock, rfc3339_now},
+    util::{accept::Backoff, lock, rfc3339_now},
     Error,
 };
 
@@ -53,6 +56,12 @@ pub fn host_options(config: &Config) -> HostOptions {
             seal: config.seal,
             no_lease: None,
             change_notices: false,
+        },
+        control_clients: ControlClients {
+            max: config.control_max_clients,
+            idle_timeout_secs: config.control_idle_timeout,
+            operator_group: config.operator_group.clone(),
+            control_group: config.control_group.clone(),
         },
         scrub: (config.scrub_interval > 0).then(|| Scrub {
             interval: std::time::Duration::from_secs(config.scrub_interval),
@@ -162,11 +171,22 @@ impl Serving {
             }));
         }
         let mut listener = Listener::from(self.listener.try_clone().map_err(Error::Dup)?);
+        // A connection that cannot be set up (out of descriptors, say) waits in the
+        // backlog and is tried again after a back-off: never the end of the daemon.
+        let mut retry = Backoff::new("VMM connection set-up");
         while service::wait_readable(&services, self.listener.as_fd()).map_err(|e| Error::Io {
             what: "poll the vhost-user socket",
             source: e,
         })? {
-            self.serve_connection(&services, &mut listener, &current)?;
+            match self.serve_connection(&services, &mut listener, &current) {
+                Ok(()) => retry.succeeded(),
+                Err(e) => {
+                    let e = crate::error_chain(&e);
+                    if retry.pause(&e, services.stop_fd().as_raw_fd()) {
+                        break;
+                    }
+                }
+            }
         }
         self.host.finish()
     }

@@ -308,6 +308,7 @@ mod tests {
                         max: 0,
                     },
                 },
+                clients: None,
                 queue: QueueCounters {
                     malformed_chains: 2,
                     unsupported_requests: 7,

@@ -4,10 +4,12 @@
 //! `events` stream (`{"command":"events"}` → an acknowledgement, then one JSON line
 //! per event until the subscriber disconnects).
 //!
-//! Owns: the wire format of control requests and the server thread. Never changes the
-//! device or the durability policy; the only commands that act are
+//! Owns: the wire format of control requests and the server thread, and which
+//! commands change state (see [`clients`] for who may send them). Never changes
+//! the device or the durability policy; the only commands that act are
 //! `badblocks-inject` and `badblocks-clear` (operators recording media errors).
 
+pub mod clients;
 pub mod metrics;
 pub mod metrics_file;
 
@@ -18,16 +20,18 @@ use std::{
         unix::net::{UnixListener, UnixStream},
     },
     path::Path,
-    sync::{mpsc::RecvTimeoutError, Arc},
-    thread,
+    sync::{atomic::Ordering, mpsc::RecvTimeoutError, Arc},
     time::Duration,
 };
 
-use log::{debug, warn};
+use log::debug;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{
+    control::clients::{
+        Access, ClientCounters, ClientPolicy, Clients, DeadlineReader, Peer, Ticket,
+    },
     device::queue::{QueueCounters, QueueStats},
     durability::{FlushStats, StatsSnapshot},
     events::EventHub,
@@ -35,6 +39,7 @@ use crate::{
     media::{ranges::BadRange, MediaErrors, Source},
     report::StatusReport,
     service::{self, Services},
+    util::accept::{self, Accepted, Acceptor},
 };
 
 /// A control request.
@@ -61,6 +66,35 @@ pub enum Request {
     BadblocksClear { offset: u64, length: u64 },
 }
 
+impl Request {
+    /// Whether the request changes the daemon's state: only operators may send
+    /// it (root, the daemon's uid, `--operator-group`). Every new command is
+    /// classified here.
+    pub fn changes_state(&self) -> bool {
+        match self {
+            Request::Status
+            | Request::Stats
+            | Request::Metrics
+            | Request::Events { .. }
+            | Request::BadblocksList => false,
+            Request::BadblocksInject { .. } | Request::BadblocksClear { .. } => true,
+        }
+    }
+
+    /// The command as on the wire.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Stats => "stats",
+            Request::Metrics => "metrics",
+            Request::Events { .. } => "events",
+            Request::BadblocksList => "badblocks-list",
+            Request::BadblocksInject { .. } => "badblocks-inject",
+            Request::BadblocksClear { .. } => "badblocks-clear",
+        }
+    }
+}
+
 /// How often a streaming connection checks whether its subscriber left.
 const EVENTS_IDLE_CHECK: Duration = Duration::from_millis(500);
 
@@ -80,11 +114,13 @@ pub struct ControlHandles {
 }
 
 impl ControlHandles {
-    /// The `stats` answer now.
+    /// The `stats` answer now (without the control socket's own counters, which
+    /// its server adds).
     pub fn stats(&self) -> StatsReport {
         StatsReport {
             flush: self.flush.snapshot(),
             queue: self.queue_stats.snapshot(),
+            clients: None,
         }
     }
 
@@ -106,6 +142,9 @@ pub struct StatsReport {
     pub flush: StatsSnapshot,
     #[serde(flatten)]
     pub queue: QueueCounters,
+    /// The control socket's clients (its server's own counters).
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub clients: Option<ClientCounters>,
 }
 
 /// Answers one request line (decoded with its version checked).
@@ -236,52 +275,177 @@ fn checked_range(offset: u64, length: u64) -> Result<BadRange, String> {
     Ok(BadRange { offset, length })
 }
 
-/// Serves the control socket on a background thread, one thread per client. The
-/// caller keeps the bound socket (and removes its path at exit); this takes a
-/// duplicate of its listener.
+/// Serves the control socket on a background thread with the default
+/// [`ClientPolicy`] (the `nvdimm` export's socket, owner only). See [`spawn_with`].
 pub fn spawn(
     listener: UnixListener,
     daemon: ControlHandles,
     services: &Arc<Services>,
 ) -> std::io::Result<()> {
+    spawn_with(listener, daemon, services, ClientPolicy::default())
+}
+
+/// Serves the control socket on a background thread, one worker thread (a
+/// [`Services`] worker) per client, at most `policy.max_clients` at once (see
+/// [`clients`]). The caller keeps the bound socket (and removes its path at exit);
+/// this takes a duplicate of its listener. Accept errors back off, never spin; out
+/// of descriptors, the waiting client is told so and closed ([`accept`]).
+pub fn spawn_with(
+    listener: UnixListener,
+    daemon: ControlHandles,
+    services: &Arc<Services>,
+    policy: ClientPolicy,
+) -> std::io::Result<()> {
+    let clients = Clients::new(policy);
+    {
+        let clients = clients.clone();
+        services.on_shutdown(Box::new(move || clients.close_all()));
+    }
     let svc = services.clone();
     services.spawn(
         "control",
         |_| {},
         move || {
-            while let Ok(true) = service::wait_readable(&svc, listener.as_fd()) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let d = daemon.clone();
-                        let _ = thread::Builder::new()
-                            .name("control-client".into())
-                            .spawn(move || serve_client(stream, &d));
+            let out_of_fds =
+                clients::closing_line("the daemon is out of file descriptors; try again later");
+            let mut acceptor = Acceptor::new(listener, "control socket accept");
+            while let Ok(true) = service::wait_readable(&svc, acceptor.listener().as_fd()) {
+                let pause = match acceptor.accept(&out_of_fds) {
+                    Accepted::Stream(stream) => {
+                        admit(&clients, &svc, &daemon, stream);
+                        continue;
                     }
-                    Err(e) => warn!("control socket accept failed: {e}"),
+                    Accepted::Nothing => continue,
+                    Accepted::Shed => {
+                        clients.counters.shed.fetch_add(1, Ordering::Relaxed);
+                        accept::Backoff::FIRST
+                    }
+                    Accepted::Failed(pause) => pause,
+                };
+                if svc.sleep(pause) {
+                    break;
                 }
             }
         },
     )
 }
 
-pub(crate) fn serve_client(stream: UnixStream, daemon: &ControlHandles) {
-    let Ok(mut out) = stream.try_clone() else {
+/// Gives `stream` a slot and a worker thread, or tells it why not.
+fn admit(clients: &Arc<Clients>, svc: &Arc<Services>, daemon: &ControlHandles, stream: UnixStream) {
+    let stream = Arc::new(stream);
+    let Some(ticket) = clients.admit(stream.clone()) else {
         return;
     };
-    let mut reader = LineReader::new(stream, jsonl::MAX_LINE);
+    let peer = Peer::of(&stream);
+    let (d, c) = (daemon.clone(), clients.clone());
+    let worker = stream.clone();
+    if let Err(e) = svc.spawn_worker("control-client", move || {
+        serve_peer(worker, &d, &c, &ticket, &peer);
+    }) {
+        // The ticket went with the closure: the slot is free again.
+        clients.counters.shed.fetch_add(1, Ordering::Relaxed);
+        accept::refuse(
+            &stream,
+            &clients::closing_line(&format!(
+                "the daemon cannot start a thread for this client ({e}); try again later"
+            )),
+        );
+        clients.notice(format_args!("cannot start a client thread: {e}"));
+    }
+}
+
+/// Serves one client with every command allowed and no deadline (tests and
+/// fuzzers drive it through a socket pair).
+#[cfg(test)]
+pub(crate) fn serve_client(stream: UnixStream, daemon: &ControlHandles) {
+    let clients = Clients::new(ClientPolicy {
+        idle_timeout: Duration::from_secs(3600),
+        ..ClientPolicy::default()
+    });
+    let stream = Arc::new(stream);
+    let Some(ticket) = clients.admit(stream.clone()) else {
+        return;
+    };
+    let peer = Peer::of(&stream);
+    serve_peer(stream, daemon, &clients, &ticket, &peer);
+}
+
+/// Answers `peer`'s requests until it leaves, takes longer than the idle timeout
+/// to send one, or turns into an events stream.
+fn serve_peer(
+    stream: Arc<UnixStream>,
+    daemon: &ControlHandles,
+    clients: &Clients,
+    ticket: &Ticket,
+    peer: &Peer,
+) {
+    let policy = &clients.policy;
+    let access = policy.access(peer);
+    // An answer the client does not read is given up after the same time.
+    let _ = stream.set_write_timeout(Some(policy.idle_timeout));
+    let mut out = &*stream;
+    let mut reader = LineReader::new(
+        DeadlineReader::new(stream.clone(), policy.idle_timeout),
+        jsonl::MAX_LINE,
+    );
     loop {
-        let reply = match jsonl::read_message::<Request, _>(&mut reader) {
-            Ok(None) | Err(_) => break,
-            Ok(Some(Ok(Request::Events { backlog }))) => {
-                if let Err(e) = stream_events(&mut out, daemon, backlog) {
-                    debug!("events subscriber left: {e}");
-                }
-                return;
+        ticket.idle();
+        reader.get_ref().restart(policy.idle_timeout);
+        let msg = jsonl::read_message::<Request, _>(&mut reader);
+        if !ticket.busy() {
+            // Closed to make room for another client meanwhile.
+            break;
+        }
+        let reply = match msg {
+            Ok(None) => break,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                clients.counters.timed_out.fetch_add(1, Ordering::Relaxed);
+                accept::refuse(
+                    &stream,
+                    &clients::closing_line(&format!(
+                        "closed: no complete request within {} s (--control-idle-timeout)",
+                        policy.idle_timeout.as_secs()
+                    )),
+                );
+                debug!("control client (pid {}) timed out", peer.pid);
+                break;
             }
+            Err(_) => break,
+            Ok(Some(Ok(Request::Events { backlog }))) => {
+                if !ticket.stream() {
+                    Answer::error(format!(
+                        "too many events streams ({} of {} clients); try again later",
+                        policy.max_streams(),
+                        policy.max_clients
+                    ))
+                } else {
+                    if let Err(e) = stream_events(&mut out, daemon, backlog) {
+                        debug!("events subscriber left: {e}");
+                    }
+                    return;
+                }
+            }
+            Ok(Some(Ok(req))) if req.changes_state() && access == Access::ReadOnly => {
+                clients.counters.denied.fetch_add(1, Ordering::Relaxed);
+                clients.notice(format_args!(
+                    "refused {} to uid {} (pid {}): not an operator (--operator-group)",
+                    req.name(),
+                    peer.uid,
+                    peer.pid
+                ));
+                Answer::error(policy.refusal(peer, req.name()))
+            }
+            Ok(Some(Ok(Request::Stats))) => Answer {
+                stats: Some(StatsReport {
+                    clients: Some(clients.snapshot()),
+                    ..daemon.stats()
+                }),
+                ..Answer::ok()
+            },
             Ok(Some(Ok(req))) => answer_request(daemon, req),
             Ok(Some(Err(e))) => {
                 if let jsonl::MessageError::TooLong { .. } = e {
-                    warn!("control socket: {e}");
+                    clients.notice(format_args!("{e}"));
                 }
                 Answer::error(format!("bad request: {e}"))
             }
@@ -295,7 +459,7 @@ pub(crate) fn serve_client(stream: UnixStream, daemon: &ControlHandles) {
 
 /// Sends events to the subscriber until it disconnects (or a write fails). Whatever
 /// it sends meanwhile is read and ignored.
-fn stream_events(out: &mut UnixStream, daemon: &ControlHandles, backlog: bool) -> io::Result<()> {
+fn stream_events(out: &mut &UnixStream, daemon: &ControlHandles, backlog: bool) -> io::Result<()> {
     let rx = daemon.events.subscribe(backlog);
     jsonl::write_message(
         out,
@@ -371,12 +535,18 @@ pub fn request(path: &Path, request: &Request) -> io::Result<Answer> {
 pub fn call(path: &Path, request: &Request) -> std::io::Result<Value> {
     let stream = UnixStream::connect(path)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    jsonl::write_message(&mut &stream, request)?;
+    // A daemon that refuses the connection (busy, out of descriptors) says why in
+    // one line and closes: the line is read even if the request could not be sent.
+    let sent = jsonl::write_message(&mut &stream, request);
     let mut reader = LineReader::new(&stream, jsonl::MAX_ANSWER_LINE);
-    match jsonl::read_message::<Value, _>(&mut reader)? {
-        Some(Ok(v)) => Ok(v),
-        Some(Err(e)) => Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
-        None => Err(io::Error::new(
+    match (jsonl::read_message::<Value, _>(&mut reader), sent) {
+        (Ok(Some(Ok(v))), _) => Ok(v),
+        (_, Err(e)) => Err(e),
+        (Err(e), Ok(())) => Err(e),
+        (Ok(Some(Err(e))), Ok(())) => {
+            Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+        }
+        (Ok(None), Ok(())) => Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "the daemon closed the connection without an answer",
         )),
@@ -516,7 +686,7 @@ pub(crate) mod tests {
         let (client, server) = UnixStream::pair().unwrap();
         let (done_tx, done_rx) = mpsc::channel();
         let d2 = d.clone();
-        thread::spawn(move || {
+        std::thread::spawn(move || {
             serve_client(server, &d2);
             done_tx.send(()).unwrap();
         });

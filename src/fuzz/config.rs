@@ -11,6 +11,7 @@ use crate::{
     config::{
         Config, ServeArgs, DEFAULT_METRICS_INTERVAL, DEFAULT_SCRUB_RATE, DEFAULT_VERIFY_INTERVAL,
     },
+    control::clients::{DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CLIENTS},
     durability::Mode,
     sandbox::SeccompMode,
 };
@@ -98,9 +99,19 @@ fn valid() -> impl Strategy<Value = Vec<(&'static str, Val)>> {
                 .prop_map(|s| ("seccomp", Val::Seccomp(s))),
             ),
         ),
+        (
+            proptest::option::of(text().prop_map(|s| ("control-group", Val::Str(s)))),
+            proptest::option::of(text().prop_map(|s| ("operator-group", Val::Str(s)))),
+            proptest::option::of(
+                (1u64..=i64::MAX as u64).prop_map(|n| ("control-max-clients", Val::Num(n))),
+            ),
+            proptest::option::of(
+                (1u64..=i64::MAX as u64).prop_map(|n| ("control-idle-timeout", Val::Num(n))),
+            ),
+        ),
     );
     (keys, any::<prop::sample::Index>()).prop_map(
-        |(((a, b, c, d, e, f, g, h, i), (j, k, l, m, n, o, p, q, r)), shuffle)| {
+        |(((a, b, c, d, e, f, g, h, i), (j, k, l, m, n, o, p, q, r), (s, t, u, w)), shuffle)| {
             let mut kv: Vec<_> = [
                 Some(a),
                 Some(b),
@@ -120,6 +131,10 @@ fn valid() -> impl Strategy<Value = Vec<(&'static str, Val)>> {
                 p,
                 q,
                 r,
+                s,
+                t,
+                u,
+                w,
             ]
             .into_iter()
             .flatten()
@@ -163,6 +178,10 @@ fn expected(kv: &[(&str, Val)]) -> Config {
         readonly: flag("readonly"),
         control_socket: path("control-socket"),
         socket_group: string("socket-group"),
+        control_group: string("control-group"),
+        operator_group: string("operator-group"),
+        control_max_clients: num("control-max-clients", DEFAULT_MAX_CLIENTS as u64) as usize,
+        control_idle_timeout: num("control-idle-timeout", DEFAULT_IDLE_TIMEOUT),
         allow_shared_permissions: flag("allow-shared-permissions"),
         verify_interval: num("verify-interval", DEFAULT_VERIFY_INTERVAL),
         seal: flag("seal"),
@@ -238,6 +257,8 @@ fn config_errors_name_the_key() {
         (any::<usize>(), wrong).prop_map(|(i, w)| Break::WrongType(i, w)),
         any::<usize>().prop_map(Break::Misspelt),
         Just(Break::Refused("metrics-interval", "0".into())),
+        Just(Break::Refused("control-max-clients", "0".into())),
+        Just(Break::Refused("control-idle-timeout", "0".into())),
         Just(Break::Refused("metrics-instance", "\"\"".into())),
         Just(Break::Refused("metrics-file", "\"/m.txt\"".into())),
         Just(Break::Refused("metrics-file", "\"/dir/.prom\"".into())),

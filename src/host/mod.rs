@@ -24,7 +24,7 @@ use std::{
 use log::{error, info, warn};
 
 use crate::{
-    control::{self, metrics_file, ControlHandles},
+    control::{self, clients::ClientPolicy, metrics_file, ControlHandles},
     device::queue::QueueStats,
     durability::{Flusher, SyncContext, SyncFailure},
     events::{EventHub, EventKind},
@@ -65,10 +65,36 @@ pub struct HostOptions {
     pub control_socket: Option<PathBuf>,
     pub agent_socket: Option<PathBuf>,
     pub guard: GuardOptions,
+    /// Who may use the control socket, and how many at once.
+    pub control_clients: ControlClients,
     pub scrub: Option<Scrub>,
     pub metrics: Option<MetricsOptions>,
     pub seccomp: SeccompMode,
     pub profile: Profile,
+}
+
+/// `--control-max-clients`, `--control-idle-timeout`, `--operator-group`,
+/// `--control-group`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlClients {
+    pub max: usize,
+    pub idle_timeout_secs: u64,
+    /// May send the commands that change state (besides root and the daemon's uid).
+    pub operator_group: Option<String>,
+    /// The control socket's group (read-only commands); the operator group if unset.
+    pub control_group: Option<String>,
+}
+
+impl Default for ControlClients {
+    fn default() -> Self {
+        let p = ClientPolicy::default();
+        Self {
+            max: p.max_clients,
+            idle_timeout_secs: p.idle_timeout.as_secs(),
+            operator_group: None,
+            control_group: None,
+        }
+    }
 }
 
 /// `--scrub-interval` and `--scrub-rate`.
@@ -285,14 +311,28 @@ impl Host {
         let path = self.options.control_socket.clone();
         if inherited.is_some() || path.is_some() {
             let was_inherited = inherited.is_some();
-            let listener = self.bind(path.as_deref().unwrap_or(Path::new("")), inherited)?;
+            let c = self.options.control_clients.clone();
+            let operator = match c.operator_group.clone() {
+                Some(g) => {
+                    let gid = socket::group_id(&g)?;
+                    Some((g, gid))
+                }
+                None => None,
+            };
+            let policy = ClientPolicy::new(c.max, c.idle_timeout_secs, operator);
+            // Read-only access for the control group; the operator group's members
+            // must reach the socket too. Never `--socket-group`: that is QEMU's.
+            let group = c.control_group.or(c.operator_group);
+            self.step(Step::Bind)?;
+            let sock = match inherited {
+                Some(l) => BoundSocket::inherited(l),
+                None => socket::bind(path.as_deref().unwrap_or(Path::new("")), group.as_deref())?,
+            };
+            let listener = sock.listener.try_clone().map_err(Error::Dup)?;
+            let shown = sock.path.clone();
+            self.bound.push(sock);
             self.step(Step::Control)?;
-            let shown = self
-                .bound
-                .last()
-                .map(|b| b.path.clone())
-                .unwrap_or_default();
-            control::spawn(listener, handles.clone(), &self.shared.services)
+            control::spawn_with(listener, handles.clone(), &self.shared.services, policy)
                 .map_err(|e| Error::Start("the control socket", e))?;
             info!(
                 "control socket: {}{}",

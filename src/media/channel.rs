@@ -5,7 +5,10 @@
 //! Owns: the message format shared by the daemon and `vhost-device-pmem-agent` (its
 //! lines go through `jsonl`, capped, versioned), and
 //! the daemon's side of the channel (hello + the full bad-range list on every
-//! connect, the full list again on every change). Never decides which ranges are bad.
+//! connect, the full list again on every change), and the rule that what the guest
+//! says is data: every message kind is logged rate-limited, and its strings are
+//! escaped and capped before they reach the host log or `status`. Never decides
+//! which ranges are bad.
 
 use std::{
     io::Write,
@@ -13,11 +16,7 @@ use std::{
         fd::AsFd,
         unix::net::{UnixListener, UnixStream},
     },
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Condvar, Mutex,
-    },
-    thread,
+    sync::{Arc, Condvar, Mutex},
     time::Instant,
 };
 
@@ -29,6 +28,7 @@ use crate::{
     media::ranges::{BadRange, SECTOR},
     report::AgentState,
     service::{self, Services},
+    util::accept::Backoff,
     util::GuestLog,
 };
 
@@ -73,6 +73,46 @@ pub enum FromAgent {
     Error { message: String },
 }
 
+/// Longest guest string the host logs or keeps, in characters after escaping.
+pub const GUEST_TEXT_MAX: usize = 256;
+
+/// A string the guest sent, made safe to log: control characters, newlines,
+/// quotes, backslashes and other non-printing characters escaped as Rust does
+/// (`\n`, `\u{1b}`, `\u{202e}`), so it stays on one line and cannot pass for
+/// a host log line; cut to [`GUEST_TEXT_MAX`] characters, saying how long it was.
+pub fn guest_text(s: &str) -> String {
+    let mut out = String::new();
+    for (n, c) in s.escape_debug().enumerate() {
+        if n == GUEST_TEXT_MAX {
+            out.push_str(&format!("... ({} bytes in all)", s.len()));
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// One limiter per message kind, over the channel's life (a reconnect does not
+/// start a fresh allowance).
+struct AgentLogs {
+    attached: GuestLog,
+    applied: GuestLog,
+    error: GuestLog,
+    malformed: GuestLog,
+}
+
+impl Default for AgentLogs {
+    fn default() -> Self {
+        const HINT: &str = " (see `status`, `agent`)";
+        Self {
+            attached: GuestLog::with_hint("guest agent `attached` message", HINT),
+            applied: GuestLog::with_hint("guest agent `applied` message", HINT),
+            error: GuestLog::with_hint("guest agent `error` message", HINT),
+            malformed: GuestLog::with_hint("malformed guest agent line", HINT),
+        }
+    }
+}
+
 /// The daemon's side: serves one agent connection at a time and pushes the list.
 pub struct GuestChannel {
     hello: ToAgent,
@@ -82,8 +122,8 @@ pub struct GuestChannel {
     pub state: Mutex<AgentState>,
     /// The connection being served, so shutdown can end it.
     current: Arc<Mutex<Option<UnixStream>>>,
-    /// Lines from the agent that were not a message (too long, not JSON, ...).
-    pub bad_messages: AtomicU64,
+    /// The guest decides how often these are logged: rate-limited.
+    logs: Mutex<AgentLogs>,
 }
 
 impl GuestChannel {
@@ -119,7 +159,7 @@ impl GuestChannel {
             changed: Condvar::new(),
             state: Mutex::default(),
             current: Arc::default(),
-            bad_messages: AtomicU64::new(0),
+            logs: Mutex::default(),
         })
     }
 
@@ -152,55 +192,72 @@ impl GuestChannel {
             "guest-channel",
             |_| {},
             move || {
+                // A failed accept (out of descriptors, say) leaves the connection
+                // in the backlog and is tried again after a back-off: never spins.
+                let mut retry = Backoff::new("guest channel accept");
                 while let Ok(true) = service::wait_readable(&svc, listener.as_fd()) {
-                    match listener.accept() {
+                    let failure = match listener.accept() {
                         Ok((stream, _)) => {
                             if let Ok(s) = stream.try_clone() {
                                 *me.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
                             }
-                            if !svc.stopping() {
-                                me.serve(stream);
-                            }
+                            let served = if svc.stopping() {
+                                Ok(())
+                            } else {
+                                me.serve(stream, &svc)
+                            };
                             me.current.lock().unwrap_or_else(|p| p.into_inner()).take();
+                            served.err()
                         }
-                        Err(e) => warn!("guest channel accept failed: {e}"),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => None,
+                        Err(e) => Some(e),
+                    };
+                    match failure {
+                        None => retry.succeeded(),
+                        Some(e) => {
+                            if svc.sleep(retry.failed(&e)) {
+                                break;
+                            }
+                        }
                     }
                 }
             },
         )
     }
 
-    fn serve(self: &Arc<Self>, stream: UnixStream) {
-        info!("guest channel connected");
+    /// Serves one connection to its end; an error is one that kept it from being
+    /// served (its reader thread could not start).
+    fn serve(
+        self: &Arc<Self>,
+        stream: UnixStream,
+        services: &Arc<Services>,
+    ) -> std::io::Result<()> {
+        let reader = stream.try_clone()?;
+        // Connected before the reader starts: it is the one that says otherwise.
         self.state.lock().unwrap().connected = true;
-        let reader = match stream.try_clone() {
-            Ok(r) => r,
-            Err(e) => {
-                warn!("guest channel: {e}");
-                return;
-            }
-        };
         let me = self.clone();
-        let read_thread = thread::spawn(move || {
-            // The guest writes here: lines are capped and complaints rate-limited.
-            let mut reader = LineReader::new(reader, jsonl::MAX_LINE);
-            let mut log = GuestLog::new("guest agent message");
-            while let Ok(Some(msg)) = jsonl::read_message::<FromAgent, _>(&mut reader) {
-                match msg {
-                    Ok(msg) => me.note(msg),
-                    Err(e) => {
-                        me.bad_messages.fetch_add(1, Ordering::Relaxed);
-                        if log.allow(Instant::now()) {
-                            warn!("guest agent: {e}");
+        let read_thread = services
+            .spawn_owned(
+                "guest-channel-read",
+                |_| {},
+                move || {
+                    // The guest writes here: lines are capped, every kind of message is
+                    // logged rate-limited and its text escaped.
+                    let mut reader = LineReader::new(reader, jsonl::MAX_LINE);
+                    while let Ok(Some(msg)) = jsonl::read_message::<FromAgent, _>(&mut reader) {
+                        match msg {
+                            Ok(msg) => me.note(msg),
+                            Err(e) => me.note_malformed(&e),
                         }
                     }
-                }
-            }
-            // The peer is gone: wake the pushing side so it stops.
-            me.state.lock().unwrap().connected = false;
-            let _guard = me.list.lock().unwrap();
-            me.changed.notify_all();
-        });
+                    // The peer is gone: wake the pushing side so it stops.
+                    me.state.lock().unwrap().connected = false;
+                    let _guard = me.list.lock().unwrap();
+                    me.changed.notify_all();
+                },
+            )
+            .inspect_err(|_| self.state.lock().unwrap().connected = false)?;
+        info!("guest channel connected");
         if let Err(e) = self.push(&stream) {
             info!("guest channel: {e}");
         }
@@ -208,6 +265,7 @@ impl GuestChannel {
         let _ = read_thread.join();
         self.state.lock().unwrap().connected = false;
         info!("guest channel disconnected");
+        Ok(())
     }
 
     /// Sends hello and the list, then the list again on every change, until the
@@ -234,25 +292,51 @@ impl GuestChannel {
         }
     }
 
+    fn logs(&self) -> std::sync::MutexGuard<'_, AgentLogs> {
+        self.logs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records what the agent said; logs it if its kind's allowance is not spent.
     fn note(&self, msg: FromAgent) {
+        let now = Instant::now();
         let mut st = self.state.lock().unwrap();
+        st.messages += 1;
         match msg {
             FromAgent::Attached {
                 device,
                 data_offset,
             } => {
-                info!("guest agent attached to {device} (data offset {data_offset})");
+                let device = guest_text(&device);
+                if self.logs().attached.allow(now) {
+                    info!("guest agent attached to \"{device}\" (data offset {data_offset})");
+                }
                 st.device = Some(device);
                 st.data_offset = Some(data_offset);
             }
             FromAgent::Applied { sectors } => {
-                info!("guest agent applied {} bad range(s)", sectors.len());
+                if self.logs().applied.allow(now) {
+                    info!("guest agent applied {} bad range(s)", sectors.len());
+                }
                 st.applied = sectors;
             }
             FromAgent::Error { message } => {
-                warn!("guest agent: {message}");
+                let message = guest_text(&message);
+                if self.logs().error.allow(now) {
+                    warn!("guest agent error: \"{message}\"");
+                }
                 st.last_error = Some(message);
             }
+        }
+    }
+
+    /// A line that was not a message (its error can quote the guest's text).
+    fn note_malformed(&self, e: &jsonl::MessageError) {
+        self.state.lock().unwrap().bad_messages += 1;
+        if self.logs().malformed.allow(Instant::now()) {
+            warn!(
+                "guest agent sent a line that is not a message: {}",
+                guest_text(&e.to_string())
+            );
         }
     }
 }
@@ -318,6 +402,53 @@ fn send<W: Write>(w: &mut W, msg: &ToAgent) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_text_is_one_line_without_control_characters_and_capped() {
+        let forged =
+            "x\n[2030-01-01T00:00:00Z ERROR vhost_device_pmem] forged\r\u{1b}[2K\u{202e}\u{7f}\0";
+        let t = guest_text(forged);
+        assert!(!t.chars().any(char::is_control), "{t:?}");
+        assert_eq!(
+            t,
+            "x\\n[2030-01-01T00:00:00Z ERROR vhost_device_pmem] forged\\r\\u{1b}[2K\\u{202e}\\u{7f}\\0"
+        );
+        // Quotes and backslashes are escaped too: the text cannot close the quotes
+        // it is logged in.
+        assert_eq!(guest_text(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(guest_text("/dev/pmem0"), "/dev/pmem0");
+        let long = "\n".repeat(10_000);
+        let t = guest_text(&long);
+        assert!(t.ends_with("... (10000 bytes in all)"), "{t}");
+        assert!(t.chars().count() <= GUEST_TEXT_MAX + 30);
+    }
+
+    #[test]
+    fn every_message_kind_is_counted_and_its_text_kept_escaped() {
+        let ch = GuestChannel::new(2 << 20, None, vec![]);
+        for i in 0..1000 {
+            ch.note(FromAgent::Error {
+                message: format!("bad\n{i}"),
+            });
+            ch.note(FromAgent::Attached {
+                device: "/dev/pmem0\u{1b}".into(),
+                data_offset: 0,
+            });
+            ch.note(FromAgent::Applied { sectors: vec![] });
+        }
+        let st = ch.state.lock().unwrap().clone();
+        assert_eq!(st.messages, 3000);
+        assert_eq!(st.last_error.as_deref(), Some("bad\\n999"));
+        assert_eq!(st.device.as_deref(), Some("/dev/pmem0\\u{1b}"));
+        // Each kind has its own allowance, spent.
+        let mut guard = ch.logs();
+        let logs = &mut *guard;
+        let now = Instant::now();
+        for log in [&mut logs.attached, &mut logs.applied, &mut logs.error] {
+            assert!(!log.allow(now));
+        }
+        assert!(logs.malformed.allow(now), "not spent by the others");
+    }
 
     #[test]
     fn messages_have_a_stable_wire_form() {

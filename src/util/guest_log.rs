@@ -16,6 +16,8 @@ use log::warn;
 pub struct GuestLog {
     /// What is being logged, for the "held back" line.
     what: &'static str,
+    /// Where the held-back ones are counted, for the same line.
+    hint: &'static str,
     window_start: Option<Instant>,
     logged: u32,
     suppressed: u64,
@@ -32,8 +34,15 @@ impl GuestLog {
     pub const WINDOW: Duration = Duration::from_secs(60);
 
     pub const fn new(what: &'static str) -> Self {
+        Self::with_hint(what, " (see `stats`)")
+    }
+
+    /// As [`Self::new`], saying `hint` (e.g. " (see `status`)") after the count
+    /// of held-back messages.
+    pub const fn with_hint(what: &'static str, hint: &'static str) -> Self {
         Self {
             what,
+            hint,
             window_start: None,
             logged: 0,
             suppressed: 0,
@@ -58,10 +67,11 @@ impl GuestLog {
         if expired {
             if self.suppressed > 0 {
                 warn!(
-                    "{} more {}(s) in the last {:?} were not logged (see `stats`)",
+                    "{} more {}(s) in the last {:?} were not logged{}",
                     self.suppressed,
                     self.what,
-                    Self::WINDOW
+                    Self::WINDOW,
+                    self.hint
                 );
             }
             self.window_start = Some(now);

@@ -85,14 +85,40 @@ pub struct Daemon {
 
 /// Starts the binary with `args`, stderr (the log) to `log`.
 pub fn spawn(args: &[&str], log: &Path) -> Child {
-    Command::new(BIN)
-        .args(args)
+    spawn_prepared(args, log, |_| {})
+}
+
+/// As [`spawn`], with `prepare` changing the command first (another uid, a
+/// descriptor limit).
+pub fn spawn_prepared(args: &[&str], log: &Path, prepare: impl FnOnce(&mut Command)) -> Child {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(File::create(log).unwrap())
-        .spawn()
-        .unwrap()
+        .stderr(File::create(log).unwrap());
+    prepare(&mut cmd);
+    cmd.spawn().unwrap()
+}
+
+/// Makes `cmd`'s process start with a descriptor limit of `n` (soft and hard),
+/// set with setrlimit(2) in the child, as a service manager's `LimitNOFILE=` does.
+pub fn limit_descriptors(cmd: &mut Command, n: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and makes one system call.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+    };
 }
 
 /// Waits for `child` to exit, killing it (and failing) after [`TIMEOUT`].
@@ -156,12 +182,37 @@ impl Daemon {
         Self::launch(scratch, socket, name, file, extra).unwrap_or_else(|log| panic!("{log}"))
     }
 
+    /// As [`Self::start`], with `prepare` changing the command first (see
+    /// [`spawn_prepared`]).
+    pub fn start_prepared(
+        scratch: &Scratch,
+        name: &str,
+        file: &Path,
+        extra: &[&str],
+        prepare: impl FnOnce(&mut Command),
+    ) -> Self {
+        let socket = scratch.path(&format!("{name}.sock"));
+        Self::launch_prepared(scratch, &socket, name, file, extra, prepare)
+            .unwrap_or_else(|log| panic!("{log}"))
+    }
+
     fn launch(
         scratch: &Scratch,
         socket: &Path,
         name: &str,
         file: &Path,
         extra: &[&str],
+    ) -> Result<Self, String> {
+        Self::launch_prepared(scratch, socket, name, file, extra, |_| {})
+    }
+
+    fn launch_prepared(
+        scratch: &Scratch,
+        socket: &Path,
+        name: &str,
+        file: &Path,
+        extra: &[&str],
+        prepare: impl FnOnce(&mut Command),
     ) -> Result<Self, String> {
         let control = scratch.path(&format!("{name}.ctl"));
         let log = scratch.path(&format!("{name}.log"));
@@ -176,7 +227,7 @@ impl Daemon {
         ];
         args.extend_from_slice(extra);
         let mut d = Daemon {
-            child: spawn(&args, &log),
+            child: spawn_prepared(&args, &log, prepare),
             socket: socket.to_owned(),
             control,
             log,
@@ -204,6 +255,11 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the process is still running (its exit status, if not).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
     }
 
     pub fn log_text(&self) -> String {
