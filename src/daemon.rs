@@ -95,7 +95,7 @@ impl Daemon {
             mode_requested: self.mode_requested,
             policy,
             policy_reason: self.policy_reason.clone(),
-            promise: policy.promise().into(),
+            promise: self.region.flusher.promise(),
             downgraded: self.region.flusher.downgrade_reason(),
             socket: self.socket_path.display().to_string(),
             connected: self.status.connected(),
@@ -281,10 +281,7 @@ pub fn serve(config: Config, inherited: Inherited) -> Result<(), Error> {
     daemon.services.stop_all(SERVICE_STOP_GRACE);
     let result = match daemon.region.flusher.final_sync(SyncContext::Shutdown) {
         Ok(()) => {
-            info!(
-                "data is durable per policy {}; exiting",
-                daemon.region.flusher.policy()
-            );
+            info!("{}; exiting", daemon.region.flusher.exit_claim());
             Ok(())
         }
         Err(e) => Err(Error::SyncFailed(format!(

@@ -68,16 +68,18 @@ pub fn open_region(config: &Config) -> Result<(Region, String), Error> {
         verdict.as_ref(),
         &config.file.display().to_string(),
     )?;
-    if policy == Policy::Volatile {
-        warn!("**************************************************************");
-        warn!("* VOLATILE MODE: {}", policy.promise());
-        warn!("**************************************************************");
-    }
-    info!("durability: {policy} ({reason}); {}", policy.promise());
     let flusher = Flusher::new(
         backing.file.try_clone().map_err(io_err("dup backing fd"))?,
         policy,
     );
+    if policy == Policy::Volatile {
+        warn!("**************************************************************");
+        warn!("* VOLATILE MODE: {}", flusher.promise());
+        warn!("**************************************************************");
+    } else if flusher.filesystem().is_some_and(|f| f.memory_only()) {
+        warn!("{}: {}", config.file.display(), flusher.promise());
+    }
+    info!("durability: {policy} ({reason}); {}", flusher.promise());
     Ok((
         Region {
             path: backing.path,
