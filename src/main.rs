@@ -527,7 +527,9 @@ fn wants_capabilities(args: impl Iterator<Item = std::ffi::OsString>) -> bool {
         .any(|a| a == "--print-capabilities")
 }
 
-/// The exit status of a daemon's error: 75 for a locked file, else 1.
+/// The exit status of a daemon's error: 75 for a locked file (another daemon, or a
+/// VMM that still maps the region from an earlier daemon: a restart cannot help
+/// until it is gone, so a status the service unit does not restart), else 1.
 fn daemon_exit(e: &vhost_device_pmem::Error) -> u8 {
     match e {
         vhost_device_pmem::Error::Backing(BackingError::Locked(_)) => EXIT_FILE_IN_USE,
@@ -598,9 +600,6 @@ fn run_serve(out: Output, flag: Option<LogLevel>, mut args: ServeArgs) -> ExitCo
     match vhost_device_pmem::daemon::serve(config, inherited) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // A locked file: another daemon, or a VMM that still maps the region from
-            // an earlier daemon; a restart cannot help until it is gone, so a status
-            // the service unit does not restart.
             error!("{}", logging::chain(&e));
             ExitCode::from(daemon_exit(&e))
         }
