@@ -43,14 +43,23 @@ pub struct ServeArgs {
     /// vhost-user unix socket to listen on (the VMM connects to it).
     #[arg(long, value_name = "SOCK")]
     pub socket_path: Option<PathBuf>,
-    /// Backing file exported as the pmem region (a positive multiple of 2 MiB).
+    /// Listen on the inherited descriptor FDNUM instead of binding --socket-path
+    /// (vhost-user.rst's backend conventions): a listening unix stream socket. The
+    /// daemon never unlinks or chmods it.
+    #[arg(long, value_name = "FDNUM", conflicts_with = "socket_path")]
+    pub fd: Option<i32>,
+    /// Backing file exported as the pmem region (a positive multiple of 2 MiB, and
+    /// a power of two for QEMU). Also accepted as `--file FILE`.
+    #[arg(value_name = "FILE", conflicts_with = "file")]
+    pub file_arg: Option<PathBuf>,
+    /// The backing file (as FILE).
     #[arg(long, value_name = "FILE")]
     pub file: Option<PathBuf>,
     /// Durability mode; `auto` picks the strongest one the file qualifies for.
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
     /// Map the region read-only; flushes are answered without syscalls.
-    #[arg(long, overrides_with = "no_readonly")]
+    #[arg(long, visible_alias = "read-only", overrides_with = "no_readonly")]
     pub readonly: bool,
     /// Turn off a `readonly = true` of the config file.
     #[arg(long, overrides_with = "readonly")]
@@ -134,7 +143,8 @@ pub struct ServeArgs {
     /// and the kernel logs it, `off` installs none. Default enforce.
     #[arg(long, value_enum, value_name = "MODE")]
     pub seccomp: Option<SeccompMode>,
-    /// TOML file with any of the keys above (kebab-case, e.g. `socket-path`).
+    /// TOML file with the options above as kebab-case keys (e.g. `socket-path`;
+    /// not `fd`), and `log-level`; options on the command line win.
     #[arg(long, value_name = "FILE.toml")]
     pub config: Option<PathBuf>,
 }
@@ -165,6 +175,33 @@ struct FileConfig {
     metrics_interval: Option<u64>,
     metrics_instance: Option<String>,
     seccomp: Option<SeccompMode>,
+    log_level: Option<LogLevel>,
+}
+
+/// A log level (`--log-level`, the `log-level` key).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Off,
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+impl std::fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Off => "off",
+            Self::Error => "error",
+            Self::Warn => "warn",
+            Self::Info => "info",
+            Self::Debug => "debug",
+            Self::Trace => "trace",
+        })
+    }
 }
 
 /// Default of `scrub-rate`, bytes per second.
@@ -214,6 +251,8 @@ pub struct Config {
     pub metrics_instance: Option<String>,
     /// The sandbox installed after start-up.
     pub seccomp: SeccompMode,
+    /// The config file's `log-level` (`--log-level` and `RUST_LOG` win over it).
+    pub log_level: Option<LogLevel>,
 }
 
 impl TryFrom<ServeArgs> for Config {
@@ -236,6 +275,14 @@ impl TryFrom<ServeArgs> for Config {
 
 /// The keys of a config file's text (`path` names it in errors).
 fn parse_file(text: &str, path: &std::path::Path) -> Result<FileConfig, ConfigError> {
+    parse_toml(text, path)
+}
+
+/// A config file's text as the keys of `T`.
+fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &std::path::Path,
+) -> Result<T, ConfigError> {
     toml::from_str(text).map_err(|source| ConfigError::Parse {
         path: path.to_path_buf(),
         source: Box::new(source),
@@ -299,10 +346,12 @@ impl Config {
                 .or(file_cfg.socket_path)
                 .ok_or(ConfigError::Missing("socket-path"))?,
             file: args
-                .file
+                .file_arg
+                .or(args.file)
                 .or(file_cfg.file)
                 .ok_or(ConfigError::Missing("file"))?,
             mode: args.mode.or(file_cfg.mode).unwrap_or_default(),
+            log_level: file_cfg.log_level,
             readonly: flag(args.readonly, args.no_readonly, file_cfg.readonly),
             control_socket: args.control_socket.or(file_cfg.control_socket),
             socket_group: args.socket_group.or(file_cfg.socket_group),
@@ -358,7 +407,11 @@ impl std::fmt::Display for NvdimmMode {
 #[derive(Args, Debug, Default, Clone)]
 pub struct NvdimmArgs {
     /// The file exported as the NVDIMM (it must exist: QEMU would create a missing
-    /// one); its whole size, a positive multiple of 2 MiB, is the NVDIMM's.
+    /// one); its whole size, a positive multiple of 2 MiB, is the NVDIMM's. Also
+    /// accepted as `--file FILE`.
+    #[arg(value_name = "FILE", conflicts_with = "file")]
+    pub file_arg: Option<PathBuf>,
+    /// The exported file (as FILE).
     #[arg(long, value_name = "FILE")]
     pub file: Option<PathBuf>,
     /// QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`, or a second
@@ -396,11 +449,17 @@ pub struct NvdimmArgs {
     pub sync_interval: Option<u64>,
     /// XFS only: set the immutable attribute once QEMU has the file open; cleared at
     /// exit.
-    #[arg(long)]
+    #[arg(long, overrides_with = "no_seal")]
     pub seal: bool,
+    /// Turn off a `seal = true` of the config file.
+    #[arg(long, overrides_with = "seal")]
+    pub no_seal: bool,
     /// Export a file that group or others may write.
-    #[arg(long)]
+    #[arg(long, overrides_with = "no_allow_shared_permissions")]
     pub allow_shared_permissions: bool,
+    /// Turn off an `allow-shared-permissions = true` of the config file.
+    #[arg(long, overrides_with = "allow_shared_permissions")]
+    pub no_allow_shared_permissions: bool,
     /// Directory of the health record and bad ranges (as `serve --state-dir`).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -418,6 +477,31 @@ pub struct NvdimmArgs {
     /// call through and the kernel logs it, `off` installs none. Default enforce.
     #[arg(long, value_enum, value_name = "MODE")]
     pub seccomp: Option<SeccompMode>,
+    /// TOML file with the settings above as kebab-case keys (e.g. `qmp-socket`;
+    /// not the actions `prepare`, `attach`, `print-qemu-args`), and `log-level`;
+    /// options on the command line win.
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+}
+
+/// The `nvdimm` keys, as read from a TOML file.
+#[derive(Deserialize, Debug, Default, PartialEq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct NvdimmFileConfig {
+    file: Option<PathBuf>,
+    qmp_socket: Option<PathBuf>,
+    id: Option<String>,
+    mode: Option<NvdimmMode>,
+    control_socket: Option<PathBuf>,
+    verify_interval: Option<u64>,
+    sync_interval: Option<u64>,
+    seal: Option<bool>,
+    allow_shared_permissions: Option<bool>,
+    state_dir: Option<PathBuf>,
+    qmp_timeout: Option<u64>,
+    agent_socket: Option<PathBuf>,
+    seccomp: Option<SeccompMode>,
+    log_level: Option<LogLevel>,
 }
 
 /// Default of `sync-interval` (seconds).
@@ -455,6 +539,8 @@ pub struct NvdimmConfig {
     pub qmp_timeout: u64,
     pub agent_socket: Option<PathBuf>,
     pub seccomp: SeccompMode,
+    /// The config file's `log-level` (`--log-level` and `RUST_LOG` win over it).
+    pub log_level: Option<LogLevel>,
 }
 
 /// QEMU's rule for ids: a letter, then letters, digits, `-`, `.` and `_`.
@@ -468,6 +554,32 @@ impl TryFrom<NvdimmArgs> for NvdimmConfig {
     type Error = ConfigError;
 
     fn try_from(a: NvdimmArgs) -> Result<Self, ConfigError> {
+        let file_cfg = match &a.config {
+            Some(path) => {
+                let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                parse_toml(&text, path)?
+            }
+            None => NvdimmFileConfig::default(),
+        };
+        Self::merge(a, file_cfg)
+    }
+}
+
+impl NvdimmConfig {
+    /// The configuration from flags and the text of a config file named `path`.
+    pub fn from_file_text(
+        args: NvdimmArgs,
+        text: &str,
+        path: &std::path::Path,
+    ) -> Result<Self, ConfigError> {
+        Self::merge(args, parse_toml(text, path)?)
+    }
+
+    /// Flags over file keys over defaults, validated.
+    fn merge(a: NvdimmArgs, f: NvdimmFileConfig) -> Result<Self, ConfigError> {
         let action = if a.print_qemu_args {
             NvdimmAction::PrintQemuArgs
         } else if a.attach {
@@ -475,37 +587,61 @@ impl TryFrom<NvdimmArgs> for NvdimmConfig {
         } else {
             NvdimmAction::HotPlug
         };
-        if action != NvdimmAction::PrintQemuArgs && a.qmp_socket.is_none() {
-            return Err(ConfigError::Missing("qmp-socket"));
-        }
-        let id = a.id.ok_or(ConfigError::Missing("id"))?;
+        // The cold-plug arguments name no QMP socket, even one the file sets.
+        let qmp_socket = match action {
+            NvdimmAction::PrintQemuArgs => None,
+            _ => Some(
+                a.qmp_socket
+                    .or(f.qmp_socket)
+                    .ok_or(ConfigError::Missing("qmp-socket"))?,
+            ),
+        };
+        let id = a.id.or(f.id).ok_or(ConfigError::Missing("id"))?;
         if !valid_qemu_id(&id) {
             return Err(ConfigError::BadId(id));
         }
-        let sync_interval = a.sync_interval.unwrap_or(DEFAULT_SYNC_INTERVAL);
+        let sync_interval = a
+            .sync_interval
+            .or(f.sync_interval)
+            .unwrap_or(DEFAULT_SYNC_INTERVAL);
         if sync_interval == 0 {
             return Err(ConfigError::Zero("sync-interval"));
         }
-        let qmp_timeout = a.qmp_timeout.unwrap_or(DEFAULT_QMP_TIMEOUT);
+        let qmp_timeout = a
+            .qmp_timeout
+            .or(f.qmp_timeout)
+            .unwrap_or(DEFAULT_QMP_TIMEOUT);
         if qmp_timeout == 0 {
             return Err(ConfigError::Zero("qmp-timeout"));
         }
         Ok(Self {
-            file: a.file.ok_or(ConfigError::Missing("file"))?,
+            file: a
+                .file_arg
+                .or(a.file)
+                .or(f.file)
+                .ok_or(ConfigError::Missing("file"))?,
             action,
-            qmp_socket: a.qmp_socket,
+            qmp_socket,
             id,
-            mode: a.mode.unwrap_or_default(),
+            mode: a.mode.or(f.mode).unwrap_or_default(),
             prepare: a.prepare,
-            control_socket: a.control_socket,
-            verify_interval: a.verify_interval.unwrap_or(DEFAULT_VERIFY_INTERVAL),
+            control_socket: a.control_socket.or(f.control_socket),
+            verify_interval: a
+                .verify_interval
+                .or(f.verify_interval)
+                .unwrap_or(DEFAULT_VERIFY_INTERVAL),
             sync_interval,
-            seal: a.seal,
-            allow_shared_permissions: a.allow_shared_permissions,
-            state_dir: a.state_dir,
+            seal: flag(a.seal, a.no_seal, f.seal),
+            allow_shared_permissions: flag(
+                a.allow_shared_permissions,
+                a.no_allow_shared_permissions,
+                f.allow_shared_permissions,
+            ),
+            state_dir: a.state_dir.or(f.state_dir),
             qmp_timeout,
-            agent_socket: a.agent_socket,
-            seccomp: a.seccomp.unwrap_or_default(),
+            agent_socket: a.agent_socket.or(f.agent_socket),
+            seccomp: a.seccomp.or(f.seccomp).unwrap_or_default(),
+            log_level: f.log_level,
         })
     }
 }
@@ -521,7 +657,8 @@ fn flag(yes: bool, no: bool, file: Option<bool>) -> bool {
 }
 
 /// Parses a size: bytes, or a number with a binary suffix K, M, G, T (also KiB, MiB,
-/// GiB, TiB). Decimal suffixes (MB, GB) are refused as ambiguous.
+/// GiB, TiB), or hexadecimal bytes as the daemon prints them (`0x200000`, no
+/// suffix). Decimal suffixes (MB, GB) are refused as ambiguous.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     match parse_bytes(s)? {
         0 => Err(format!("bad size {s:?}: must be positive")),
@@ -536,11 +673,16 @@ pub fn parse_offset(s: &str) -> Result<u64, String> {
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
+    if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        return u64::from_str_radix(hex, 16).map_err(|e| {
+            format!("bad size {s:?}: {e}; a hexadecimal number is bytes, without a suffix (e.g. 0x200000)")
+        });
+    }
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(split);
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("bad size {s:?}: expected a number with an optional K, M, G or T suffix (powers of 1024), e.g. 64M or 4G"))?;
+        .map_err(|_| format!("bad size {s:?}: expected a number with an optional K, M, G or T suffix (powers of 1024), e.g. 64M or 4G, or hexadecimal bytes (0x200000)"))?;
     let shift = match suffix.to_ascii_uppercase().as_str() {
         "" | "B" => 0,
         "K" | "KIB" => 10,
@@ -584,6 +726,13 @@ mod tests {
         assert_eq!(parse_offset("0").unwrap(), 0);
         assert_eq!(parse_offset("4K").unwrap(), 4096);
         assert!(parse_offset("99999999999T").is_err());
+        // As the daemon prints them.
+        assert_eq!(parse_offset("0x200000").unwrap(), 2 << 20);
+        assert_eq!(parse_size("0X200").unwrap(), 512);
+        assert!(parse_size("0x0").is_err());
+        assert!(parse_size("0x1M").unwrap_err().contains("without a suffix"));
+        assert!(parse_size("0x").is_err());
+        assert!(parse_size("0x10000000000000000").is_err());
     }
 
     fn toml_file(text: &str) -> tempfile::NamedTempFile {
@@ -625,6 +774,7 @@ mod tests {
                 metrics_interval: DEFAULT_METRICS_INTERVAL,
                 metrics_instance: None,
                 seccomp: SeccompMode::Enforce,
+                log_level: None,
             }
         );
     }
@@ -800,6 +950,7 @@ mod tests {
                 qmp_timeout: DEFAULT_QMP_TIMEOUT,
                 agent_socket: None,
                 seccomp: SeccompMode::Enforce,
+                log_level: None,
             }
         );
         let c = parse(&["--qmp-socket", "/q", "--seccomp", "log"]).unwrap();
@@ -830,6 +981,41 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("start with a letter"), "{e}");
         assert!(valid_qemu_id("nv0.a_b-c") && !valid_qemu_id("") && !valid_qemu_id("a b"));
+    }
+
+    #[test]
+    fn log_level_is_a_key_of_both_config_files() {
+        let c = Config::from_file_text(
+            ServeArgs::default(),
+            "socket-path = \"/s\"\nfile = \"/f\"\nlog-level = \"debug\"\n",
+            std::path::Path::new("p.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.log_level, Some(LogLevel::Debug));
+        let e = Config::from_file_text(
+            ServeArgs::default(),
+            "socket-path = \"/s\"\nfile = \"/f\"\nlog-level = \"loud\"\n",
+            std::path::Path::new("p.toml"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("log-level"), "{e}");
+        let nv = NvdimmConfig::from_file_text(
+            NvdimmArgs::default(),
+            "file = \"/f\"\nqmp-socket = \"/q\"\nid = \"nv0\"\nlog-level = \"warn\"\n",
+            std::path::Path::new("n.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            (nv.log_level, nv.id.as_str()),
+            (Some(LogLevel::Warn), "nv0")
+        );
+        // An action is not a key.
+        assert!(NvdimmConfig::from_file_text(
+            NvdimmArgs::default(),
+            "file = \"/f\"\nid = \"nv0\"\nprint-qemu-args = true\n",
+            std::path::Path::new("n.toml"),
+        )
+        .is_err());
     }
 
     #[test]

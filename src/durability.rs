@@ -22,7 +22,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    blockmap::Verdict,
+    blockmap::{self, Filesystem, Verdict},
     util::{lock, Busy},
 };
 
@@ -82,7 +82,9 @@ impl Policy {
         matches!(self, Self::Direct)
     }
 
-    /// What the policy promises a guest, in one line (for logs and `status`).
+    /// What the policy promises a guest on a filesystem that keeps its files across
+    /// a power cut, in one line (for logs and `status`); [`Self::promise_on`] says
+    /// what it gives on the backing file's filesystem.
     pub fn promise(self) -> &'static str {
         match self {
             Self::Direct => {
@@ -96,15 +98,41 @@ impl Policy {
             Self::ReadOnly => "the region is read-only; flushes have nothing to do",
         }
     }
+}
 
-    /// What the exit can say once the final sync under this policy succeeded.
-    pub fn exit_promise(self) -> String {
-        match self {
-            Self::Volatile => "nothing was made durable (policy volatile: a power cut loses \
-                               what the page cache holds)"
-                .into(),
-            Self::ReadOnly => "the region was read-only; nothing to make durable".into(),
-            p => format!("data is durable per policy {p}"),
+impl Policy {
+    /// What the policy gives the guest's writes to a file on `fs` (the backing
+    /// file's filesystem, if known): [`Self::promise`], unless `fs` keeps files in
+    /// memory only (tmpfs, ramfs), where no sync makes anything survive a power cut.
+    pub fn promise_on(self, fs: Option<Filesystem>) -> String {
+        match fs.filter(|f| f.memory_only()) {
+            None => self.promise().to_string(),
+            Some(fs) => match self {
+                Self::ReadOnly => format!(
+                    "{}; the file is on {fs} (memory only) and does not survive a reboot",
+                    self.promise()
+                ),
+                Self::Volatile => format!(
+                    "NOTHING IS PERSISTENT: flushes are acknowledged without making data durable, and the file is on {fs}, which keeps it in memory only: nothing survives a power cut or reboot"
+                ),
+                _ => format!(
+                    "NOTHING SURVIVES A POWER CUT: the file is on {fs}, which keeps it in memory only; a flush request is answered after one shared {} (which {fs} ignores): the data outlives the VM and the daemon, not a reboot or power cut",
+                    if self == Self::Fsync { "fsync" } else { "fdatasync" }
+                ),
+            },
+        }
+    }
+
+    /// What the exit leaves, after the final sync under this policy succeeded on a
+    /// file on `fs` (for the daemon's last log line).
+    pub fn exit_claim(self, fs: Option<Filesystem>) -> String {
+        let memory_only = fs.filter(|f| f.memory_only());
+        match (self, memory_only) {
+            (Self::Volatile, None) => "policy volatile: nothing was made durable; what the guest wrote reaches the disk whenever the kernel writes the page cache back".into(),
+            (Self::Volatile, Some(fs)) => format!("policy volatile, and the file is on {fs} (memory only): nothing was made durable and nothing survives a reboot or power cut"),
+            (Self::ReadOnly, _) => "the region was read-only: there was nothing to make durable".into(),
+            (_, None) => format!("data is durable per policy {self} (a final fsync succeeded)"),
+            (_, Some(fs)) => format!("policy {self}: a final fsync succeeded, but the file is on {fs} (memory only): the data does not survive a reboot or power cut"),
         }
     }
 }
@@ -440,6 +468,8 @@ impl FlushStats {
 /// after a request was queued is what the request needs, so this is exact.
 pub struct Flusher {
     file: File,
+    /// The file's filesystem (statfs at creation), for what the policy gives.
+    filesystem: Option<Filesystem>,
     policy: AtomicU8,
     /// Bumped on every downgrade, so a batch can tell it raced one.
     epoch: AtomicU64,
@@ -460,6 +490,7 @@ pub struct Flusher {
 impl Flusher {
     pub fn new(file: File, policy: Policy) -> Self {
         Self {
+            filesystem: blockmap::filesystem_of(&file).ok(),
             file,
             policy: AtomicU8::new(policy as u8),
             epoch: AtomicU64::new(0),
@@ -539,6 +570,22 @@ impl Flusher {
 
     pub fn policy(&self) -> Policy {
         Policy::from_u8(self.policy.load(Ordering::Acquire))
+    }
+
+    /// What the policy in force gives the guest on this file's filesystem (the
+    /// `promise` of `status` and the start-up log).
+    pub fn promise(&self) -> String {
+        self.policy().promise_on(self.filesystem)
+    }
+
+    /// The backing file's filesystem, if statfs could tell.
+    pub fn filesystem(&self) -> Option<Filesystem> {
+        self.filesystem
+    }
+
+    /// What the exit leaves, after a successful [`Self::final_sync`].
+    pub fn exit_claim(&self) -> String {
+        self.policy().exit_claim(self.filesystem)
     }
 
     /// Why the policy was downgraded, if it was.
@@ -662,6 +709,63 @@ impl Flusher {
 mod tests {
     use super::*;
     use crate::blockmap::{Filesystem, Problem, ProblemKind};
+
+    #[test]
+    fn promises_and_exit_claims_say_what_the_filesystem_keeps() {
+        use Policy::*;
+        for p in [Direct, Datasync, Fsync, Volatile, ReadOnly] {
+            // A disk filesystem (or an unknown one): the plain promise.
+            assert_eq!(p.promise_on(Some(Filesystem::Ext4)), p.promise());
+            assert_eq!(p.promise_on(None), p.promise());
+        }
+        for fs in [Filesystem::Tmpfs, Filesystem::Ramfs] {
+            for p in [Datasync, Fsync] {
+                let promise = p.promise_on(Some(fs));
+                assert!(
+                    promise.starts_with("NOTHING SURVIVES A POWER CUT: the file is on"),
+                    "{promise}"
+                );
+                assert!(promise.contains(&fs.to_string()), "{promise}");
+                assert!(!promise.contains("is durable"), "{promise}");
+                let exit = p.exit_claim(Some(fs));
+                assert!(!exit.contains("durable per"), "{exit}");
+                assert!(
+                    exit.contains("does not survive a reboot or power cut"),
+                    "{exit}"
+                );
+            }
+            assert!(Volatile
+                .promise_on(Some(fs))
+                .contains("nothing survives a power cut"));
+        }
+        assert_eq!(
+            Datasync.exit_claim(Some(Filesystem::Xfs)),
+            "data is durable per policy datasync (a final fsync succeeded)"
+        );
+        let v = Volatile.exit_claim(Some(Filesystem::Ext4));
+        assert!(
+            v.starts_with("policy volatile: nothing was made durable"),
+            "{v}"
+        );
+        assert!(!v.contains("is durable"), "{v}");
+        assert!(ReadOnly
+            .exit_claim(None)
+            .contains("nothing to make durable"));
+    }
+
+    #[test]
+    fn the_flusher_reads_the_filesystem_of_its_file() {
+        let shm = std::path::Path::new("/dev/shm");
+        let Ok(f) = tempfile::tempfile_in(shm) else {
+            return; // no /dev/shm here; tests/cli.rs mounts a tmpfs as root
+        };
+        if blockmap::filesystem_of(&f).ok() != Some(Filesystem::Tmpfs) {
+            return;
+        }
+        let fl = Flusher::new(f, Policy::Datasync);
+        assert_eq!(fl.filesystem(), Some(Filesystem::Tmpfs));
+        assert!(fl.promise().starts_with("NOTHING SURVIVES A POWER CUT"));
+    }
 
     fn verdict(problems: Vec<Problem>, dax: bool) -> Verdict {
         Verdict {

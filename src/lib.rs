@@ -129,20 +129,18 @@ impl From<ModeError> for Error {
     }
 }
 
-/// `error: X: caused by Y: caused by Z` without the `error: `: an error and every
-/// source under it, each once (a `transparent` wrapper shows its inner error's
-/// text, so a source whose text ends the chain so far is skipped).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
+/// `X: caused by Y: caused by Z` (the CLI puts `error: ` before it): an error and
+/// every source under it, each once (a message that already says its cause, as a
+/// `transparent` wrapper or a `{0}` in the text does, does not repeat it).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
-    let mut last = out.clone();
     let mut next = e.source();
     while let Some(s) = next {
         let text = s.to_string();
-        if text != last {
+        if !out.contains(&text) {
             out.push_str(": caused by ");
             out.push_str(&text);
         }
-        last = text;
         next = s.source();
     }
     out
@@ -164,6 +162,12 @@ mod tests {
                 && chain.contains(": caused by Input/output error"),
             "{chain}"
         );
+        // A message that already says its cause does not repeat it.
+        #[derive(Debug, thiserror::Error)]
+        #[error("read x: {0}")]
+        struct Said(#[source] io::Error);
+        let e = Said(io::Error::from_raw_os_error(libc::EACCES));
+        assert_eq!(error_chain(&e), "read x: Permission denied (os error 13)");
         // A transparent wrapper is not repeated.
         let e: Error = RegionError::Dup(io::Error::from_raw_os_error(libc::EMFILE)).into();
         assert_eq!(

@@ -101,13 +101,15 @@ impl Region {
             v.log(&spec.file);
         }
         let (policy, reason) = judge(spec, verdict.as_ref())?;
+        let flusher = Flusher::new(backing.file.try_clone().map_err(RegionError::Dup)?, policy);
         if policy == Policy::Volatile {
             warn!("**************************************************************");
-            warn!("* VOLATILE: {}", policy.promise());
+            warn!("* VOLATILE MODE: {}", flusher.promise());
             warn!("**************************************************************");
+        } else if flusher.filesystem().is_some_and(|f| f.memory_only()) {
+            warn!("{}: {}", spec.file.display(), flusher.promise());
         }
-        info!("durability: {policy} ({reason}); {}", policy.promise());
-        let flusher = Flusher::new(backing.file.try_clone().map_err(RegionError::Dup)?, policy);
+        info!("durability: {policy} ({reason}); {}", flusher.promise());
         Ok(Region {
             path: backing.path,
             file: backing.file,

@@ -141,6 +141,29 @@ fn classify(sockets: Vec<OwnedFd>, names: Option<OsString>) -> Result<Inherited,
     Ok(out)
 }
 
+/// Takes descriptor `fd`, named on the command line (`serve --fd=FDNUM`, the
+/// backend convention of QEMU's vhost-user.rst), as the vhost-user listener: it must
+/// be an open, listening unix stream socket. Sets close-on-exec on it.
+pub fn take_fd(fd: RawFd) -> Result<UnixListener, ActivationError> {
+    let name = "--fd";
+    let bad = |why: String| ActivationError::NotAListener {
+        fd,
+        name: name.into(),
+        why,
+    };
+    if fd < 0 {
+        return Err(bad("a descriptor is not negative".into()));
+    }
+    // SAFETY: F_GETFD only reads the descriptor's flags; EBADF if it is not open.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    rustix::io::fcntl_getfd(borrowed).map_err(|e| bad(format!("not an open descriptor ({e})")))?;
+    // SAFETY: the descriptor is open and was handed to this process for this use;
+    // nothing else in it owns it (main takes it once, before anything else runs).
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let _ = rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC);
+    listener(owned, name)
+}
+
 /// Checks that `fd` is a listening unix stream socket.
 fn listener(fd: OwnedFd, name: &str) -> Result<UnixListener, ActivationError> {
     let bad = |why: String| ActivationError::NotAListener {

@@ -482,6 +482,7 @@ fn generate_docs_writes_a_page_per_subcommand_and_completions() {
         "-badblocks-inject",
         "-badblocks-list",
         "-check",
+        "-completions",
         "-events",
         "-health",
         "-metrics",
@@ -496,6 +497,11 @@ fn generate_docs_writes_a_page_per_subcommand_and_completions() {
     .collect();
     want.sort();
     assert_eq!(pages, want);
+    let main = fs::read_to_string(out.path().join("man/vhost-device-pmem.1")).unwrap();
+    assert!(
+        main.contains("Exit status"),
+        "the exit statuses are not in the man page"
+    );
     let serve = fs::read_to_string(out.path().join("man/vhost-device-pmem-serve.1")).unwrap();
     for opt in ["socket\\-path", "control\\-socket", "state\\-dir"] {
         assert!(serve.contains(opt), "serve page lacks {opt}");

@@ -48,7 +48,7 @@ fn hup_usr1_usr2_alrm_and_pipe_never_end_the_daemon_and_term_still_does() {
     let log = d.log_text();
     assert!(
         log.contains("SIGTERM: finishing in-flight requests")
-            && log.contains("exiting: data is durable per policy fsync"),
+            && log.contains("data is durable per policy fsync"),
         "{log}"
     );
     assert!(!d.socket.exists() && !d.control.exists(), "sockets removed");

@@ -23,9 +23,10 @@ use crate::{
     sys,
 };
 
-/// Exit status of `check`: immutable.
+/// Exit status of `check`: immutable, with a size `serve` and QEMU take.
 pub const EXIT_IMMUTABLE: u8 = 0;
-/// Exit status of `check`: readable, but not immutable.
+/// Exit status of `check`: readable, but not ready to serve (not immutable, or a
+/// size `serve` refuses or QEMU aborts on).
 pub const EXIT_NOT_IMMUTABLE: u8 = 1;
 /// Exit status of `check`: the file could not be checked.
 pub const EXIT_ERROR: u8 = 2;
@@ -47,6 +48,11 @@ pub struct CheckReport {
     pub size: u64,
     /// The size is a positive multiple of 2 MiB (`serve` refuses others).
     pub size_ok: bool,
+    /// The size is a power of two: QEMU (11.1) aborts creating a vhost-user
+    /// device whose region has another size.
+    pub qemu_size_ok: bool,
+    /// Why QEMU cannot take the size, and the fix; null when it can.
+    pub qemu_problem: Option<String>,
     pub filesystem: String,
     pub dax: bool,
     pub map_sync: bool,
@@ -67,13 +73,45 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
+    /// Ready to serve to QEMU: immutable, and a size `serve` and QEMU both take.
+    pub fn ready(&self) -> bool {
+        self.immutable && self.size_ok && self.qemu_size_ok
+    }
+
     pub fn exit_code(&self) -> u8 {
-        if self.immutable {
+        if self.ready() {
             EXIT_IMMUTABLE
         } else {
             EXIT_NOT_IMMUTABLE
         }
     }
+}
+
+/// The smallest size at least `size` that QEMU takes for the region: a power of
+/// two (at least 2 MiB, so also a multiple of 2 MiB); `None` past 2^63.
+pub fn qemu_size(size: u64) -> Option<u64> {
+    size.max(REGION_ALIGN).checked_next_power_of_two()
+}
+
+/// Why QEMU cannot take a region of `size` bytes (and what to do), if it cannot.
+/// The daemon announces the file's size as the device's shared-memory region;
+/// QEMU (11.1, vhost-user-test-device-pci) makes it a PCI BAR and aborts on a size
+/// that is not a power of two (an assertion in pci_register_bar).
+pub fn qemu_size_problem(size: u64, path: &str) -> Option<String> {
+    if size.is_power_of_two() {
+        return None;
+    }
+    let fix = match qemu_size(size) {
+        Some(to) => format!(
+            "`vhost-device-pmem prepare {path} --power-of-two` extends it to {to} bytes ({} MiB) without changing its data",
+            to >> 20
+        ),
+        None => "it is too large to round up".into(),
+    };
+    Some(format!(
+        "{size} bytes is not a power of two: QEMU 11.1 aborts creating the device \
+         (`pci_register_bar: Assertion is_power_of_2(size)`); {fix}"
+    ))
 }
 
 /// Checks `path` (opened read-only; nothing is written).
@@ -89,12 +127,15 @@ pub fn check(path: &Path) -> io::Result<CheckReport> {
         ));
     }
     let verdict = blockmap::inspect(&file).map_err(|e| {
-        let fs = blockmap::filesystem_of(&file)
-            .map_or_else(|_| "an unknown filesystem".to_string(), |f| f.to_string());
-        io::Error::new(
-            e.kind(),
-            format!("cannot read the block map (FIEMAP) on {fs}: {e}; serve --mode auto would use datasync, whose flushes may then commit the journal"),
-        )
+        let fs = blockmap::filesystem_of(&file);
+        let text = match fs {
+            Ok(fs) if fs.memory_only() => format!(
+                "{fs} keeps files in memory only: nothing on it survives a reboot or power cut, whatever the mode; it has no block map (FIEMAP: {e}); serve --mode auto would use datasync, whose syncs {fs} ignores, and say so"
+            ),
+            Ok(fs) => format!("cannot read the block map (FIEMAP) on {fs}: {e}; serve --mode auto would use datasync, whose flushes may then commit the journal"),
+            Err(_) => format!("cannot read the block map (FIEMAP) on an unknown filesystem: {e}; serve --mode auto would use datasync, whose flushes may then commit the journal"),
+        };
+        io::Error::new(e.kind(), text)
     })?;
     Ok(report(path, &file, &verdict))
 }
@@ -123,8 +164,13 @@ fn report(path: &Path, file: &File, v: &Verdict) -> CheckReport {
         })
         .collect();
     let size_ok = v.size > 0 && v.size % REGION_ALIGN == 0;
+    let qemu_problem = qemu_size_problem(v.size, &name);
     let advice = if nocow == Some(false) {
         Some(format!("{name} is copy-on-write on btrfs and can never be immutable: copy it into an empty file made No_COW first (`touch NEW && chattr +C NEW && cp --reflink=never {name} NEW`), then `vhost-device-pmem prepare NEW`"))
+    } else if qemu_problem.is_some() {
+        Some(format!(
+            "run `vhost-device-pmem prepare {name} --power-of-two` (makes it immutable too)"
+        ))
     } else if !v.immutable() || !size_ok {
         Some(format!("run `vhost-device-pmem prepare {name}`"))
     } else if immutable_attr == Some(true) {
@@ -137,6 +183,8 @@ fn report(path: &Path, file: &File, v: &Verdict) -> CheckReport {
         immutable: v.immutable(),
         size: v.size,
         size_ok,
+        qemu_size_ok: qemu_problem.is_none(),
+        qemu_problem,
         filesystem: v.filesystem.to_string(),
         dax: v.dax,
         map_sync: v.map_sync,
@@ -197,6 +245,9 @@ pub fn render_text(r: &CheckReport) -> String {
             "size: not a positive multiple of 2 MiB; serve refuses it"
         );
     }
+    if let Some(p) = &r.qemu_problem {
+        let _ = writeln!(s, "problem for QEMU: {p}");
+    }
     let _ = writeln!(
         s,
         "mode auto would choose: {} ({})",
@@ -246,6 +297,81 @@ mod tests {
             assert!(v.get(key).is_some(), "missing {key}: {v}");
         }
         assert_eq!(v["auto_policy"], "datasync");
+    }
+
+    fn immutable_verdict(size: u64) -> Verdict {
+        Verdict {
+            size,
+            filesystem: Filesystem::Ext4,
+            dax: false,
+            map_sync: false,
+            extents: 1,
+            problems: Vec::new(),
+            fingerprint: 7,
+        }
+    }
+
+    #[test]
+    fn a_size_qemu_aborts_on_is_a_problem_with_its_fix() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let r = report(
+            Path::new("/v/a.img"),
+            f.as_file(),
+            &immutable_verdict(96 << 20),
+        );
+        assert!(r.immutable && r.size_ok, "{r:?}");
+        assert!(!r.qemu_size_ok);
+        assert_eq!(r.exit_code(), EXIT_NOT_IMMUTABLE);
+        let p = r.qemu_problem.as_deref().unwrap();
+        assert!(
+            p.contains("not a power of two") && p.contains("QEMU 11.1 aborts"),
+            "{p}"
+        );
+        assert!(
+            p.contains("--power-of-two") && p.contains("134217728 bytes (128 MiB)"),
+            "{p}"
+        );
+        assert!(r
+            .advice
+            .as_deref()
+            .unwrap()
+            .contains("prepare /v/a.img --power-of-two"));
+        let text = render_text(&r);
+        assert!(
+            text.contains("problem for QEMU: 100663296 bytes is not a power of two"),
+            "{text}"
+        );
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["qemu_size_ok"], false);
+        assert!(v["qemu_problem"]
+            .as_str()
+            .unwrap()
+            .contains("pci_register_bar"));
+
+        let r = report(
+            Path::new("/v/a.img"),
+            f.as_file(),
+            &immutable_verdict(128 << 20),
+        );
+        assert!(r.qemu_size_ok && r.qemu_problem.is_none() && r.advice.is_none());
+        assert_eq!(r.exit_code(), EXIT_IMMUTABLE);
+        assert!(!render_text(&r).contains("QEMU"));
+        // A size serve refuses is not ready either (it exited 0 before).
+        let r = report(
+            Path::new("/v/a.img"),
+            f.as_file(),
+            &immutable_verdict(3 << 20),
+        );
+        assert_eq!(r.exit_code(), EXIT_NOT_IMMUTABLE);
+    }
+
+    #[test]
+    fn the_size_for_qemu_is_the_next_power_of_two_of_at_least_2_mib() {
+        assert_eq!(qemu_size(96 << 20), Some(128 << 20));
+        assert_eq!(qemu_size(128 << 20), Some(128 << 20));
+        assert_eq!(qemu_size(1), Some(2 << 20));
+        assert_eq!(qemu_size((1 << 63) + 1), None);
+        assert_eq!(qemu_size_problem(64 << 20, "f"), None);
     }
 
     #[test]

@@ -140,6 +140,7 @@ pub enum Filesystem {
     Xfs,
     Btrfs,
     Tmpfs,
+    Ramfs,
     Other(i64),
 }
 
@@ -150,8 +151,15 @@ impl Filesystem {
             0x5846_5342 => Self::Xfs,
             0x9123_683E => Self::Btrfs,
             0x0102_1994 => Self::Tmpfs,
+            0x8584_58f6 => Self::Ramfs,
             m => Self::Other(m),
         }
+    }
+
+    /// Keeps files in memory only: nothing on it survives a reboot or power cut,
+    /// whatever is synced.
+    pub fn memory_only(self) -> bool {
+        matches!(self, Self::Tmpfs | Self::Ramfs)
     }
 }
 
@@ -162,6 +170,7 @@ impl fmt::Display for Filesystem {
             Self::Xfs => f.write_str("xfs"),
             Self::Btrfs => f.write_str("btrfs"),
             Self::Tmpfs => f.write_str("tmpfs"),
+            Self::Ramfs => f.write_str("ramfs"),
             Self::Other(m) => write!(f, "fs-magic-{m:#x}"),
         }
     }

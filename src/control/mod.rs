@@ -236,43 +236,52 @@ pub fn answer_request(daemon: &ControlHandles, req: Request) -> Answer {
             ..Answer::ok()
         },
         Request::BadblocksList => ranges(false),
-        Request::BadblocksInject { offset, length } => match checked_range(offset, length) {
-            Err(e) => Answer::error(e),
-            Ok(range) => {
-                let added = daemon.media.report(Source::Operator, &[range]);
-                Answer {
-                    added: Some(added),
-                    ..ranges(true)
+        Request::BadblocksInject { offset, length } => {
+            match checked_range(offset, length, daemon.media.size()) {
+                Err(e) => Answer::error(e),
+                Ok(range) => {
+                    let added = daemon.media.report(Source::Operator, &[range]);
+                    Answer {
+                        added: Some(added),
+                        ..ranges(true)
+                    }
                 }
             }
-        },
-        Request::BadblocksClear { offset, length } => match checked_range(offset, length) {
-            Err(e) => Answer::error(e),
-            Ok(range) => {
-                let changed = daemon.media.clear(range);
-                Answer {
-                    changed: Some(changed),
-                    ..ranges(true)
+        }
+        Request::BadblocksClear { offset, length } => {
+            match checked_range(offset, length, daemon.media.size()) {
+                Err(e) => Answer::error(e),
+                Ok(range) => {
+                    let changed = daemon.media.clear(range);
+                    Answer {
+                        changed: Some(changed),
+                        ..ranges(true)
+                    }
                 }
             }
-        },
+        }
         Request::Events { .. } => {
             Answer::error("events is a stream: send it on its own connection")
         }
     }
 }
 
-/// A range from a client: non-empty and not past 2^64.
-fn checked_range(offset: u64, length: u64) -> Result<BadRange, String> {
+/// A range from a client: non-empty, and inside the `size`-byte file (a range that
+/// is not is refused, never clipped: the operator asked for bytes that do not exist).
+fn checked_range(offset: u64, length: u64, size: u64) -> Result<BadRange, String> {
     if length == 0 {
         return Err("the length must be positive".into());
     }
-    if offset.checked_add(length).is_none() {
-        return Err(format!(
+    match offset.checked_add(length) {
+        None => Err(format!(
             "offset {offset:#x} + length {length:#x} is past the largest file offset"
-        ));
+        )),
+        Some(end) if end > size => Err(format!(
+            "[{offset:#x}, {end:#x}) is not inside the file: it has {size:#x} bytes ({} MiB)",
+            size >> 20
+        )),
+        Some(_) => Ok(BadRange { offset, length }),
     }
-    Ok(BadRange { offset, length })
 }
 
 /// Serves the control socket on a background thread with the default
@@ -651,12 +660,31 @@ pub(crate) mod tests {
         );
         assert_eq!(a["ok"], true, "{a}");
         assert_eq!(a["ranges"], json!([{"offset": 4096, "length": 512}]));
-        // Outside the 2 MiB file: ignored, not an error.
+        // Outside the 2 MiB file, or past its end: refused with the reason (it was
+        // ignored and answered ok, so the CLI said nothing and exited 0).
+        for (offset, length) in [(4194304, 512), (2097152 - 512, 1024)] {
+            let req =
+                format!(r#"{{"command":"badblocks-inject","offset":{offset},"length":{length}}}"#);
+            let a = ask(&d, &req);
+            assert_eq!(a["ok"], false, "{a}");
+            let e = a["error"].as_str().unwrap();
+            assert!(
+                e.contains("is not inside the file: it has 0x200000 bytes"),
+                "{e}"
+            );
+        }
         let a = ask(
             &d,
-            r#"{"command":"badblocks-inject","offset":4194304,"length":512}"#,
+            r#"{"command":"badblocks-clear","offset":4194304,"length":512}"#,
         );
-        assert_eq!(a["added"], json!([]), "{a}");
+        assert_eq!(a["ok"], false, "{a}");
+        assert_eq!(
+            ask(&d, r#"{"command":"badblocks-list"}"#)["ranges"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
         let e = rx.recv_timeout(Duration::from_secs(1)).unwrap().to_line();
         assert!(
             e.contains("bad-ranges-changed") && e.contains("operator"),
@@ -734,7 +762,7 @@ pub(crate) mod tests {
             );
             assert_eq!(a["ok"], false, "{a}");
         }
-        // The largest range that fits is fine, clipped to the file.
+        // The largest range that fits in 64 bits is outside the file: refused too.
         let a = ask(
             &d,
             &format!(
@@ -742,9 +770,9 @@ pub(crate) mod tests {
                 u64::MAX - 512
             ),
         );
-        assert_eq!(
-            (a["ok"].clone(), a["added"].clone()),
-            (json!(true), json!([])),
+        assert_eq!(a["ok"], false, "{a}");
+        assert!(
+            a["error"].as_str().unwrap().contains("not inside the file"),
             "{a}"
         );
         assert_eq!(ask(&d, r#"{"command":"status"}"#)["ok"], true);

@@ -197,6 +197,7 @@ fn expected(kv: &[(&str, Val)]) -> Config {
             Some(Val::Seccomp(s)) => s,
             _ => SeccompMode::Enforce,
         },
+        log_level: None,
     }
 }
 

@@ -198,6 +198,7 @@ fn request_line() -> impl Strategy<Value = Vec<u8>> {
 #[test]
 fn control_requests() {
     let daemon = control::tests::daemon();
+    let size = daemon.media.size();
     let case = (vec(request_line(), 0..5), vec(1usize..64, 1..4));
     super::run("control-requests", case, |(lines, sizes)| {
         // `events` turns the connection into a stream: not this target's business.
@@ -252,9 +253,10 @@ fn control_requests() {
                 .map(jsonl::decode::<Request>);
             match decoded {
                 Some(Ok(req)) => {
+                    // Refused: empty, past 2^64, or not inside the file.
                     let refused = matches!(req,
                         Request::BadblocksInject { offset, length } | Request::BadblocksClear { offset, length }
-                        if length == 0 || offset.checked_add(length).is_none());
+                        if length == 0 || offset.checked_add(length).is_none_or(|end| end > size));
                     prop_assert_eq!(a.ok, !refused, "{:?} -> {:?}", req, a);
                 }
                 _ => {

@@ -552,7 +552,7 @@ impl Host {
         let region = &self.shared.region;
         let result = match region.flusher.final_sync(SyncContext::Shutdown) {
             Ok(()) => {
-                info!("exiting: {}", region.flusher.policy().exit_promise());
+                info!("{}; exiting", region.flusher.exit_claim());
                 Ok(())
             }
             Err(source) => Err(Error::SyncFailed {

@@ -42,7 +42,7 @@ impl Shared {
             mode_requested: region.mode_requested,
             policy,
             policy_reason: region.policy_reason.clone(),
-            promise: policy.promise().into(),
+            promise: flusher.promise(),
             downgraded: flusher.downgrade_reason(),
             socket: self
                 .socket

@@ -113,6 +113,11 @@ impl MediaErrors {
         }))
     }
 
+    /// The size of the backing file the ranges are offsets of.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     /// Why the bad-range set is not on disk, if it is not.
     pub fn persist_error(&self) -> Option<String> {
         lock(&self.persist_error).clone()
