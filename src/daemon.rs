@@ -110,6 +110,7 @@ impl Daemon {
             agent: self.agent.as_ref().map(|a| a.state.lock().unwrap().clone()),
             services_failed: self.services.failures(),
             seccomp: self.seccomp,
+            sandbox_denials: sandbox::denials(),
             nvdimm: None,
         }
     }
@@ -268,7 +269,12 @@ pub fn serve(config: Config, inherited: Inherited) -> Result<(), Error> {
     // Start-up is done: everything that opens, binds, locks or creates has run.
     // From here on, every thread (those started above included) serves under the
     // allow-list, and so does each thread started later, which inherits it.
-    enter_sandbox(config.seccomp, Profile::Serve)?;
+    enter_sandbox(
+        config.seccomp,
+        Profile::Serve,
+        &daemon.events,
+        &daemon.services,
+    )?;
     // Listening, and the file judged (its policy chosen): ready.
     systemd::notify_or_log(&format!("READY=1\nSTATUS={}", status_line(&daemon)));
     start_notifier(&daemon)?;
@@ -307,22 +313,29 @@ pub fn serve(config: Config, inherited: Inherited) -> Result<(), Error> {
 }
 
 /// Installs the seccomp filter of `profile` on all threads, saying so first.
-pub(crate) fn enter_sandbox(mode: SeccompMode, profile: Profile) -> Result<(), Error> {
+pub(crate) fn enter_sandbox(
+    mode: SeccompMode,
+    profile: Profile,
+    events: &Arc<EventHub>,
+    services: &Arc<Services>,
+) -> Result<(), Error> {
     match mode {
         SeccompMode::Off => {
             warn!("seccomp sandbox off (--seccomp off): every system call is allowed");
             return Ok(());
         }
         SeccompMode::Enforce => info!(
-            "seccomp sandbox on (enforce): a system call outside the allow-list kills the \
-             daemon with SIGSYS; `--seccomp log` logs such calls instead"
+            "seccomp sandbox on (enforce): a system call outside the allow-list fails with \
+             ENOSYS and is logged and counted (status.sandbox_denials); one on the kill list \
+             (exec, fork, ptrace, a network socket, an executable mapping, ...) kills the \
+             daemon with SIGSYS; `--seccomp log` allows and logs such calls instead"
         ),
         SeccompMode::Log => warn!(
             "seccomp sandbox in log mode: system calls outside the allow-list are allowed \
              and logged by the kernel (SECCOMP/audit lines in the kernel log)"
         ),
     }
-    sandbox::install(mode, profile).map_err(|e| Error::Sandbox(e.to_string()))
+    sandbox::enter(mode, profile, events, services).map_err(|e| Error::Sandbox(e.to_string()))
 }
 
 /// The `instance` label of the metrics: `--metrics-instance`, or the backing file's

@@ -337,8 +337,24 @@ fn run_health(
 /// (EX_TEMPFAIL); `RestartPreventExitStatus=` of the service unit.
 const EXIT_FILE_IN_USE: u8 = 75;
 
+/// The logger, with its colour choice made here, once: a daemon's stderr does not
+/// change while it runs. env_logger writing to stderr itself would ask whether
+/// stderr is a terminal (`ioctl(2, TCGETS)`) for every line when it is one, a call
+/// the seccomp sandbox does not list; through a plain writer it never asks, and
+/// the style (NO_COLOR, CLICOLOR, TERM and the terminal test, as env_logger does
+/// them; RUST_LOG_STYLE wins) is decided before the filter goes on.
+fn init_logging() {
+    use env_logger::{fmt::Target, Builder, Env};
+    let mut b = Builder::from_env(Env::default().default_filter_or("info"));
+    let style = std::env::var("RUST_LOG_STYLE").unwrap_or_default();
+    if !matches!(style.as_str(), "always" | "never") {
+        b.write_style(anstream::AutoStream::choice(&std::io::stderr()).into());
+    }
+    b.target(Target::Pipe(Box::new(std::io::stderr()))).init();
+}
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    init_logging();
     // Hidden from --help, the man pages and the completions it writes.
     if std::env::args_os()
         .nth(1)

@@ -175,6 +175,10 @@ pub struct StatusReport {
     /// The seccomp sandbox: enforce, log or off.
     #[serde(default)]
     pub seccomp: crate::sandbox::SeccompMode,
+    /// System calls outside the allow-list answered ENOSYS (`enforce`) since the
+    /// filter went on; each is also logged once per call and sent as an event.
+    #[serde(default)]
+    pub sandbox_denials: u64,
     /// The NVDIMM export's part (`vhost-device-pmem nvdimm`); absent for `serve`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvdimm: Option<crate::nvdimm::NvdimmStatus>,

@@ -379,7 +379,12 @@ impl Export {
         // named, the control and agent sockets bound. The QMP session (connect,
         // the plug, SO_PEERCRED, the mapping check) and everything after it run
         // under the filter, on every thread (those started above included).
-        enter_sandbox(self.config.seccomp, Profile::Nvdimm)?;
+        enter_sandbox(
+            self.config.seccomp,
+            Profile::Nvdimm,
+            &self.events,
+            &self.services,
+        )?;
         let pid = self.plug_and_verify()?;
         let guard_handles = GuardHandles {
             region: self.region.clone(),
@@ -707,6 +712,7 @@ fn report(
     let live = nv.mapping_verified && !nv.qemu_exited;
     StatusReport {
         seccomp,
+        sandbox_denials: crate::sandbox::denials(),
         health: region.flusher.health(),
         sync_failure: region.flusher.failure(),
         queue_broken: None,
