@@ -102,7 +102,42 @@ pub fn enter(
     if mode == SeccompMode::Enforce {
         denial::start(events.clone(), services).map_err(SandboxError::Record)?;
     }
-    install(mode, profile)
+    install(mode, profile)?;
+    #[cfg(debug_assertions)]
+    test_hook(services).map_err(SandboxError::Record)?;
+    Ok(())
+}
+
+/// Debug builds only (compiled out of release builds, so of the packages): with
+/// `VDP_SANDBOX_TEST_HOOK` set, a service thread started once the filter is on
+/// panics (`panic`), makes an unlisted call (`unlisted`: getppid) or one on the
+/// kill list (`killed`: socket(AF_INET)), so the tests reach these paths in the
+/// real binary (tests/sandbox_contexts.rs).
+#[cfg(debug_assertions)]
+fn test_hook(services: &Arc<Services>) -> std::io::Result<()> {
+    let Ok(what) = std::env::var("VDP_SANDBOX_TEST_HOOK") else {
+        return Ok(());
+    };
+    warn!("VDP_SANDBOX_TEST_HOOK={what}: a debug build's test hook runs");
+    services.spawn(
+        "sandbox-hook",
+        |_| {},
+        move || match what.as_str() {
+            "panic" => panic!("forced by VDP_SANDBOX_TEST_HOOK=panic"),
+            "unlisted" => {
+                // SAFETY: a system call without arguments.
+                let r = unsafe { libc::syscall(libc::SYS_getppid) };
+                let e = std::io::Error::last_os_error();
+                warn!("test hook: getppid returned {r} ({e})");
+            }
+            "killed" => {
+                // SAFETY: a system call with integer arguments; the filter ends us.
+                let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+                warn!("test hook: socket(AF_INET) returned {fd}");
+            }
+            other => warn!("test hook: unknown {other:?}"),
+        },
+    )
 }
 
 /// Unlisted calls answered ENOSYS since the filter went on (0 without a filter or
@@ -526,8 +561,8 @@ fn nvdimm_rules() -> Result<Rules, SandboxError> {
 /// -ENOSYS and counts it, and a service thread that reports each call number once.
 ///
 /// The handler runs on the thread that made the call, in the middle of whatever
-/// it was doing (a lock may be held), so it only touches atomics and makes two
-/// listed calls: `gettid` and `write` to an eventfd. The reporter blocks on that
+/// it was doing (a lock may be held), so it only touches atomics and makes three
+/// listed calls: `gettid`, `prctl(PR_GET_NAME)` and `write` to an eventfd. The reporter blocks on that
 /// eventfd (and the services' stop descriptor) with no timeout: an idle daemon makes
 /// no wake-ups for it.
 mod denial {
@@ -536,8 +571,11 @@ mod denial {
     /// Counters by call number; numbers at or past the last slot share it.
     const SLOTS: usize = 1024;
     static COUNTS: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
-    /// The first thread that made each call (its name is looked up by the reporter).
+    /// The first thread that made each call, and its name (PR_GET_NAME: 16 bytes,
+    /// taken in the handler, as the thread may be gone when the reporter looks).
     static FIRST_TID: [AtomicU32; SLOTS] = [const { AtomicU32::new(0) }; SLOTS];
+    static FIRST_NAME: [[AtomicU64; 2]; SLOTS] =
+        [const { [AtomicU64::new(0), AtomicU64::new(0)] }; SLOTS];
     pub(super) static TOTAL: AtomicU64 = AtomicU64::new(0);
     /// The eventfd the handler writes to; -1 until the reporter runs.
     static WAKE: AtomicI32 = AtomicI32::new(-1);
@@ -575,8 +613,8 @@ mod denial {
         }
         // Non-blocking: the handler never waits, whatever the counter holds.
         let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
-        // SAFETY: installing a handler that only touches atomics, gettid(2) and
-        // write(2), both async-signal-safe and allowed by every profile.
+        // SAFETY: installing a handler that only touches atomics, gettid(2),
+        // prctl(2) and write(2), async-signal-safe and allowed by every profile.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_sigsys as *const () as usize;
@@ -618,9 +656,14 @@ mod denial {
             let number = slot as u32;
             let name = call_name(slot);
             let tid = FIRST_TID[slot].load(Ordering::Acquire);
-            let thread = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
-                .map(|s| s.trim_end().to_string())
-                .unwrap_or_else(|_| format!("thread {tid} (ended)"));
+            let mut raw = [0u8; 16];
+            raw[..8].copy_from_slice(&FIRST_NAME[slot][0].load(Ordering::Acquire).to_ne_bytes());
+            raw[8..].copy_from_slice(&FIRST_NAME[slot][1].load(Ordering::Acquire).to_ne_bytes());
+            let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+            let thread = match String::from_utf8_lossy(&raw[..end]) {
+                name if name.is_empty() => format!("thread {tid}"),
+                name => name.into_owned(),
+            };
             warn!(
                 "seccomp: denied system call {number} ({name}) on thread {thread:?}: answered \
                  ENOSYS, the daemon serves on (counted in status.sandbox_denials; logged once \
@@ -659,8 +702,22 @@ mod denial {
         if FIRST_TID[slot].load(Ordering::Acquire) == 0 {
             // SAFETY: gettid(2) cannot fail.
             let tid = unsafe { libc::gettid() } as u32;
-            let _ = FIRST_TID[slot].compare_exchange(0, tid, Ordering::AcqRel, Ordering::Acquire);
+            if FIRST_TID[slot]
+                .compare_exchange(0, tid, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                let mut name = [0u8; 16];
+                // SAFETY: PR_GET_NAME writes at most 16 bytes to a local buffer; a
+                // plain system call, allowed by every profile.
+                unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
+                let (mut a, mut b) = ([0u8; 8], [0u8; 8]);
+                a.copy_from_slice(&name[..8]);
+                b.copy_from_slice(&name[8..]);
+                FIRST_NAME[slot][0].store(u64::from_ne_bytes(a), Ordering::Release);
+                FIRST_NAME[slot][1].store(u64::from_ne_bytes(b), Ordering::Release);
+            }
         }
+        // Counted last: whoever sees the count sees the name.
         TOTAL.fetch_add(1, Ordering::AcqRel);
         let fd = WAKE.load(Ordering::Acquire);
         if fd >= 0 {
