@@ -522,6 +522,9 @@ fn serve_cell(c: Cell) {
     }
     let st = run.status();
     assert!(st["connected"].as_bool().unwrap(), "{st:#}");
+    // Relative or not, the daemon works with absolute paths from start-up on.
+    assert_eq!(st["file"], file.display().to_string(), "{st:#}");
+    assert_eq!(st["socket"], l.socket.display().to_string(), "{st:#}");
     assert_clean(&run, &st, c.panic);
     drop(fe);
     let log = assert_clean_exit(&mut run);
@@ -706,6 +709,8 @@ fn nvdimm_cell(c: Cell) {
         st["nvdimm"]["mapping_verified"] == true
     });
     assert_eq!(st["nvdimm"]["qemu_pid"], std::process::id(), "{st:#}");
+    assert_eq!(st["file"], file.display().to_string(), "{st:#}");
+    assert_eq!(st["socket"], qmp_path.display().to_string(), "{st:#}");
     let (_agent, hello) = agent_hello(&dir.join("run/nv.agent"));
     assert_eq!(hello["guest_address"], NV_ADDR, "{hello}");
     inject_and_see_it_saved(&dir.join("run/nv.ctl"), &dir.join("state"));
@@ -789,7 +794,8 @@ fn an_unlisted_call_is_denied_counted_once_and_the_daemon_serves_on() {
     let sub = UnixStream::connect(&l.control).unwrap();
     let req = serde_json::to_string(&Request::Events { backlog: true }).unwrap();
     writeln!(&sub, "{req}").unwrap();
-    sub.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    sub.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     let events: Vec<Value> = BufReader::new(sub)
         .lines()
         .map_while(Result::ok)
