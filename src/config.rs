@@ -117,9 +117,11 @@ pub struct ServeArgs {
     /// path.
     #[arg(long, value_name = "NAME")]
     pub metrics_instance: Option<String>,
-    /// The seccomp sandbox installed once start-up is done: `enforce` kills the
-    /// daemon on a system call outside its allow-list, `log` lets the call through
-    /// and the kernel logs it, `off` installs none. Default enforce.
+    /// The seccomp sandbox installed once start-up is done: `enforce` answers a
+    /// system call outside its allow-list ENOSYS, logs and counts it, and kills
+    /// the daemon only for one on its kill list (exec, fork, ptrace, a network
+    /// socket, ...); `log` lets the call through and the kernel logs it, `off`
+    /// installs none. Default enforce.
     #[arg(long, value_enum, value_name = "MODE")]
     pub seccomp: Option<SeccompMode>,
     /// TOML file with any of the keys above (kebab-case, e.g. `socket-path`).
@@ -403,8 +405,10 @@ pub struct NvdimmArgs {
     pub agent_socket: Option<PathBuf>,
     /// The seccomp sandbox installed once start-up is done (the file judged,
     /// opened and locked, the sockets bound), before the QMP session: `enforce`
-    /// kills the export on a system call outside its allow-list, `log` lets the
-    /// call through and the kernel logs it, `off` installs none. Default enforce.
+    /// answers a system call outside its allow-list ENOSYS, logs and counts it,
+    /// and kills the export only for one on its kill list (exec, fork, ptrace, a
+    /// network socket, ...); `log` lets the call through and the kernel logs it,
+    /// `off` installs none. Default enforce.
     #[arg(long, value_enum, value_name = "MODE")]
     pub seccomp: Option<SeccompMode>,
 }
