@@ -431,6 +431,8 @@ fn inside_the_lab() {
     };
     assert_eq!(status["policy"], "datasync", "{status:#}");
     assert_eq!(status["health"], "downgraded", "{status:#}");
+    // Steps a-e under another kernel and the lab's glibc: nothing denied.
+    assert_eq!(status["sandbox_denials"], 0, "{status:#}\n{}", daemon.log());
     drop(writer);
     result["downgrade"] = json!({
         "reason": status["downgraded"],

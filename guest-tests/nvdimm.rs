@@ -183,10 +183,11 @@ impl Exporter {
     }
 
     /// The export runs under `--seccomp enforce` (the default): `status` says so
-    /// and every thread has the filter (mode 2, the allow-list and clone3's
-    /// ENOSYS filter); returns the thread count.
+    /// and every thread has the filters (mode 2, the allow-list, the kill list and
+    /// clone3's ENOSYS filter), and no call was denied; returns the thread count.
     fn assert_sandboxed(&self, status: &Value) -> usize {
         assert_eq!(status["seccomp"], "enforce", "{status}");
+        assert_eq!(status["sandbox_denials"], 0, "{status}");
         assert!(
             self.log_text().contains("seccomp sandbox on (enforce)"),
             "{}",
@@ -196,7 +197,10 @@ impl Exporter {
         for (name, mode, filters) in &threads {
             assert_eq!(
                 (mode.as_str(), filters.as_str()),
-                ("2", "2"),
+                (
+                    "2",
+                    vhost_device_pmem::sandbox::FILTERS.to_string().as_str()
+                ),
                 "{name}: {threads:?}"
             );
         }

@@ -35,6 +35,12 @@ pub enum ConfigError {
         "id {0:?}: QEMU ids start with a letter and hold only letters, digits, '-', '.' and '_'"
     )]
     BadId(String),
+    #[error("{key} {path:?}: cannot make it absolute ({source}); give an absolute path")]
+    NotAbsolute {
+        key: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// `vhost-device-pmem serve` flags.
@@ -138,9 +144,11 @@ pub struct ServeArgs {
     /// path.
     #[arg(long, value_name = "NAME")]
     pub metrics_instance: Option<String>,
-    /// The seccomp sandbox installed once start-up is done: `enforce` kills the
-    /// daemon on a system call outside its allow-list, `log` lets the call through
-    /// and the kernel logs it, `off` installs none. Default enforce.
+    /// The seccomp sandbox installed once start-up is done: `enforce` answers a
+    /// system call outside its allow-list ENOSYS, logs and counts it, and kills
+    /// the daemon only for one on its kill list (exec, fork, ptrace, a network
+    /// socket, ...); `log` lets the call through and the kernel logs it, `off`
+    /// installs none. Default enforce.
     #[arg(long, value_enum, value_name = "MODE")]
     pub seccomp: Option<SeccompMode>,
     /// TOML file with the options above as kebab-case keys (e.g. `socket-path`;
@@ -269,8 +277,40 @@ impl TryFrom<ServeArgs> for Config {
             }
             None => FileConfig::default(),
         };
-        Config::merge(args, file_cfg)
+        let mut c = Config::merge(args, file_cfg)?;
+        absolute_paths([
+            ("socket-path", Some(&mut c.socket_path)),
+            ("file", Some(&mut c.file)),
+            ("control-socket", c.control_socket.as_mut()),
+            ("agent-socket", c.agent_socket.as_mut()),
+            ("state-dir", c.state_dir.as_mut()),
+            ("metrics-file", c.metrics_file.as_mut()),
+        ])?;
+        Ok(c)
     }
+}
+
+/// Makes every path option absolute, against the working directory at start-up
+/// (a relative path, on the command line or in a config file, means what it meant
+/// there), without touching the file system: nothing after start-up asks for the
+/// working directory again (a relative name makes the C library and `tempfile` call
+/// `getcwd`). A path that cannot be made absolute (empty, or relative while the
+/// working directory is gone) is refused, naming its option.
+fn absolute_paths<'a>(
+    paths: impl IntoIterator<Item = (&'static str, Option<&'a mut PathBuf>)>,
+) -> Result<(), ConfigError> {
+    for (key, path) in paths {
+        let Some(path) = path else { continue };
+        if path.is_absolute() {
+            continue;
+        }
+        *path = std::path::absolute(&*path).map_err(|source| ConfigError::NotAbsolute {
+            key,
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// The keys of a config file's text (`path` names it in errors).
@@ -473,8 +513,10 @@ pub struct NvdimmArgs {
     pub agent_socket: Option<PathBuf>,
     /// The seccomp sandbox installed once start-up is done (the file judged,
     /// opened and locked, the sockets bound), before the QMP session: `enforce`
-    /// kills the export on a system call outside its allow-list, `log` lets the
-    /// call through and the kernel logs it, `off` installs none. Default enforce.
+    /// answers a system call outside its allow-list ENOSYS, logs and counts it,
+    /// and kills the export only for one on its kill list (exec, fork, ptrace, a
+    /// network socket, ...); `log` lets the call through and the kernel logs it,
+    /// `off` installs none. Default enforce.
     #[arg(long, value_enum, value_name = "MODE")]
     pub seccomp: Option<SeccompMode>,
     /// TOML file with the settings above as kebab-case keys (e.g. `qmp-socket`;
@@ -614,7 +656,7 @@ impl NvdimmConfig {
         if qmp_timeout == 0 {
             return Err(ConfigError::Zero("qmp-timeout"));
         }
-        Ok(Self {
+        let mut c = Self {
             file: a
                 .file_arg
                 .or(a.file)
@@ -642,7 +684,15 @@ impl NvdimmConfig {
             agent_socket: a.agent_socket.or(f.agent_socket),
             seccomp: a.seccomp.or(f.seccomp).unwrap_or_default(),
             log_level: f.log_level,
-        })
+        };
+        absolute_paths([
+            ("file", Some(&mut c.file)),
+            ("qmp-socket", c.qmp_socket.as_mut()),
+            ("control-socket", c.control_socket.as_mut()),
+            ("state-dir", c.state_dir.as_mut()),
+            ("agent-socket", c.agent_socket.as_mut()),
+        ])?;
+        Ok(c)
     }
 }
 
@@ -1016,6 +1066,75 @@ mod tests {
             std::path::Path::new("n.toml"),
         )
         .is_err());
+    }
+
+    #[test]
+    fn every_path_option_is_made_absolute_against_the_working_directory() {
+        let cwd = std::env::current_dir().unwrap();
+        let c = Config::try_from(ServeArgs {
+            socket_path: Some("run/p.sock".into()),
+            file: Some("p.img".into()),
+            control_socket: Some("./p.ctl".into()),
+            agent_socket: Some("../p.agent".into()),
+            state_dir: Some("state".into()),
+            metrics_file: Some("m/p.prom".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.socket_path, cwd.join("run/p.sock"));
+        assert_eq!(c.file, cwd.join("p.img"));
+        assert_eq!(c.control_socket, Some(cwd.join("p.ctl")));
+        assert_eq!(c.agent_socket, Some(cwd.join("../p.agent")));
+        assert_eq!(c.state_dir, Some(cwd.join("state")));
+        assert_eq!(c.metrics_file, Some(cwd.join("m/p.prom")));
+        // Relative paths of a config file too; absolute ones stay as they are.
+        let f = toml_file("socket-path = \"s.sock\"\nfile = \"/abs/f.img\"\n");
+        let c = Config::try_from(ServeArgs {
+            config: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.socket_path, cwd.join("s.sock"));
+        assert_eq!(c.file, PathBuf::from("/abs/f.img"));
+        let nv = NvdimmConfig::try_from(NvdimmArgs {
+            file: Some("f.img".into()),
+            qmp_socket: Some("q.sock".into()),
+            id: Some("nv0".into()),
+            control_socket: Some("c.sock".into()),
+            state_dir: Some("st".into()),
+            agent_socket: Some("a.sock".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(nv.file, cwd.join("f.img"));
+        assert_eq!(nv.qmp_socket, Some(cwd.join("q.sock")));
+        assert_eq!(nv.control_socket, Some(cwd.join("c.sock")));
+        assert_eq!(nv.state_dir, Some(cwd.join("st")));
+        assert_eq!(nv.agent_socket, Some(cwd.join("a.sock")));
+    }
+
+    #[test]
+    fn a_path_that_cannot_be_made_absolute_is_refused_by_its_option() {
+        let e = Config::try_from(ServeArgs {
+            socket_path: Some("/s".into()),
+            file: Some("/f".into()),
+            state_dir: Some("".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("state-dir \"\": cannot make it absolute"),
+            "{e}"
+        );
+        let e = NvdimmConfig::try_from(NvdimmArgs {
+            file: Some("".into()),
+            qmp_socket: Some("/q".into()),
+            id: Some("nv0".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("give an absolute path"), "{e}");
     }
 
     #[test]

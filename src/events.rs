@@ -97,6 +97,15 @@ pub enum EventKind {
     VmmDisconnected { reason: String },
     /// The daemon is stopping (a signal, QEMU's exit, or an error).
     Stopping,
+    /// The seccomp filter answered a call outside the allow-list ENOSYS (sent
+    /// once per call number; `status.sandbox_denials` counts every one).
+    SandboxDenied {
+        /// The call's number on this architecture.
+        syscall: u32,
+        name: String,
+        /// The thread that made it first.
+        thread: String,
+    },
 }
 
 /// One event as sent: its kind and fields, a sequence number and the time.

@@ -222,6 +222,10 @@ pub struct StatusReport {
     /// The seccomp sandbox: enforce, log or off.
     #[serde(default)]
     pub seccomp: SeccompMode,
+    /// System calls outside the allow-list answered ENOSYS (`enforce`) since the
+    /// filter went on; each is also logged once per call and sent as an event.
+    #[serde(default)]
+    pub sandbox_denials: u64,
     /// The NVDIMM export's part (`vhost-device-pmem nvdimm`); absent for `serve`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvdimm: Option<NvdimmStatus>,
@@ -270,7 +274,10 @@ pub struct AgentState {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum SeccompMode {
-    /// Kill the whole process (SIGSYS, core-dumpable) on an unlisted call.
+    /// A call on the kill list (exec, fork, ptrace, a network socket, an executable
+    /// mapping, ...) kills the whole process (SIGSYS, core-dumpable); any other
+    /// unlisted call fails with ENOSYS, is logged once per call and counted
+    /// (`status.sandbox_denials`).
     #[default]
     Enforce,
     /// Allow an unlisted call and have the kernel log it (audit type 1326 / SECCOMP

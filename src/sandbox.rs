@@ -1,17 +1,32 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The seccomp sandbox: the system calls a serving daemon may make, as Rust code
-//! (rust-vmm's `seccompiler`), and installing that allow-list on every thread.
+//! (rust-vmm's `seccompiler`); the short list of calls that kill it; and the record
+//! of every other unlisted call, which is answered ENOSYS and counted instead.
 //!
-//! Owns: the allow-list of each [`Profile`] and [`install`]. Never decides *when* to
-//! install (the daemon does, after its start-up) and never makes a call it filters.
+//! Owns: the allow-list of each [`Profile`], the kill list, [`install`], the SIGSYS
+//! handler and the denial count ([`denials`]). Never decides *when* to install (the
+//! daemon does, after its start-up) and never makes a call it filters.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    os::fd::{BorrowedFd, IntoRawFd},
+    sync::{
+        atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering},
+        Arc, Once,
+    },
+};
 
-pub use crate::report::SeccompMode;
+use crate::{
+    events::{EventHub, EventKind},
+    service::{self, Services},
+};
+use log::warn;
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
     SeccompFilter, SeccompRule, TargetArch,
 };
+
+pub use crate::report::SeccompMode;
 
 /// Which code runs under the filter. Each profile is the [`common`] list plus its
 /// own function ([`serve_rules`], [`nvdimm_rules`]), built from the shared parts
@@ -39,46 +54,128 @@ pub enum SandboxError {
          --seccomp off)"
     )]
     Install(#[from] seccompiler::Error),
+    #[error("seccomp: setting up the denial record: {0}")]
+    Record(std::io::Error),
+}
+
+/// The filters a process under `enforce` or `log` has (`Seccomp_filters:` in
+/// /proc/PID/status): clone3's ENOSYS, the kill list, the allow-list.
+pub const FILTERS: usize = 3;
+
+/// Enters the sandbox: under `enforce`, first the SIGSYS handler and the service
+/// thread that reports denials (logs each call once, publishes a
+/// [`EventKind::SandboxDenied`], counts it); then [`install`].
+pub fn enter(
+    mode: SeccompMode,
+    profile: Profile,
+    events: &Arc<EventHub>,
+    services: &Arc<Services>,
+) -> Result<(), SandboxError> {
+    if mode == SeccompMode::Enforce {
+        denial::start(events.clone(), services).map_err(SandboxError::Record)?;
+    }
+    install(mode, profile)?;
+    #[cfg(debug_assertions)]
+    test_hook(services).map_err(SandboxError::Record)?;
+    Ok(())
+}
+
+/// Debug builds only (compiled out of release builds, so of the packages): with
+/// `VDP_SANDBOX_TEST_HOOK` set, a service thread started once the filter is on
+/// panics (`panic`), makes an unlisted call (`unlisted`: getppid) or one on the
+/// kill list (`killed`: socket(AF_INET)), so the tests reach these paths in the
+/// real binary (tests/sandbox_contexts.rs).
+#[cfg(debug_assertions)]
+fn test_hook(services: &Arc<Services>) -> std::io::Result<()> {
+    let Ok(what) = std::env::var("VDP_SANDBOX_TEST_HOOK") else {
+        return Ok(());
+    };
+    warn!("VDP_SANDBOX_TEST_HOOK={what}: a debug build's test hook runs");
+    services.spawn(
+        "sandbox-hook",
+        |_| {},
+        move || match what.as_str() {
+            "panic" => panic!("forced by VDP_SANDBOX_TEST_HOOK=panic"),
+            "unlisted" => {
+                // SAFETY: a system call without arguments.
+                let r = unsafe { libc::syscall(libc::SYS_getppid) };
+                let e = std::io::Error::last_os_error();
+                warn!("test hook: getppid returned {r} ({e})");
+            }
+            "killed" => {
+                // SAFETY: a system call with integer arguments; the filter ends us.
+                let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+                warn!("test hook: socket(AF_INET) returned {fd}");
+            }
+            other => warn!("test hook: unknown {other:?}"),
+        },
+    )
+}
+
+/// Unlisted calls answered ENOSYS since the filter went on (0 without a filter or
+/// under `log`).
+pub fn denials() -> u64 {
+    denial::TOTAL.load(Ordering::Acquire)
 }
 
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
 
-/// Installs the filter of `profile` on every thread of the process (TSYNC), so the
-/// threads started before it are covered as well as those started later (which
-/// inherit it). `Off` installs nothing. Also sets `no_new_privs`.
+/// Installs the filters of `profile` on every thread of the process (TSYNC), so
+/// the threads started before them are covered as well as those started later
+/// (which inherit them). `Off` installs nothing. Also sets `no_new_privs`. Under
+/// `enforce` an unlisted call raises SIGSYS (SECCOMP_RET_TRAP): give it a handler
+/// first ([`enter`] does), or it kills as the kill list does.
 pub fn install(mode: SeccompMode, profile: Profile) -> Result<(), SandboxError> {
     if mode == SeccompMode::Off {
         return Ok(());
     }
-    let (allow, clone3) = programs(mode, profile)?;
-    // Two stacked filters; the kernel applies the most severe answer of all, and
-    // ERRNO ranks above LOG and ALLOW (below KILL), so clone3 gets ENOSYS in both
-    // modes (the allow-list lets it through). The clone3 filter goes first: it
-    // allows everything else, so installing the allow-list (prctl, seccomp) runs
-    // under it, and the allow-list need not list those two calls.
+    let Programs {
+        allow,
+        kill,
+        clone3,
+    } = programs(mode, profile)?;
+    // Stacked filters; the kernel applies the most severe answer of all: KILL
+    // above TRAP above ERRNO above LOG and ALLOW. So a call on the kill list dies
+    // whatever the allow-list says, and clone3 gets ENOSYS in both modes (the
+    // allow-list lets it through). Each filter allows everything the next one's
+    // installation makes (prctl, seccomp): clone3's and the kill list allow all
+    // else, and the allow-list goes last, so it need not list those two calls.
     seccompiler::apply_filter_all_threads(&clone3)?;
+    seccompiler::apply_filter_all_threads(&kill)?;
     seccompiler::apply_filter_all_threads(&allow)?;
     Ok(())
 }
 
-/// The two BPF programs: the allow-list, and the one that answers clone3 ENOSYS.
-pub fn programs(
-    mode: SeccompMode,
-    profile: Profile,
-) -> Result<(BpfProgram, BpfProgram), SandboxError> {
+/// The BPF programs of one profile and mode.
+pub struct Programs {
+    /// Listed → allow; unlisted → TRAP (`enforce`: ENOSYS and a denial) or LOG.
+    pub allow: BpfProgram,
+    /// On the kill list → KILL_PROCESS (`enforce`) or LOG; anything else → allow.
+    pub kill: BpfProgram,
+    /// clone3 → ENOSYS (the C library falls back to clone); anything else → allow.
+    pub clone3: BpfProgram,
+}
+
+/// The programs [`install`] installs.
+pub fn programs(mode: SeccompMode, profile: Profile) -> Result<Programs, SandboxError> {
     let arch = target_arch()?;
-    let unlisted = match mode {
-        SeccompMode::Log => SeccompAction::Log,
-        _ => SeccompAction::KillProcess,
+    let (unlisted, killed) = match mode {
+        SeccompMode::Log => (SeccompAction::Log, SeccompAction::Log),
+        _ => (SeccompAction::Trap, SeccompAction::KillProcess),
     };
     let allow = SeccompFilter::new(rules(profile)?, unlisted, SeccompAction::Allow, arch)?;
+    let kill = SeccompFilter::new(kill_rules()?, SeccompAction::Allow, killed, arch)?;
     let clone3 = SeccompFilter::new(
         [(libc::SYS_clone3, vec![])].into_iter().collect(),
         SeccompAction::Allow,
         SeccompAction::Errno(libc::ENOSYS as u32),
         arch,
     )?;
-    Ok((allow.try_into()?, clone3.try_into()?))
+    Ok(Programs {
+        allow: allow.try_into()?,
+        kill: kill.try_into()?,
+        clone3: clone3.try_into()?,
+    })
 }
 
 fn target_arch() -> Result<TargetArch, SandboxError> {
@@ -194,6 +291,11 @@ fn common() -> Result<Rules, SandboxError> {
         (libc::SYS_fstatfs, any()),
         (libc::SYS_getdents64, any()),
         (libc::SYS_readlinkat, any()),
+        // std's backtrace printer (RUST_BACKTRACE, a caught panic) asks for the
+        // working directory to shorten the paths it prints. It reveals a name and
+        // changes nothing; the daemon itself needs none (every path option is made
+        // absolute at start-up).
+        (libc::SYS_getcwd, any()),
         (libc::SYS_dup, any()),
         (libc::SYS_dup3, any()),
         (libc::SYS_pipe2, any()),
@@ -217,6 +319,67 @@ fn common() -> Result<Rules, SandboxError> {
         r.insert(libc::SYS_readlink, any());
         r.insert(libc::SYS_unlink, any());
         r.insert(libc::SYS_rename, any());
+    }
+    Ok(r)
+}
+
+/// The kill list: calls that no path of the daemon makes and that an attacker who
+/// took over a thread would need, so they end the process (in both profiles):
+///
+/// - running other code: `execve`, `execveat`; `mmap`, `mprotect` and
+///   `pkey_mprotect` with `PROT_EXEC` (nothing maps code after start-up);
+/// - making or reaching into another process: `fork`, `vfork`, `clone` without
+///   `CLONE_THREAD`, `ptrace`, `process_vm_readv`, `process_vm_writev`;
+/// - leaving the host: `socket` of any family but `AF_UNIX`;
+/// - changing the kernel or the mount and namespace view: `init_module`,
+///   `finit_module`, `delete_module`, `kexec_load`, `kexec_file_load`, `bpf`,
+///   `mount`, `umount2`, `pivot_root`, `chroot`, `setns`, `unshare`.
+///
+/// Every other unlisted call is answered ENOSYS and counted: a library may make a
+/// call no test saw, and the guest must not lose its device for it.
+pub fn kill_rules() -> Result<Rules, SandboxError> {
+    let always = Vec::new;
+    let exec = libc::PROT_EXEC as u64;
+    let executable = || -> Result<Vec<SeccompRule>, SandboxError> {
+        Ok(vec![when(&[(2, Op::MaskedEq(exec), exec)])?])
+    };
+    let mut r: Rules = [
+        (libc::SYS_execve, always()),
+        (libc::SYS_execveat, always()),
+        (libc::SYS_mmap, executable()?),
+        (libc::SYS_mprotect, executable()?),
+        (libc::SYS_pkey_mprotect, executable()?),
+        (
+            libc::SYS_clone,
+            vec![when(&[(0, Op::MaskedEq(libc::CLONE_THREAD as u64), 0)])?],
+        ),
+        (libc::SYS_ptrace, always()),
+        (libc::SYS_process_vm_readv, always()),
+        (libc::SYS_process_vm_writev, always()),
+        (
+            libc::SYS_socket,
+            vec![when(&[(0, Op::Ne, libc::AF_UNIX as u64)])?],
+        ),
+        (libc::SYS_init_module, always()),
+        (libc::SYS_finit_module, always()),
+        (libc::SYS_delete_module, always()),
+        (libc::SYS_kexec_load, always()),
+        (libc::SYS_kexec_file_load, always()),
+        (libc::SYS_bpf, always()),
+        (libc::SYS_mount, always()),
+        (libc::SYS_umount2, always()),
+        (libc::SYS_pivot_root, always()),
+        (libc::SYS_chroot, always()),
+        (libc::SYS_setns, always()),
+        (libc::SYS_unshare, always()),
+    ]
+    .into_iter()
+    .collect();
+    // aarch64 has neither (only clone).
+    #[cfg(target_arch = "x86_64")]
+    {
+        r.insert(libc::SYS_fork, always());
+        r.insert(libc::SYS_vfork, always());
     }
     Ok(r)
 }
@@ -367,6 +530,204 @@ fn nvdimm_rules() -> Result<Rules, SandboxError> {
     Ok(rules)
 }
 
+/// The record of denied calls: a SIGSYS handler (the kernel's answer to an
+/// unlisted call under `enforce`, `SECCOMP_RET_TRAP`) that makes the call return
+/// -ENOSYS and counts it, and a service thread that reports each call number once.
+///
+/// The handler runs on the thread that made the call, in the middle of whatever
+/// it was doing (a lock may be held), so it only touches atomics and makes three
+/// listed calls: `gettid`, `prctl(PR_GET_NAME)` and `write` to an eventfd. The reporter blocks on that
+/// eventfd (and the services' stop descriptor) with no timeout: an idle daemon makes
+/// no wake-ups for it.
+mod denial {
+    use super::*;
+
+    /// Counters by call number; numbers at or past the last slot share it.
+    const SLOTS: usize = 1024;
+    static COUNTS: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
+    /// The first thread that made each call, and its name (PR_GET_NAME: 16 bytes,
+    /// taken in the handler, as the thread may be gone when the reporter looks).
+    static FIRST_TID: [AtomicU32; SLOTS] = [const { AtomicU32::new(0) }; SLOTS];
+    static FIRST_NAME: [[AtomicU64; 2]; SLOTS] =
+        [const { [AtomicU64::new(0), AtomicU64::new(0)] }; SLOTS];
+    pub(super) static TOTAL: AtomicU64 = AtomicU64::new(0);
+    /// The eventfd the handler writes to; -1 until the reporter runs.
+    static WAKE: AtomicI32 = AtomicI32::new(-1);
+    static STARTED: Once = Once::new();
+
+    /// `si_code` of a SIGSYS raised by a seccomp filter.
+    const SYS_SECCOMP: i32 = 1;
+
+    /// The kernel's siginfo of a SIGSYS (`_sigsys` of the union), as laid out on
+    /// 64-bit Linux (x86_64 and aarch64 alike: three ints, padding, the union at 16).
+    #[repr(C)]
+    #[allow(dead_code)]
+    struct SigsysInfo {
+        signo: i32,
+        errno: i32,
+        code: i32,
+        call_addr: *mut libc::c_void,
+        syscall: i32,
+        arch: u32,
+    }
+
+    /// Installs the handler and starts the reporter (once per process).
+    pub(super) fn start(events: Arc<EventHub>, services: &Arc<Services>) -> std::io::Result<()> {
+        let mut result = Ok(());
+        STARTED.call_once(|| result = start_once(events, services));
+        result
+    }
+
+    fn start_once(events: Arc<EventHub>, services: &Arc<Services>) -> std::io::Result<()> {
+        use rustix::event::{eventfd, EventfdFlags};
+        if cfg!(not(any(target_arch = "x86_64", target_arch = "aarch64"))) {
+            return Err(std::io::Error::other(
+                "no SIGSYS return register known for this architecture",
+            ));
+        }
+        // Non-blocking: the handler never waits, whatever the counter holds.
+        let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        // SAFETY: installing a handler that only touches atomics, gettid(2),
+        // prctl(2) and write(2), async-signal-safe and allowed by every profile.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sigsys as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        // The descriptor lives as long as the process (the handler may run until
+        // the last thread exits).
+        let fd = wake.into_raw_fd();
+        WAKE.store(fd, Ordering::Release);
+        let svc = services.clone();
+        services.spawn(
+            "sandbox-denials",
+            |_| {},
+            move || {
+                // SAFETY: `fd` is never closed (see above).
+                let wake = unsafe { BorrowedFd::borrow_raw(fd) };
+                let mut reported = vec![false; SLOTS];
+                while let Ok(true) = service::wait_readable(&svc, wake) {
+                    let mut buf = [0u8; 8];
+                    let _ = rustix::io::read(wake, &mut buf);
+                    report_new(&mut reported, &events);
+                }
+            },
+        )
+    }
+
+    /// Logs and publishes each call number denied since the last look, once.
+    fn report_new(reported: &mut [bool], events: &EventHub) {
+        for (slot, seen) in reported.iter_mut().enumerate() {
+            let count = COUNTS[slot].load(Ordering::Acquire);
+            if count == 0 || *seen {
+                continue;
+            }
+            *seen = true;
+            let number = slot as u32;
+            let name = call_name(slot);
+            let tid = FIRST_TID[slot].load(Ordering::Acquire);
+            let mut raw = [0u8; 16];
+            raw[..8].copy_from_slice(&FIRST_NAME[slot][0].load(Ordering::Acquire).to_ne_bytes());
+            raw[8..].copy_from_slice(&FIRST_NAME[slot][1].load(Ordering::Acquire).to_ne_bytes());
+            let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+            let thread = match String::from_utf8_lossy(&raw[..end]) {
+                name if name.is_empty() => format!("thread {tid}"),
+                name => name.into_owned(),
+            };
+            warn!(
+                "seccomp: denied system call {number} ({name}) on thread {thread:?}: answered \
+                 ENOSYS, the daemon serves on (counted in status.sandbox_denials; logged once \
+                 per call). A path needs a call the allow-list lacks: please report this line"
+            );
+            events.publish(EventKind::SandboxDenied {
+                syscall: number,
+                name: name.clone(),
+                thread,
+            });
+        }
+    }
+
+    /// The name of call number `slot` on this architecture.
+    pub(super) fn call_name(slot: usize) -> String {
+        if slot == SLOTS - 1 {
+            return format!("a call numbered {} or more", SLOTS - 1);
+        }
+        syscalls::Sysno::new(slot)
+            .map(|s| s.name().to_string())
+            .unwrap_or_else(|| "unknown".into())
+    }
+
+    extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+        // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers, laid out
+        // as `SigsysInfo` for a SIGSYS.
+        let info = unsafe { &*(info as *const SigsysInfo) };
+        if info.code != SYS_SECCOMP {
+            // Sent by a process (kill -SYS), not a filter: no call to answer.
+            return;
+        }
+        // SAFETY: `ctx` is the interrupted thread's ucontext, restored on return.
+        unsafe { set_return(ctx, -i64::from(libc::ENOSYS)) };
+        let slot = usize::try_from(info.syscall).map_or(SLOTS - 1, |n| n.min(SLOTS - 1));
+        COUNTS[slot].fetch_add(1, Ordering::AcqRel);
+        if FIRST_TID[slot].load(Ordering::Acquire) == 0 {
+            // SAFETY: gettid(2) cannot fail.
+            let tid = unsafe { libc::gettid() } as u32;
+            if FIRST_TID[slot]
+                .compare_exchange(0, tid, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                let mut name = [0u8; 16];
+                // SAFETY: PR_GET_NAME writes at most 16 bytes to a local buffer; a
+                // plain system call, allowed by every profile.
+                unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
+                let (mut a, mut b) = ([0u8; 8], [0u8; 8]);
+                a.copy_from_slice(&name[..8]);
+                b.copy_from_slice(&name[8..]);
+                FIRST_NAME[slot][0].store(u64::from_ne_bytes(a), Ordering::Release);
+                FIRST_NAME[slot][1].store(u64::from_ne_bytes(b), Ordering::Release);
+            }
+        }
+        // Counted last: whoever sees the count sees the name.
+        TOTAL.fetch_add(1, Ordering::AcqRel);
+        let fd = WAKE.load(Ordering::Acquire);
+        if fd >= 0 {
+            // SAFETY: errno belongs to the interrupted code: saved and restored
+            // around write(2), which is async-signal-safe (8 bytes from a local).
+            unsafe {
+                let errno = *libc::__errno_location();
+                let one = 1u64;
+                libc::write(fd, (&one as *const u64).cast(), 8);
+                *libc::__errno_location() = errno;
+            }
+        }
+    }
+
+    /// Makes the trapped call return `ret` (a negative errno, as the kernel would).
+    ///
+    /// # Safety
+    /// `ctx` is the ucontext of a SIGSYS handler raised by SECCOMP_RET_TRAP.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn set_return(ctx: *mut libc::c_void, ret: i64) {
+        let uc = ctx as *mut libc::ucontext_t;
+        (*uc).uc_mcontext.gregs[libc::REG_RAX as usize] = ret;
+    }
+
+    /// As above; on aarch64 the result is in x0.
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn set_return(ctx: *mut libc::c_void, ret: i64) {
+        let uc = ctx as *mut libc::ucontext_t;
+        (*uc).uc_mcontext.regs[0] = ret as u64;
+    }
+
+    /// Never installed there (see `start_once`).
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    unsafe fn set_return(_ctx: *mut libc::c_void, _ret: i64) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,11 +736,62 @@ mod tests {
     fn every_profile_compiles_for_this_machine_in_both_modes() {
         for profile in [Profile::Serve, Profile::Nvdimm] {
             for mode in [SeccompMode::Enforce, SeccompMode::Log] {
-                let (allow, clone3) = programs(mode, profile).unwrap();
-                assert!(allow.len() > 100, "{profile:?}: {}", allow.len());
-                assert!(!clone3.is_empty());
+                let p = programs(mode, profile).unwrap();
+                assert!(p.allow.len() > 100, "{profile:?}: {}", p.allow.len());
+                assert!(p.kill.len() > 20, "{profile:?}: {}", p.kill.len());
+                assert!(!p.clone3.is_empty());
             }
         }
+    }
+
+    #[test]
+    fn the_kill_list_holds_what_only_an_attacker_calls_and_nothing_a_profile_needs() {
+        let k = kill_rules().unwrap();
+        for call in [
+            libc::SYS_execve,
+            libc::SYS_execveat,
+            libc::SYS_ptrace,
+            libc::SYS_process_vm_readv,
+            libc::SYS_process_vm_writev,
+            libc::SYS_bpf,
+            libc::SYS_mount,
+        ] {
+            assert_eq!(k[&call], vec![], "{call}: unconditional");
+        }
+        // Conditional: clone without CLONE_THREAD, socket of a family but AF_UNIX,
+        // PROT_EXEC mappings.
+        for call in [
+            libc::SYS_clone,
+            libc::SYS_socket,
+            libc::SYS_mmap,
+            libc::SYS_mprotect,
+        ] {
+            assert_eq!(k[&call].len(), 1, "{call}");
+        }
+        // A call a profile allows whatever its arguments is never killed.
+        for profile in [Profile::Serve, Profile::Nvdimm] {
+            let r = rules(profile).unwrap();
+            for (call, allowed) in &r {
+                if allowed.is_empty() {
+                    assert!(
+                        !k.contains_key(call),
+                        "{profile:?}: {call} allowed and killed"
+                    );
+                }
+            }
+        }
+        // The calls std's backtrace printer and the trap record make are listed.
+        let r = rules(Profile::Serve).unwrap();
+        for call in [libc::SYS_getcwd, libc::SYS_gettid, libc::SYS_write] {
+            assert!(r.contains_key(&call), "{call}");
+        }
+    }
+
+    #[test]
+    fn denied_calls_are_named_by_this_architectures_numbers() {
+        assert_eq!(denial::call_name(libc::SYS_getppid as usize), "getppid");
+        assert_eq!(denial::call_name(libc::SYS_ioctl as usize), "ioctl");
+        assert_eq!(denial::call_name(1023), "a call numbered 1023 or more");
     }
 
     #[test]

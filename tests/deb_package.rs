@@ -422,6 +422,9 @@ fn package_installs_runs_and_upgrades_without_touching_a_serving_daemon() {
     // The VMM's connection went through the upgrade: the same one, still flushing.
     assert_eq!(after["status"]["connected"], true, "{after}");
     assert_eq!(after["status"]["connections"], 1, "{after}");
+    // Under the sandbox (another glibc than the build host's): nothing denied.
+    assert_eq!(after["status"]["seccomp"], "enforce", "{after}");
+    assert_eq!(after["status"]["sandbox_denials"], 0, "{after}");
     vmm.write_pmem(4096, b"after the upgrade").unwrap();
     assert_eq!(
         vmm.flush(2).unwrap(),

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The seccomp sandbox bites: a child process (this test binary run again) installs
-//! the real `serve` or `nvdimm` filter through `sandbox::install` and then makes one
-//! call; and the real daemon serves with every one of its threads under the filter.
+//! The seccomp sandbox bites: a child process (this test binary run again) enters
+//! the real `serve` or `nvdimm` sandbox through `sandbox::enter` (the SIGSYS record
+//! and the filters) and then makes one call; and the real daemon serves with every
+//! one of its threads under the filter.
 //!
 //! Never reaches into the daemon for the bite: the child is a plain process.
 
@@ -69,7 +70,9 @@ fn sandbox_child() {
             .into_encoded_bytes(),
     )
     .unwrap();
-    sandbox::install(mode, profile).unwrap();
+    let events = std::sync::Arc::new(vhost_device_pmem::events::EventHub::default());
+    let services = std::sync::Arc::new(vhost_device_pmem::service::Services::default());
+    sandbox::enter(mode, profile, &events, &services).unwrap();
     say("installed\n");
     // SAFETY: plain system calls with valid arguments; the fork child exits at once.
     let ret: i64 = unsafe {
@@ -81,7 +84,42 @@ fn sandbox_child() {
                 pid => pid.into(),
             },
             "ptrace" => libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0),
-            "getppid" => libc::getppid().into(),
+            // Through syscall(3): glibc's getppid() returns the raw answer, never -1.
+            "getppid" => libc::syscall(libc::SYS_getppid),
+            "execve" => {
+                let argv = [exe_path.as_ptr(), std::ptr::null()];
+                libc::execve(exe_path.as_ptr(), argv.as_ptr(), std::ptr::null()).into()
+            }
+            "mmap-exec" => {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                if p == libc::MAP_FAILED {
+                    -1
+                } else {
+                    0
+                }
+            }
+            "mmap-plain" => {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                if p == libc::MAP_FAILED {
+                    -1
+                } else {
+                    0
+                }
+            }
             "sleep" => {
                 // The parent stops and continues us meanwhile: the kernel resumes
                 // the sleep with restart_syscall.
@@ -154,7 +192,11 @@ fn sandbox_child() {
             other => panic!("unknown call {other}"),
         }
     };
-    say(&format!("returned {ret}\n"));
+    let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    say(&format!(
+        "returned {ret} errno {errno} denials {}\n",
+        sandbox::denials()
+    ));
     // SAFETY: ending the process without running anything else.
     unsafe { libc::_exit(0) };
 }
@@ -173,30 +215,57 @@ fn assert_killed(out: &Output, what: &str) {
     );
 }
 
-/// The child survived and its call returned `ret >= 0`.
-fn assert_survived(out: &Output, what: &str) -> String {
+/// The child survived; its call's return value, errno and the denial count.
+fn survived(out: &Output, what: &str) -> (i64, i32, u64) {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{what}: {:?}\n{stdout}", out.status);
-    let ret: i64 = stdout
+    let line = stdout
         .lines()
         .find_map(|l| l.strip_prefix("returned "))
-        .unwrap_or_else(|| panic!("{what}: {stdout}"))
-        .parse()
-        .unwrap();
-    assert!(ret >= 0, "{what}: {stdout}");
-    stdout
+        .unwrap_or_else(|| panic!("{what}: {stdout}"));
+    let f: Vec<&str> = line.split(' ').collect();
+    assert_eq!((f[1], f[3]), ("errno", "denials"), "{what}: {stdout}");
+    (
+        f[0].parse().unwrap(),
+        f[2].parse().unwrap(),
+        f[4].parse().unwrap(),
+    )
+}
+
+/// The child survived and its call returned `ret >= 0` with no denial.
+fn assert_survived(out: &Output, what: &str) {
+    let (ret, _, denials) = survived(out, what);
+    assert!(ret >= 0, "{what}: returned {ret}");
+    assert_eq!(denials, 0, "{what}");
+}
+
+/// The child survived, its call failed with ENOSYS and was counted once.
+fn assert_denied(out: &Output, what: &str) {
+    assert_eq!(survived(out, what), (-1, libc::ENOSYS, 1), "{what}");
 }
 
 #[test]
-fn enforce_kills_the_process_on_a_call_outside_the_list() {
-    for call in ["socket-inet", "fork", "ptrace", "getppid", "ioctl-tcgets"] {
+fn enforce_kills_the_process_on_a_call_on_the_kill_list() {
+    for call in ["socket-inet", "fork", "ptrace", "execve", "mmap-exec"] {
         assert_killed(&child("enforce", call), call);
     }
 }
 
+/// Any other unlisted call (here getppid, and ioctl TCGETS, which no profile lists)
+/// fails with ENOSYS, is counted, and the process goes on.
+#[test]
+fn enforce_answers_any_other_unlisted_call_enosys_and_counts_it() {
+    for call in ["getppid", "ioctl-tcgets"] {
+        assert_denied(&child("enforce", call), call);
+    }
+    // The same call number with arguments the list allows: no denial.
+    assert_survived(&child("enforce", "mmap-plain"), "mmap-plain");
+}
+
 /// The `nvdimm` profile lets the export's own calls through (change notices, the
-/// block map, SO_PEERCRED, /proc/PID/smaps, a unix socket) and kills on a foreign
-/// socket, a fork, ptrace, a new listening socket; `serve`'s has no inotify.
+/// block map, SO_PEERCRED, /proc/PID/smaps, a unix socket), kills on a foreign
+/// socket, a fork, ptrace, exec, and denies a new listening socket; `serve`'s has
+/// no inotify.
 #[test]
 fn the_nvdimm_profile_allows_the_exports_calls_and_kills_the_rest() {
     for call in [
@@ -209,10 +278,15 @@ fn the_nvdimm_profile_allows_the_exports_calls_and_kills_the_rest() {
     ] {
         assert_survived(&child("nvdimm", call), call);
     }
-    for call in ["socket-inet", "fork", "ptrace", "bind", "ioctl-tcgets"] {
+    for call in ["socket-inet", "fork", "ptrace", "execve"] {
         assert_killed(&child("nvdimm", call), call);
     }
-    assert_killed(&child("enforce", "inotify"), "serve: inotify");
+    for call in ["bind", "ioctl-tcgets"] {
+        assert_denied(&child("nvdimm", call), call);
+    }
+    // init, add and rm: three calls serve's profile does not list, each denied.
+    let out = child("enforce", "inotify");
+    assert_eq!(survived(&out, "serve: inotify"), (-1, libc::ENOSYS, 3));
 }
 
 #[test]
@@ -296,10 +370,10 @@ fn the_daemon_serves_with_every_thread_under_the_filter_by_default() {
     let threads = procfs::thread_modes(d.pid());
     assert!(threads.len() >= 4, "{threads:?}");
     for (name, mode, filters) in &threads {
-        // 2: filter mode; two filters (the allow-list and clone3's ENOSYS).
+        // 2: filter mode; the allow-list, the kill list and clone3's ENOSYS.
         assert_eq!(
             (mode.as_str(), filters.as_str()),
-            ("2", "2"),
+            ("2", sandbox::FILTERS.to_string().as_str()),
             "{name}: {threads:?}"
         );
     }

@@ -204,6 +204,12 @@ pub fn render(m: &MetricsSnapshot) -> String {
         "1 once a sync failed (latched: every flush is answered EIO until the record is cleared).",
         u64::from(st.sync_failure.is_some()),
     );
+    o.single(
+        "sandbox_denials_total",
+        "counter",
+        "System calls outside the seccomp allow-list answered ENOSYS (each call is logged once).",
+        st.sandbox_denials,
+    );
     o.text
 }
 
@@ -281,6 +287,7 @@ mod tests {
             agent: None,
             services_failed: vec![],
             seccomp: crate::sandbox::SeccompMode::Enforce,
+            sandbox_denials: 4,
             nvdimm: None,
         }
     }
@@ -368,6 +375,7 @@ mod tests {
         assert_eq!(value(&samples, "connected", None), 1.0);
         assert_eq!(value(&samples, "region_mapped", None), 1.0);
         assert_eq!(value(&samples, "sync_failed", None), 0.0);
+        assert_eq!(value(&samples, "sandbox_denials_total", None), 4.0);
         for p in ["direct", "datasync", "fsync", "volatile", "readonly"] {
             let want = if p == "datasync" { 1.0 } else { 0.0 };
             assert_eq!(value(&samples, "policy", Some(("policy", p))), want, "{p}");
@@ -376,7 +384,7 @@ mod tests {
             let want = if h == "downgraded" { 1.0 } else { 0.0 };
             assert_eq!(value(&samples, "health", Some(("health", h))), want, "{h}");
         }
-        assert_eq!(types.len(), 14, "{types:?}");
+        assert_eq!(types.len(), 15, "{types:?}");
     }
 
     #[test]

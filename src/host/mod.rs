@@ -222,6 +222,14 @@ impl Host {
             source,
         })?;
         let services: Arc<Services> = Arc::default();
+        // Whatever waits for events (the notifier, the NVDIMM's loop) learns of the
+        // shutdown the moment it is asked for.
+        {
+            let events = events.clone();
+            services.on_shutdown(Box::new(move || {
+                events.publish(EventKind::Stopping);
+            }));
+        }
         watch_health(&region.flusher, &state, &events, &region.path)?;
         let media = MediaErrors::load(
             &region.path,
@@ -490,17 +498,21 @@ impl Host {
                 return Ok(());
             }
             SeccompMode::Enforce => info!(
-                "seccomp sandbox on (enforce): a system call outside the allow-list kills the \
-                 daemon with SIGSYS; `--seccomp log` logs such calls instead"
+                "seccomp sandbox on (enforce): a system call outside the allow-list fails with \
+                 ENOSYS and is logged and counted (status.sandbox_denials); one on the kill list \
+                 (exec, fork, ptrace, a network socket, an executable mapping, ...) kills the \
+                 daemon with SIGSYS; `--seccomp log` allows and logs such calls instead"
             ),
             SeccompMode::Log => warn!(
                 "seccomp sandbox in log mode: system calls outside the allow-list are allowed \
                  and logged by the kernel (SECCOMP/audit lines in the kernel log)"
             ),
         }
-        Ok(sandbox::install(
+        Ok(sandbox::enter(
             self.options.seccomp,
             self.options.profile,
+            &self.shared.events,
+            &self.shared.services,
         )?)
     }
 
@@ -546,7 +558,7 @@ impl Host {
     /// Ends the export: stops every service, stops the guard (unsealing), makes the
     /// data durable, writes the last metrics and removes the sockets it bound.
     pub fn finish(mut self) -> Result<(), Error> {
-        self.shared.events.publish(EventKind::Stopping);
+        // Publishes `stopping` (a shutdown hook) if no signal did yet.
         self.shared.services.stop_all(SERVICE_STOP_GRACE);
         drop(self.guard.take());
         let region = &self.shared.region;

@@ -62,6 +62,7 @@ impl Shared {
             agent: self.agent.get().map(|a| lock(&a.state).clone()),
             services_failed: self.services.failures(),
             seccomp: self.seccomp,
+            sandbox_denials: crate::sandbox::denials(),
             nvdimm: None,
         };
         match &self.export {
