@@ -135,6 +135,26 @@ pub fn serve(config: Config, inherited: Inherited) -> Result<(), Error> {
         Some(&region.file),
     )
     .map_err(io_err("name the state files"))?;
+    // Nothing below may write over the image: no option may name it.
+    let records = [state.path(Kind::Health), state.path(Kind::BadRanges)];
+    crate::backing::refuse_paths_naming(
+        &region.file,
+        &region.path,
+        &[
+            ("--socket-path", Some(config.socket_path.as_path())),
+            ("--control-socket", config.control_socket.as_deref()),
+            ("--agent-socket", config.agent_socket.as_deref()),
+            ("--metrics-file", config.metrics_file.as_deref()),
+            (
+                "the health record (--state-dir)",
+                Some(records[0].as_path()),
+            ),
+            (
+                "the bad-range record (--state-dir)",
+                Some(records[1].as_path()),
+            ),
+        ],
+    )?;
     watch_health(&region.flusher, &state, &events, &region.path)?;
     let services: Arc<Services> = Arc::default();
     let media = MediaErrors::load(

@@ -255,6 +255,27 @@ impl Export {
             Some(&backing.file),
         )
         .map_err(io_err("name the state files"))?;
+        // Nothing below may write over the image: no option may name it.
+        let records = [
+            state.path(crate::state::Kind::Health),
+            state.path(crate::state::Kind::BadRanges),
+        ];
+        crate::backing::refuse_paths_naming(
+            &backing.file,
+            &backing.path,
+            &[
+                ("--control-socket", config.control_socket.as_deref()),
+                ("--agent-socket", config.agent_socket.as_deref()),
+                (
+                    "the health record (--state-dir)",
+                    Some(records[0].as_path()),
+                ),
+                (
+                    "the bad-range record (--state-dir)",
+                    Some(records[1].as_path()),
+                ),
+            ],
+        )?;
         let flusher = Flusher::new(
             backing.file.try_clone().map_err(io_err("dup backing fd"))?,
             policy,
