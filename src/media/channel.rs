@@ -17,8 +17,8 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Condvar, Mutex,
     },
-    thread,
-    time::Instant,
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
 };
 
 use log::{info, warn};
@@ -81,7 +81,16 @@ pub struct AgentState {
     /// Ranges the agent last reported as applied.
     pub applied: Vec<(u64, u64)>,
     pub last_error: Option<String>,
+    /// Times a connection's reader thread could not be started (EAGAIN: a
+    /// process or thread limit, memory); each is retried, never fatal.
+    #[serde(default)]
+    pub thread_spawn_failures: u64,
 }
+
+/// The first wait before retrying a failed thread start, doubled up to
+/// [`SPAWN_RETRY_MAX`].
+const SPAWN_RETRY_FIRST: Duration = Duration::from_millis(50);
+const SPAWN_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// The daemon's side: serves one agent connection at a time and pushes the list.
 pub struct GuestChannel {
@@ -169,7 +178,7 @@ impl GuestChannel {
                                 *me.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
                             }
                             if !svc.stopping() {
-                                me.serve(stream);
+                                me.serve(stream, &svc);
                             }
                             me.current.lock().unwrap_or_else(|p| p.into_inner()).take();
                         }
@@ -180,37 +189,15 @@ impl GuestChannel {
         )
     }
 
-    fn serve(self: &Arc<Self>, stream: UnixStream) {
+    fn serve(self: &Arc<Self>, stream: UnixStream, svc: &Services) {
         info!("guest channel connected");
         self.state.lock().unwrap().connected = true;
-        let reader = match stream.try_clone() {
-            Ok(r) => r,
-            Err(e) => {
-                warn!("guest channel: {e}");
-                return;
-            }
+        let Some(read_thread) = self.start_reader(&stream, svc) else {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            self.state.lock().unwrap().connected = false;
+            info!("guest channel disconnected");
+            return;
         };
-        let me = self.clone();
-        let read_thread = thread::spawn(move || {
-            // The guest writes here: lines are capped and complaints rate-limited.
-            let mut reader = LineReader::new(reader, jsonl::MAX_LINE);
-            let mut log = GuestLog::new("guest agent message");
-            while let Ok(Some(msg)) = jsonl::read_message::<FromAgent, _>(&mut reader) {
-                match msg {
-                    Ok(msg) => me.note(msg),
-                    Err(e) => {
-                        me.bad_messages.fetch_add(1, Ordering::Relaxed);
-                        if log.allow(Instant::now()) {
-                            warn!("guest agent: {e}");
-                        }
-                    }
-                }
-            }
-            // The peer is gone: wake the pushing side so it stops.
-            me.state.lock().unwrap().connected = false;
-            let _guard = me.list.lock().unwrap();
-            me.changed.notify_all();
-        });
         if let Err(e) = self.push(&stream) {
             info!("guest channel: {e}");
         }
@@ -218,6 +205,77 @@ impl GuestChannel {
         let _ = read_thread.join();
         self.state.lock().unwrap().connected = false;
         info!("guest channel disconnected");
+    }
+
+    /// Starts the connection's reader thread. A start that fails (EAGAIN: the
+    /// user's process limit or a cgroup's pids.max is reached, or memory is short)
+    /// is counted, logged and retried with back-off for as long as the peer stays
+    /// connected and no shutdown is asked for: a passing shortage delays the
+    /// channel, it never ends it. None: the peer left or shutdown came first.
+    fn start_reader(
+        self: &Arc<Self>,
+        stream: &UnixStream,
+        svc: &Services,
+    ) -> Option<JoinHandle<()>> {
+        let mut delay = SPAWN_RETRY_FIRST;
+        let mut failed = 0u64;
+        loop {
+            let error = match stream.try_clone() {
+                Ok(reader) => {
+                    let me = self.clone();
+                    match thread::Builder::new()
+                        .name("guest-channel-rx".into())
+                        .spawn(move || me.read_messages(reader))
+                    {
+                        Ok(handle) => {
+                            if failed > 0 {
+                                info!(
+                                    "guest channel: the connection's reader thread started after {failed} failed attempt(s)"
+                                );
+                            }
+                            return Some(handle);
+                        }
+                        Err(e) => format!("cannot start the connection's reader thread: {e}"),
+                    }
+                }
+                Err(e) => format!("cannot duplicate the connection: {e}"),
+            };
+            failed += 1;
+            self.state.lock().unwrap().thread_spawn_failures += 1;
+            // The first failure, then every doubling of the count: a long
+            // shortage does not flood the log.
+            if failed.is_power_of_two() {
+                warn!(
+                    "guest channel: {error} (attempt {failed}); retrying in up to {SPAWN_RETRY_MAX:?} while the guest stays connected"
+                );
+            }
+            if !wait_retry(stream, svc, delay) {
+                return None;
+            }
+            delay = (delay * 2).min(SPAWN_RETRY_MAX);
+        }
+    }
+
+    /// The reader: the guest's messages until the peer goes away.
+    fn read_messages(self: &Arc<Self>, reader: UnixStream) {
+        // The guest writes here: lines are capped and complaints rate-limited.
+        let mut reader = LineReader::new(reader, jsonl::MAX_LINE);
+        let mut log = GuestLog::new("guest agent message");
+        while let Ok(Some(msg)) = jsonl::read_message::<FromAgent, _>(&mut reader) {
+            match msg {
+                Ok(msg) => self.note(msg),
+                Err(e) => {
+                    self.bad_messages.fetch_add(1, Ordering::Relaxed);
+                    if log.allow(Instant::now()) {
+                        warn!("guest agent: {e}");
+                    }
+                }
+            }
+        }
+        // The peer is gone: wake the pushing side so it stops.
+        self.state.lock().unwrap().connected = false;
+        let _guard = self.list.lock().unwrap();
+        self.changed.notify_all();
     }
 
     /// Sends hello and the list, then the list again on every change, until the
@@ -319,6 +377,23 @@ pub fn guest_sectors(
         ok.push((s, e - s));
     }
     (ok, lost)
+}
+
+/// Waits `delay` before a retry; false if the peer hung up or shutdown was asked
+/// for meanwhile.
+fn wait_retry(stream: &UnixStream, svc: &Services, delay: Duration) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let timeout = Timespec::try_from(delay).ok();
+    let stop = svc.stop_fd();
+    let mut fds = [
+        PollFd::new(stream, PollFlags::RDHUP),
+        PollFd::new(&stop, PollFlags::IN),
+    ];
+    let _ = poll(&mut fds, timeout.as_ref());
+    let gone = fds[0]
+        .revents()
+        .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR);
+    !gone && fds[1].revents().is_empty() && !svc.stopping()
 }
 
 fn send<W: Write>(w: &mut W, msg: &ToAgent) -> std::io::Result<()> {
