@@ -224,3 +224,129 @@ fn an_idle_guard_makes_no_wake_ups_of_its_own() {
     tool("rm", &[file.to_str().unwrap()]);
     assert_reported(&d, &rx, "deleted", "deleted", true);
 }
+
+/// A QMP monitor that hot-plugs `id` without a fuss (this process plays QEMU: it
+/// maps the file itself, so the export's mapping check finds it here).
+fn obliging_monitor(listener: std::os::unix::net::UnixListener, size: u64) {
+    use std::io::{BufRead, BufReader, Write};
+    thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let mut w = conn.try_clone().unwrap();
+        let mut r = BufReader::new(conn);
+        writeln!(
+            w,
+            r#"{{"QMP": {{"version": {{"qemu": {{"micro": 0, "minor": 1, "major": 11}}, "package": ""}}, "capabilities": []}}}}"#
+        )
+        .unwrap();
+        let mut plugged = false;
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            let req: Value = serde_json::from_str(&line).unwrap();
+            line.clear();
+            let ret = match req["execute"].as_str().unwrap() {
+                "query-memory-devices" if plugged => serde_json::json!([{
+                    "type": "nvdimm",
+                    "data": {"id": "nv0", "addr": 4294967296u64, "size": size, "memdev": "/objects/mem-nv0"}
+                }]),
+                "query-memory-devices" => serde_json::json!([]),
+                "device_add" => {
+                    plugged = true;
+                    serde_json::json!({})
+                }
+                _ => serde_json::json!({}),
+            };
+            writeln!(w, "{}", serde_json::json!({"return": ret, "id": req["id"]})).unwrap();
+        }
+    });
+}
+
+#[test]
+fn an_nvdimm_export_reports_its_file_deleted_under_its_own_sandbox() {
+    use std::os::{fd::AsRawFd, unix::net::UnixListener};
+    let s = Scratch::new();
+    let file = s.backing_file("nv.img", MIB2);
+    // "QEMU" maps the file, shared, as memory-backend-file would.
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&file)
+        .unwrap();
+    // SAFETY: a fresh shared mapping of an open file; unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            MIB2 as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    let qmp = s.path("qmp.sock");
+    obliging_monitor(UnixListener::bind(&qmp).unwrap(), MIB2);
+    let ctl = s.path("nv.ctl");
+    let log = s.path("nvdimm.log");
+    let mut child = daemon::spawn(
+        &[
+            "nvdimm",
+            "--file",
+            file.to_str().unwrap(),
+            "--mode",
+            "volatile",
+            "--qmp-socket",
+            qmp.to_str().unwrap(),
+            "--id",
+            "nv0",
+            "--control-socket",
+            ctl.to_str().unwrap(),
+        ],
+        &log,
+    );
+    let mut status = |what: &str, pred: &dyn Fn(&Value) -> bool| -> Value {
+        let deadline = Instant::now() + daemon::TIMEOUT;
+        loop {
+            if let Ok(v) = control::call(&ctl, &control::Request::Status) {
+                if pred(&v["status"]) {
+                    return v["status"].clone();
+                }
+            }
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!(
+                    "the export exited ({st}): {}",
+                    fs::read_to_string(&log).unwrap()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never {what}: {}",
+                fs::read_to_string(&log).unwrap()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    status("guarding", &|s| s["guard"]["watching"].is_boolean());
+    tool("rm", &[file.to_str().unwrap()]);
+    let st = status("the deletion reported", &|s| {
+        !s["guard"]["file_change"].is_null()
+    });
+    assert_eq!(st["guard"]["file_change"], "deleted", "{st:#}");
+    assert!(
+        st["guard"]["file_problem"]
+            .as_str()
+            .unwrap()
+            .contains("inotify"),
+        "{st:#}"
+    );
+    assert_eq!(st["seccomp"], "enforce", "{st:#}");
+    // SAFETY: the mapping made above.
+    unsafe { libc::munmap(map, MIB2 as usize) };
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = daemon::wait_exit(&mut child);
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(
+        status.code().is_some(),
+        "killed by a signal (SIGSYS?): {text}"
+    );
+}
