@@ -531,4 +531,42 @@ mod tests {
         });
         Qmp::over(ours, Duration::from_secs(20)).unwrap();
     }
+
+    #[test]
+    fn a_monitor_whose_backlog_is_full_is_given_up_at_the_deadline() {
+        use rustix::net::{bind, listen, socket_with, SocketFlags};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(&listener, &SocketAddrUnix::new(&path).unwrap()).unwrap();
+        listen(&listener, 0).unwrap();
+        // Fill the backlog (nobody accepts): the next blocking connect waits.
+        let mut queued = Vec::new();
+        loop {
+            let c = socket_with(
+                AddressFamily::UNIX,
+                SocketType::STREAM,
+                SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+                None,
+            )
+            .unwrap();
+            match net::connect(&c, &SocketAddrUnix::new(&path).unwrap()) {
+                Ok(()) => queued.push(c),
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(queued.len() < 1024, "the backlog never filled");
+        }
+        let e = Qmp::connect(&path, Duration::from_millis(500))
+            .err()
+            .unwrap();
+        assert!(matches!(e, QmpError::Timeout { .. }), "{e}");
+        assert!(e.to_string().contains("backlog"), "{e}");
+    }
 }
