@@ -10,7 +10,9 @@
 //! - flushes make no sync syscall at all, counted by strace attached to the daemon
 //!   around the flush phase only (not by the daemon's own counter);
 //! - an entry written to the lab's /sys/block/pmem0/badblocks inside the served file
-//!   reaches the daemon at the right file offset, and one outside it is ignored.
+//!   reaches the daemon at the right file offset, and one outside it is ignored;
+//! - a file renamed over the served one under `direct` downgrades it at once (a
+//!   change notice, no lease break).
 //!
 //! `dax_lab_ext4` and `dax_lab_xfs` boot the lab (one boot each) and run
 //! [`inside_the_lab`] there (it is `#[ignore]`d on the host, where it cannot run).
@@ -119,6 +121,7 @@ exit $rc
         assert_eq!(result["strace_flush_window"][call], 0, "{result:#}");
     }
     assert_eq!(result["stats_syncs"], 0, "{result:#}");
+    assert_eq!(result["file_replaced"]["policy"], "datasync", "{result:#}");
     let _ = writeln!(
         std::io::stderr(),
         "DAX host lab ({fs_name}, {:?} boot to power-off, {}): {result}",
@@ -439,6 +442,45 @@ fn inside_the_lab() {
         "latency_ms": t3.elapsed().as_secs_f64() * 1e3,
     });
 
+    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log());
+
+    // f. The served file itself goes under `direct`: another file is renamed over
+    // it (no open, so no lease break). A change notice sees it at once; the daemon
+    // makes the file durable and downgrades, as for a changed block map.
+    let second = lab.file.with_file_name("renamed-over.img");
+    let out = Command::new(&lab.daemon)
+        .args(["prepare", second.to_str().unwrap(), "--size", "8M"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut daemon = VmDaemon::start(
+        &lab.daemon,
+        &second,
+        scratch.path(),
+        "f",
+        &["--verify-interval", "0"],
+    );
+    assert_eq!(daemon.status()["policy"], "direct");
+    let other = lab.file.with_file_name("other.img");
+    fs::write(&other, vec![1u8; 8 << 20]).unwrap();
+    let t4 = Instant::now();
+    fs::rename(&other, &second).unwrap();
+    let status = daemon.wait_status("the downgrade after the rename", |s| {
+        s["downgraded"].is_string()
+    });
+    assert_eq!(status["policy"], "datasync", "{status:#}");
+    assert_eq!(status["health"], "downgraded", "{status:#}");
+    assert_eq!(status["guard"]["file_change"], "replaced", "{status:#}");
+    assert_eq!(status["guard"]["lease_breaks"], 0, "{status:#}");
+    result["file_replaced"] = json!({
+        "policy": status["policy"],
+        "file_problem": status["guard"]["file_problem"],
+        "latency_ms": t4.elapsed().as_secs_f64() * 1e3,
+    });
     assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log());
     println!("VDP-LAB-RESULT {result}");
 }

@@ -31,6 +31,15 @@ pub enum BackingError {
     Locked(PathBuf),
     #[error("cannot lock backing file {path}: {source}")]
     Lock { path: PathBuf, source: io::Error },
+    #[error("cannot open backing file {path}: {source}: it has the immutable attribute, which a daemon serving it with --seal sets and clears at exit; one that crashed or was killed (SIGKILL) left it set. If no daemon serves the file any more, clear it with `chattr -i {path}` and start again")]
+    Immutable { path: PathBuf, source: io::Error },
+    #[error("{option} {path} names the backing file {file}{how}: writing it would replace or destroy the image; give {option} a path of its own")]
+    NamedByOption {
+        option: &'static str,
+        path: PathBuf,
+        file: PathBuf,
+        how: &'static str,
+    },
     #[error("backing file {path} is writable by group or others (mode {mode:o}): another process could change its block map; chmod go-w it, or pass --allow-shared-permissions")]
     SharedPermissions { path: PathBuf, mode: u32 },
 }
@@ -63,6 +72,12 @@ impl BackingFile {
             .map_err(|source| {
                 if source.raw_os_error() == Some(libc::EWOULDBLOCK) {
                     BackingError::Locked(path.to_owned())
+                } else if source.raw_os_error() == Some(libc::EPERM) && !readonly && immutable(path)
+                {
+                    BackingError::Immutable {
+                        path: path.to_owned(),
+                        source,
+                    }
                 } else {
                     BackingError::Open {
                         path: path.to_owned(),
@@ -121,6 +136,74 @@ impl BackingFile {
             readonly,
         })
     }
+}
+
+/// Whether `path` has the immutable attribute (`chattr +i`), as statx reports it.
+fn immutable(path: &Path) -> bool {
+    use rustix::fs::{statx, AtFlags, StatxAttributes, StatxFlags, CWD};
+    statx(
+        CWD,
+        path,
+        AtFlags::SYMLINK_NOFOLLOW,
+        StatxFlags::BASIC_STATS,
+    )
+    .is_ok_and(|st| {
+        st.stx_attributes_mask.contains(StatxAttributes::IMMUTABLE)
+            && st.stx_attributes.contains(StatxAttributes::IMMUTABLE)
+    })
+}
+
+/// Refuses path options that name the backing file `file` (opened from `path`):
+/// by identity when the option's path exists (the same inode under any name: the
+/// path itself, a hard link, a symlink to it), else by canonical path. Each
+/// option is a (name as the operator wrote it, path) pair; `None`s are skipped.
+/// Run before anything is written, so that a metrics file, a state record or a
+/// socket can never replace the image.
+pub fn refuse_paths_naming(
+    file: &File,
+    path: &Path,
+    options: &[(&'static str, Option<&Path>)],
+) -> Result<(), BackingError> {
+    let me = file.metadata().map_err(|source| BackingError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    let canonical = std::fs::canonicalize(path).ok();
+    for (option, p) in options {
+        let Some(p) = p else { continue };
+        let how = match std::fs::metadata(p) {
+            Ok(m) if m.dev() == me.dev() && m.ino() == me.ino() => {
+                if std::fs::symlink_metadata(p).is_ok_and(|l| l.file_type().is_symlink()) {
+                    " (through a symlink)"
+                } else if canonical.is_some() && std::fs::canonicalize(p).ok() == canonical {
+                    ""
+                } else {
+                    " (a hard link to it)"
+                }
+            }
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            // It cannot be looked at: compare the names at least.
+            Err(_) => {
+                let named = p
+                    .parent()
+                    .and_then(|d| std::fs::canonicalize(d).ok())
+                    .zip(p.file_name())
+                    .map(|(d, n)| d.join(n));
+                if named.is_none() || named != canonical {
+                    continue;
+                }
+                ""
+            }
+        };
+        return Err(BackingError::NamedByOption {
+            option,
+            path: p.to_path_buf(),
+            file: path.to_owned(),
+            how,
+        });
+    }
+    Ok(())
 }
 
 /// Takes an open-file-description lock on the whole file: it belongs to this open

@@ -503,7 +503,9 @@ pub struct NvdimmArgs {
     /// Directory of the health record and bad ranges (as `serve --state-dir`).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Seconds to wait for each QMP answer. Default 30.
+    /// Seconds each QMP exchange may take in all (connect, greeting and
+    /// capabilities; then each command and its answer), however slowly QEMU
+    /// answers. Default 30.
     #[arg(long, value_name = "SECS")]
     pub qmp_timeout: Option<u64>,
     /// Unix socket for the guest agent (a virtio-serial port's chardev connects to

@@ -271,6 +271,10 @@ pub enum Health {
     /// The request queue cannot be processed (the guest broke the ring); flushes wait
     /// until the ring is sane again or the device is reset.
     QueueBroken,
+    /// The served file was deleted, renamed over, moved away, truncated or resized
+    /// while serving: what the guest writes from then on may vanish with the last
+    /// descriptor (`status.guard.file_problem` says what happened).
+    FileChanged,
     /// A sync failed: what the guest wrote may not be on stable storage; every flush
     /// is answered EIO until an operator clears the record.
     Failed,
@@ -282,6 +286,7 @@ impl fmt::Display for Health {
             Self::Healthy => "healthy",
             Self::Downgraded => "downgraded",
             Self::QueueBroken => "queue-broken",
+            Self::FileChanged => "file-changed",
             Self::Failed => "failed",
         })
     }

@@ -54,6 +54,9 @@ pub enum EventKind {
     Sealed { sealed: bool },
     /// Re-reading the block map failed.
     VerifyFailed { error: String },
+    /// The served file itself changed under the daemon: deleted, renamed over,
+    /// moved away, truncated or resized (`change`), as the guard saw it.
+    BackingFileChanged { change: String, reason: String },
     /// A sync of the backing file failed; every later flush is answered EIO.
     SyncFailed {
         errno: i32,

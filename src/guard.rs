@@ -1,15 +1,26 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The block-map guard of a served file: a file lease that tells us when another
 //! process opens or truncates it, an optional immutable attribute (`--seal`, XFS),
-//! and periodic re-verification of the block-map fingerprint.
+//! change notices (inotify) on the file and on its name in its directory, and
+//! re-verification of the block-map fingerprint and of the file itself (still
+//! linked, still the file its path names, still its size).
 //!
-//! Owns: the watcher thread, the lease and the seal. Never writes file data and never
-//! strengthens the policy: when the map changed it only calls the one-way
-//! [`Flusher::downgrade`](crate::durability::Flusher::downgrade).
+//! Owns: the watcher thread, the lease, the seal and the notices. Never writes file
+//! data and never strengthens the policy: when the map changed, or the file was
+//! deleted, renamed over, moved away or resized, it only calls the one-way
+//! [`Flusher::downgrade`](crate::durability::Flusher::downgrade). The watcher sleeps
+//! in one poll(2) until a signal, a notice, the next verification or the stop: an
+//! idle daemon's guard never wakes on its own between verifications.
 
 use std::{
-    fs::File,
+    ffi::OsString,
+    fs::{self, File},
     io,
+    os::{
+        fd::{AsFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
+    path::Path,
     sync::{
         atomic::{AtomicBool, Ordering},
         mpsc, Arc, Mutex,
@@ -40,8 +51,6 @@ pub struct GuardHandles {
     pub guard: Arc<GuardState>,
 }
 
-/// Longest the watcher sleeps before looking at its stop flag.
-const TICK: Duration = Duration::from_millis(200);
 /// While the lease is not held (someone else has the file open), the map is
 /// re-verified and the lease retried this often.
 const LEASE_RETRY: Duration = Duration::from_secs(1);
@@ -53,7 +62,7 @@ const OPENER_SETTLE: Duration = Duration::from_millis(100);
 pub enum GuardError {
     #[error("--seal sets the immutable attribute, which is only safe on XFS; {file} is on {fs} (on ext4 it write-protects the daemon's own mapping)")]
     SealNotXfs { file: String, fs: Filesystem },
-    #[error("--seal: cannot set the immutable attribute on {file}: {source}")]
+    #[error("--seal: cannot set the immutable attribute on {file}: {source}{}", seal_hint(.source))]
     Seal { file: String, source: io::Error },
     #[error("cannot start the block-map watcher: {0}")]
     Start(io::Error),
@@ -79,6 +88,8 @@ impl GuardState {
 /// seal, so every way out of `serve` (signals, errors, panics) unseals the file.
 pub struct Guard {
     stop: Arc<AtomicBool>,
+    /// An eventfd the watcher polls: written once to wake it for the stop.
+    wake: Arc<OwnedFd>,
     thread: Option<JoinHandle<()>>,
     daemon: GuardHandles,
     sealed: bool,
@@ -87,6 +98,7 @@ pub struct Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        let _ = rustix::io::write(&*self.wake, &1u64.to_ne_bytes());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -122,10 +134,25 @@ pub struct GuardOptions {
     pub seal: bool,
     /// Why no lease is taken, if none is (shown as the lease state).
     pub no_lease: Option<String>,
-    /// Also verify at once after an inotify change notice on the file (a write(2),
-    /// fallocate, reflink, truncate or attribute change by any process; writes
-    /// through a mapping make none): the event-driven check where no lease is.
+    /// Also verify at once after an inotify change notice: on the file (a write(2),
+    /// fallocate, reflink, truncate, attribute or link-count change by any process,
+    /// its rename; writes through a mapping make none) and on its name in its
+    /// directory (another file renamed or created over it, its removal). The
+    /// event-driven check where no lease is, and the only one that sees a rename
+    /// over the file or its removal, which no lease reports. A watch opens
+    /// nothing, so it never breaks the lease.
     pub change_notices: bool,
+}
+
+/// The hint that goes with a failure to set the immutable attribute.
+fn seal_hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => {
+            " (setting or clearing it needs CAP_LINUX_IMMUTABLE: run as root, or give the \
+             service that capability)"
+        }
+        _ => "",
+    }
 }
 
 /// Starts guarding the daemon's backing file: seals it if asked, then starts the
@@ -139,8 +166,14 @@ pub fn start(
 ) -> Result<Guard, GuardError> {
     let region = &daemon.region;
     let file_name = region.path.display().to_string();
+    let wake = rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::NONBLOCK | rustix::event::EventfdFlags::CLOEXEC,
+    )
+    .map_err(|e| GuardError::Start(e.into()))?;
     let mut guard = Guard {
         stop: Arc::default(),
+        wake: Arc::new(wake),
         thread: None,
         daemon: daemon.clone(),
         sealed: false,
@@ -189,6 +222,9 @@ pub fn start(
         no_lease: config.no_lease.clone(),
         notices: None,
         want_notices: config.change_notices,
+        signals: None,
+        wake: guard.wake.clone(),
+        file_reported: None,
     };
     let orphan = daemon.clone();
     let handle = services
@@ -236,9 +272,33 @@ struct Watcher {
     change_reported: bool,
     /// Why no lease is taken at all, if none is.
     no_lease: Option<String>,
-    /// The inotify descriptor watching the file, if change notices are on.
-    notices: Option<std::os::fd::OwnedFd>,
+    /// The inotify descriptor watching the file and its name, if change notices
+    /// are on.
+    notices: Option<Notices>,
     want_notices: bool,
+    /// The lease signals as a descriptor (signalfd), polled with the others.
+    signals: Option<OwnedFd>,
+    /// Readable once the guard is dropped.
+    wake: Arc<OwnedFd>,
+    /// The kind of change of the file last reported (None: the file is whole).
+    file_reported: Option<&'static str>,
+}
+
+/// The inotify watches: the file itself, and its directory for its name.
+struct Notices {
+    fd: OwnedFd,
+    file: Option<i32>,
+    dir: Option<i32>,
+    name: OsString,
+}
+
+/// What one poll of the watcher saw.
+#[derive(Default)]
+struct Woken {
+    stop: bool,
+    lease_signal: bool,
+    /// Change notices, described ("IN_MODIFY on the file", ...).
+    notices: Vec<&'static str>,
 }
 
 impl Watcher {
@@ -249,15 +309,20 @@ impl Watcher {
     fn run(mut self, ready: mpsc::Sender<io::Result<()>>) {
         let sig = libc::SIGRTMIN() + 2;
         let set = sys::sigset_of(&[sig, libc::SIGIO]);
-        // Without a lease no lease signal comes: nothing to route (and the
-        // nvdimm export's seccomp profile allows no lease fcntl commands).
+        // Without a lease no lease signal comes: nothing to route or to wait for
+        // (and the nvdimm export's seccomp profile allows no lease fcntl commands).
         let setup = sys::block_signals(&set).and_then(|()| match self.no_lease {
-            None => sys::route_lease_signal(self.file(), sig, sys::gettid()),
-            Some(_) => Ok(()),
+            None => sys::route_lease_signal(self.file(), sig, sys::gettid())
+                .and_then(|()| sys::signal_fd(&set))
+                .map(Some),
+            Some(_) => Ok(None),
         });
-        if let Err(e) = setup {
-            let _ = ready.send(Err(e));
-            return;
+        match setup {
+            Ok(fd) => self.signals = fd,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
         }
         match self.no_lease.clone() {
             None => {
@@ -271,7 +336,7 @@ impl Watcher {
                 self.lease_unavailable(why);
             }
         }
-        if self.want_notices && self.baseline.is_some() {
+        if self.want_notices {
             self.notices = self.watch_notices();
         }
         // Anything that happened between the verdict and the lease is caught here.
@@ -280,18 +345,22 @@ impl Watcher {
 
         let mut next_verify = self.next_periodic();
         while !self.stop.load(Ordering::Acquire) {
-            let now = Instant::now();
-            let wait = next_verify.map_or(TICK, |t| t.saturating_duration_since(now).min(TICK));
-            if self.drain_notices() {
-                self.daemon.guard.update(|s| s.change_notices += 1);
-                self.verify("after a change notice (inotify)");
+            let wait = next_verify.map(|t| t.saturating_duration_since(Instant::now()));
+            let woken = self.wait(wait);
+            if woken.stop || self.stop.load(Ordering::Acquire) {
+                break;
             }
-            if let Some((s, _fd)) = sys::wait_signal(&set, wait) {
-                if s == sig || s == libc::SIGIO {
-                    self.lease_broken();
-                    next_verify = Some(Instant::now() + LEASE_RETRY);
-                }
-                continue;
+            if woken.lease_signal {
+                self.lease_broken();
+                next_verify = Some(Instant::now() + LEASE_RETRY);
+            }
+            if !woken.notices.is_empty() {
+                self.daemon.guard.update(|s| s.change_notices += 1);
+                let why = format!(
+                    "after a change notice (inotify: {})",
+                    woken.notices.join(", ")
+                );
+                self.verify(&why);
             }
             if next_verify.is_some_and(|t| Instant::now() >= t) {
                 if self.lease_retry {
@@ -310,46 +379,158 @@ impl Watcher {
         }
     }
 
-    /// An inotify watch for modifications and attribute changes of the file.
-    fn watch_notices(&self) -> Option<std::os::fd::OwnedFd> {
+    /// Sleeps in one poll until a lease signal, a change notice, the stop, or
+    /// `timeout` (None: no timeout; the guard never wakes on its own).
+    fn wait(&self, timeout: Option<Duration>) -> Woken {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let mut woken = Woken::default();
+        let wake = self.wake.as_fd();
+        let mut fds = vec![PollFd::new(&wake, PollFlags::IN)];
+        let signals = self.signals.as_ref().map(|s| s.as_fd());
+        let notices = self.notices.as_ref().map(|n| n.fd.as_fd());
+        for fd in [&signals, &notices].into_iter().flatten() {
+            fds.push(PollFd::new(fd, PollFlags::IN));
+        }
+        let timeout = timeout.and_then(|d| Timespec::try_from(d).ok());
+        match poll(&mut fds, timeout.as_ref()) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                // Never busy-loop on a broken poll: fall back to sleeping until the
+                // next verification (or a second).
+                warn!("guard: poll failed: {e}");
+                thread::sleep(LEASE_RETRY);
+            }
+        }
+        let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
+        drop(fds);
+        woken.stop = ready[0];
+        let mut i = 1;
+        if let Some(fd) = &self.signals {
+            if ready[i] {
+                let sig = libc::SIGRTMIN() + 2;
+                woken.lease_signal = sys::take_signals(fd)
+                    .iter()
+                    .any(|&s| s == sig || s == libc::SIGIO);
+            }
+            i += 1;
+        }
+        if self.notices.is_some() && ready[i] {
+            woken.notices = self.drain_notices();
+        }
+        woken
+    }
+
+    /// Inotify watches on the file (modifications, attribute and link-count
+    /// changes, its rename, its deletion) and on its name in its directory (a file
+    /// renamed or created over it, its removal or rename away).
+    fn watch_notices(&self) -> Option<Notices> {
         use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
         let path = &self.daemon.region.path;
-        let fd = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).and_then(|fd| {
-            inotify::add_watch(&fd, path.as_path(), WatchFlags::MODIFY | WatchFlags::ATTRIB)
-                .map(|_| fd)
-        });
-        match fd {
-            Ok(fd) => {
-                info!(
-                    "watching {} for change notices (inotify): a change by any process is verified within {TICK:?}",
-                    path.display()
-                );
-                Some(fd)
-            }
+        let fd = match inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK) {
+            Ok(fd) => fd,
             Err(e) => {
                 warn!(
                     "no change notices for {}: {e}; only periodic verification",
                     path.display()
                 );
-                None
+                return None;
             }
+        };
+        let file = inotify::add_watch(
+            &fd,
+            path.as_path(),
+            WatchFlags::MODIFY
+                | WatchFlags::ATTRIB
+                | WatchFlags::MOVE_SELF
+                | WatchFlags::DELETE_SELF,
+        )
+        .map_err(|e| warn!("no change notices for {}: {e}", path.display()))
+        .ok();
+        let dir = parent_of(path);
+        let name = path.file_name().map(ToOwned::to_owned).unwrap_or_default();
+        let dir_wd = inotify::add_watch(
+            &fd,
+            dir,
+            WatchFlags::MOVED_TO
+                | WatchFlags::CREATE
+                | WatchFlags::MOVED_FROM
+                | WatchFlags::DELETE
+                | WatchFlags::ONLYDIR,
+        )
+        .map_err(|e| {
+            warn!(
+                "no change notices for the name {} in {}: {e}; a rename over it is seen at the next verification only",
+                path.display(),
+                dir.display()
+            )
+        })
+        .ok();
+        if file.is_none() && dir_wd.is_none() {
+            return None;
         }
+        info!(
+            "watching {} and its name for change notices (inotify): a change, a rename over it \
+             or its removal by any process is verified at once",
+            path.display()
+        );
+        Some(Notices {
+            fd,
+            file,
+            dir: dir_wd,
+            name,
+        })
     }
 
-    /// Reads every pending change notice; true if there was one.
-    fn drain_notices(&self) -> bool {
-        let Some(fd) = &self.notices else {
-            return false;
+    /// Reads every pending change notice; those about the file or its name,
+    /// described (the directory's notices about other names are dropped).
+    fn drain_notices(&self) -> Vec<&'static str> {
+        use rustix::fs::inotify::{ReadFlags, Reader};
+        let Some(n) = &self.notices else {
+            return Vec::new();
         };
-        let mut buf = [0u8; 4096];
-        let mut any = false;
-        while let Ok(n) = rustix::io::read(fd, &mut buf) {
-            if n == 0 {
-                break;
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut reader = Reader::new(&n.fd, &mut buf);
+        let mut seen = Vec::new();
+        let mut note = |what: &'static str| {
+            if !seen.contains(&what) {
+                seen.push(what);
             }
-            any = true;
+        };
+        while let Ok(ev) = reader.next() {
+            let flags = ev.events();
+            if flags.contains(ReadFlags::QUEUE_OVERFLOW) {
+                note("queue overflow");
+                continue;
+            }
+            if Some(ev.wd()) == n.file {
+                for (flag, what) in [
+                    (ReadFlags::MODIFY, "IN_MODIFY on the file"),
+                    (ReadFlags::ATTRIB, "IN_ATTRIB on the file"),
+                    (ReadFlags::MOVE_SELF, "IN_MOVE_SELF on the file"),
+                    (ReadFlags::DELETE_SELF, "IN_DELETE_SELF on the file"),
+                ] {
+                    if flags.contains(flag) {
+                        note(what);
+                    }
+                }
+            } else if Some(ev.wd()) == n.dir
+                && ev
+                    .file_name()
+                    .is_some_and(|f| f.to_bytes() == n.name.as_encoded_bytes())
+            {
+                for (flag, what) in [
+                    (ReadFlags::MOVED_TO, "IN_MOVED_TO on its name"),
+                    (ReadFlags::CREATE, "IN_CREATE on its name"),
+                    (ReadFlags::MOVED_FROM, "IN_MOVED_FROM on its name"),
+                    (ReadFlags::DELETE, "IN_DELETE on its name"),
+                ] {
+                    if flags.contains(flag) {
+                        note(what);
+                    }
+                }
+            }
         }
-        any
+        seen
     }
 
     fn next_periodic(&self) -> Option<Instant> {
@@ -465,9 +646,22 @@ impl Watcher {
         self.verify("after the lease broke");
     }
 
-    /// Compares the map with the baseline; a difference is reported (and downgrades
-    /// `direct`).
+    /// Checks the file itself (see [`file_problem`]), then compares the map with the
+    /// baseline; a difference is reported (and downgrades `direct`).
     fn verify(&mut self, why: &str) {
+        let region = &self.daemon.region;
+        match file_problem(&region.file, &region.path, region.size) {
+            Some((change, what)) => self.file_changed(change, format!("{what} (seen {why})")),
+            None => {
+                if let Some(was) = self.file_reported.take() {
+                    info!(
+                        "{}: the path names the served file again, at its size (it was {was}); \
+                         the change stays recorded",
+                        region.path.display()
+                    );
+                }
+            }
+        }
         let Some(baseline) = self.baseline else {
             return;
         };
@@ -538,6 +732,113 @@ impl Watcher {
     }
 }
 
+impl Watcher {
+    /// The served file was deleted, renamed over, moved away or resized: said once
+    /// per kind of change, in the log, `status`, an event; `direct` is made durable
+    /// and downgraded as for a lost block map.
+    fn file_changed(&mut self, change: &'static str, reason: String) {
+        if self.file_reported == Some(change) {
+            return;
+        }
+        self.file_reported = Some(change);
+        error!("{}: {reason}", self.daemon.region.path.display());
+        self.daemon.guard.update(|s| {
+            s.file_problem = Some(reason.clone());
+            s.file_change = Some(change.into());
+            s.file_problems += 1;
+        });
+        self.daemon.events.publish(EventKind::BackingFileChanged {
+            change: change.into(),
+            reason: reason.clone(),
+        });
+        let flusher = &self.daemon.region.flusher;
+        let from = flusher.policy();
+        if flusher.downgrade(&reason) {
+            self.daemon.events.publish(EventKind::PolicyDowngraded {
+                from: from.to_string(),
+                to: flusher.policy().to_string(),
+                reason,
+            });
+        }
+    }
+}
+
+/// The directory holding `path` ("." for a bare name).
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// What is wrong with the served file, if anything: it has no name left
+/// (`st_nlink` 0: deleted, or renamed over), its path names another file or none
+/// (moved away, or hard-linked elsewhere and unlinked), or its size is not the
+/// served size (truncated, or extended). The kind of change and a sentence.
+pub fn file_problem(file: &File, path: &Path, served: u64) -> Option<(&'static str, String)> {
+    let shown = path.display();
+    let meta = match file.metadata() {
+        Ok(m) => m,
+        Err(e) => return Some(("unreadable", format!("cannot fstat the served file: {e}"))),
+    };
+    let named = fs::metadata(path);
+    let same = matches!(&named, Ok(m) if m.dev() == meta.dev() && m.ino() == meta.ino());
+    let lost = "everything the guest writes from now on is lost when the daemon exits";
+    if meta.nlink() == 0 {
+        return Some(match &named {
+            Ok(m) => (
+                "replaced",
+                format!(
+                    "the served file was renamed over: {shown} now names another file (inode {}) \
+                     and the served one has no name left; {lost}",
+                    m.ino()
+                ),
+            ),
+            Err(_) => (
+                "deleted",
+                format!(
+                    "the served file was deleted: {shown} is gone and it has no name left; {lost}"
+                ),
+            ),
+        });
+    }
+    if !same {
+        let now = match &named {
+            Ok(m) => format!("now names another file (inode {})", m.ino()),
+            Err(e) => format!("does not resolve ({e})"),
+        };
+        return Some((
+            "moved",
+            format!(
+                "the served file was moved away: {shown} {now}, and the served file (inode {}) \
+                 has {} name(s) elsewhere; a restart would not serve it",
+                meta.ino(),
+                meta.nlink()
+            ),
+        ));
+    }
+    if meta.len() != served {
+        let change = if meta.len() < served {
+            "truncated"
+        } else {
+            "resized"
+        };
+        return Some((
+            change,
+            format!(
+                "the served file was {change}: {shown} is {} bytes, {served} are served{}",
+                meta.len(),
+                if meta.len() < served {
+                    "; the guest's accesses past the end fault (SIGBUS in the VMM)"
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
+    None
+}
+
 fn describe(openers: &[String]) -> String {
     if openers.is_empty() {
         "opener not found in /proc: it already closed the file, or truncated it by path".into()
@@ -548,7 +849,7 @@ fn describe(openers: &[String]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
 
     use super::*;
     use crate::durability::{Flusher, Policy};
@@ -631,6 +932,131 @@ mod tests {
         assert!(s.change_notices >= 1, "{s:?}");
         assert!(s.map_changed.unwrap().contains("inotify"));
         drop(guard);
+    }
+
+    /// A written, synced 2 MiB file under `dir`, and the guard's handles on it
+    /// under `policy` with its real block-map fingerprint as the baseline.
+    fn served(dir: &Path, policy: Policy) -> (PathBuf, GuardHandles) {
+        use std::io::Write;
+        let path = dir.join("f.img");
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(&vec![7u8; 2 << 20]).unwrap();
+        f.sync_all().unwrap();
+        let baseline = blockmap::watch_fingerprint(&f).unwrap();
+        let h = GuardHandles {
+            region: Arc::new(Region {
+                path: path.clone(),
+                file: f.try_clone().unwrap(),
+                size: 2 << 20,
+                readonly: false,
+                flusher: Flusher::new(f, policy),
+                baseline: Some(baseline),
+                mode_requested: crate::durability::Mode::Auto,
+                policy_reason: "test".into(),
+            }),
+            events: Arc::default(),
+            guard: Arc::default(),
+        };
+        (path, h)
+    }
+
+    /// As `serve` starts it: a lease, no periodic verification, change notices.
+    fn serve_guard(h: &GuardHandles) -> Guard {
+        let services: Arc<Services> = Arc::default();
+        start(
+            h,
+            &services,
+            &GuardOptions {
+                verify_interval: 0,
+                seal: false,
+                no_lease: None,
+                change_notices: true,
+            },
+        )
+        .unwrap()
+    }
+
+    fn wait_for_file_problem(h: &GuardHandles) -> GuardStatus {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = h.guard.snapshot();
+            if s.file_problem.is_some() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the change went unnoticed: {s:?}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_served_file_renamed_over_deleted_moved_or_truncated_downgrades_direct() {
+        type Change = fn(&Path);
+        let cases: [(&str, Change); 4] = [
+            ("replaced", |p| {
+                let other = p.with_file_name("other.img");
+                std::fs::write(&other, vec![1u8; 2 << 20]).unwrap();
+                std::fs::rename(&other, p).unwrap();
+            }),
+            ("deleted", |p| std::fs::remove_file(p).unwrap()),
+            ("moved", |p| {
+                std::fs::hard_link(p, p.with_file_name("g.img")).unwrap();
+                std::fs::remove_file(p).unwrap();
+            }),
+            ("truncated", |p| {
+                let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+                f.set_len(1 << 20).unwrap();
+            }),
+        ];
+        for (change, act) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, h) = served(dir.path(), Policy::Direct);
+            let rx = h.events.subscribe(false);
+            let guard = serve_guard(&h);
+            let before = h.guard.snapshot();
+            assert!(before.lease.contains("write lease held"), "{before:?}");
+            assert!(before.file_problem.is_none(), "{before:?}");
+            act(&path);
+            let s = wait_for_file_problem(&h);
+            assert_eq!(s.file_problems, 1, "{change}: {s:?}");
+            assert_eq!(s.file_change.as_deref(), Some(change), "{s:?}");
+            let fl = &h.region.flusher;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while fl.policy() == Policy::Direct {
+                assert!(Instant::now() < deadline, "{change}: direct stayed");
+                thread::sleep(Duration::from_millis(10));
+            }
+            assert_eq!(fl.policy(), Policy::Datasync, "{change}");
+            assert!(fl.stats.snapshot().syncs >= 1, "{change}: not made durable");
+            // Both events, in this order: what happened, then the downgrade.
+            let mut events = Vec::new();
+            while !events
+                .iter()
+                .any(|e: &String| e.contains("policy-downgraded"))
+            {
+                let e = rx
+                    .recv_timeout(Duration::from_secs(10))
+                    .unwrap_or_else(|_| panic!("{change}: no downgrade event: {events:?}"));
+                events.push(e.to_line());
+            }
+            let changed = events
+                .iter()
+                .position(|e| {
+                    e.contains("\"backing-file-changed\"")
+                        && e.contains(&format!("\"change\":\"{change}\""))
+                })
+                .unwrap_or_else(|| panic!("{change}: {events:?}"));
+            assert!(changed < events.len() - 1, "{change}: {events:?}");
+            drop(guard);
+        }
     }
 
     #[test]

@@ -250,6 +250,17 @@ pub struct GuardStatus {
     /// Change notices (inotify) that triggered a verification.
     #[serde(default)]
     pub change_notices: u64,
+    /// Set when the served file was seen deleted, renamed over, moved away,
+    /// truncated or resized: what happened (latched, like `map_changed`).
+    #[serde(default)]
+    pub file_problem: Option<String>,
+    /// The kind of that change: `deleted`, `replaced` (renamed over), `moved`
+    /// (its path names another file or none), `truncated`, `resized`.
+    #[serde(default)]
+    pub file_change: Option<String>,
+    /// How many times such a change was seen (each new kind of change counts).
+    #[serde(default)]
+    pub file_problems: u64,
 }
 
 /// What the daemon knows about the agent, for `status`.
@@ -268,6 +279,10 @@ pub struct AgentState {
     /// Lines that were not a message (too long, not JSON, ...).
     #[serde(default)]
     pub bad_messages: u64,
+    /// Times a connection's reader thread could not be started (EAGAIN: a
+    /// process or thread limit, memory); each is retried, never fatal.
+    #[serde(default)]
+    pub thread_spawn_failures: u64,
 }
 
 /// `--seccomp`: what an unlisted system call does.

@@ -9,7 +9,10 @@
 use std::{
     fs::{self, File},
     io,
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
 };
 
 // linux/fs.h inode flags (FS_IOC_GETFLAGS / FS_IOC_SETFLAGS take an int).
@@ -197,6 +200,39 @@ pub fn wait_signal(
             .read_unaligned()
     };
     Some((sig, fd))
+}
+
+/// A descriptor that becomes readable while a signal of `set` (blocked in the
+/// calling thread) is pending for the calling thread or the process: signalfd(2),
+/// so one poll can wait for signals and descriptors together. Non-blocking.
+pub fn signal_fd(set: &libc::sigset_t) -> io::Result<OwnedFd> {
+    // SAFETY: valid set pointer; -1 asks for a new descriptor.
+    let fd = check(unsafe { libc::signalfd(-1, set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) })?;
+    // SAFETY: signalfd returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Takes every signal pending on a [`signal_fd`] (as the calling thread sees it):
+/// their numbers, in the order the kernel gives them.
+pub fn take_signals(fd: &OwnedFd) -> Vec<libc::c_int> {
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: signalfd_siginfo is plain data, filled by the kernel.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: valid descriptor; the buffer is one signalfd_siginfo long.
+        let n = unsafe {
+            libc::read(
+                fd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
+        if n != size as isize {
+            return out;
+        }
+        out.push(info.ssi_signo as libc::c_int);
+    }
 }
 
 /// Other processes that hold `file` open (or mapped through an fd they still hold),

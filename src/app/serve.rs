@@ -55,7 +55,9 @@ pub fn host_options(config: &Config) -> HostOptions {
             verify_interval: config.verify_interval,
             seal: config.seal,
             no_lease: None,
-            change_notices: false,
+            // Change notices catch what a lease cannot: the file renamed over,
+            // deleted or moved away (no open, so no lease break).
+            change_notices: true,
         },
         control_clients: ControlClients {
             max: config.control_max_clients,
@@ -74,6 +76,7 @@ pub fn host_options(config: &Config) -> HostOptions {
         }),
         seccomp: config.seccomp,
         profile: Profile::Serve,
+        other_paths: vec![("--socket-path", config.socket_path.clone())],
     }
 }
 

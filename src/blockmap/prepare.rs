@@ -4,10 +4,13 @@
 //! (holes, unwritten extents) and unsharing shared extents, then one fsync and a
 //! fresh verdict.
 //!
-//! Owns: creating or extending the file and fixing its map. Never shrinks or
-//! truncates the file and never changes a byte of its content: it writes only zeros,
-//! and only where FIEMAP says a read returns zeros while it holds the file's lock and
-//! (where the filesystem grants one) a write lease proving no one else has it open.
+//! Owns: creating or extending the file and fixing its map, and the free-space check
+//! before either. Never shrinks a file below the size it had, and never changes a
+//! byte of its content: it writes only zeros, and only where FIEMAP says a read
+//! returns zeros while it holds the file's lock and (where the filesystem grants one)
+//! a write lease proving no one else has it open. When it fails after extending the
+//! file, it truncates the file back to its original size (only the zeros it added
+//! go), unless another process may have written past it.
 
 use std::{
     fs::{File, OpenOptions},
@@ -52,6 +55,35 @@ pub enum PrepareError {
         path: PathBuf,
         size: u64,
         target: u64,
+    },
+    #[error("{path}: prepare has to allocate {need} bytes ({need_mib} MiB, for {what}) but {fs} has {free} bytes ({free_mib} MiB) available; nothing was changed. Free space, or give a smaller --size")]
+    NoSpace {
+        path: PathBuf,
+        need: u64,
+        need_mib: u64,
+        what: String,
+        free: u64,
+        free_mib: u64,
+        fs: Filesystem,
+    },
+    #[error("{source}; {path} was truncated back to its original size, {size} bytes (the space prepare had taken is free again)")]
+    TruncatedBack {
+        path: PathBuf,
+        size: u64,
+        source: Box<PrepareError>,
+    },
+    #[error("{source}; {path} is left at {now} bytes (it was {size}): {why}. `truncate -s {size} {path}` restores its original size")]
+    LeftExtended {
+        path: PathBuf,
+        size: u64,
+        now: u64,
+        why: String,
+        source: Box<PrepareError>,
+    },
+    #[error("{source}; {path}, which prepare had created, was removed")]
+    CreatedRemoved {
+        path: PathBuf,
+        source: Box<PrepareError>,
     },
     #[error("{0} is locked by another process (a vhost-device-pmem serving it, or another prepare); stop it first")]
     Locked(PathBuf),
@@ -283,10 +315,19 @@ pub fn prepare(
         let _ = sys::release_lease(&file);
     }
     // A file this call created and could not prepare at all is not left behind.
-    if result.is_err() && !existed && file.metadata().is_ok_and(|m| m.len() == 0) {
-        let _ = std::fs::remove_file(path);
+    match result {
+        Err(e) if !existed && file.metadata().is_ok_and(|m| m.len() == 0) => {
+            let _ = std::fs::remove_file(path);
+            Err(match e {
+                PrepareError::TruncatedBack { source, .. } => PrepareError::CreatedRemoved {
+                    path: path.to_owned(),
+                    source,
+                },
+                e => e,
+            })
+        }
+        r => r,
     }
-    result
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -348,7 +389,9 @@ fn prepare_locked(
                 source,
             }
         })?;
-    check_fixable(path, &blockmap::find_problems(&extents, size_before))?;
+    let existing = blockmap::find_problems(&extents, size_before);
+    check_fixable(path, &existing)?;
+    check_space(path, file, fs, &existing, size_before, target)?;
 
     if target > size_before {
         // The new range is a hole (reads as zeros) and is zero-filled below like any
@@ -359,8 +402,169 @@ fn prepare_locked(
             "{}: extended from {size_before} to {target} bytes",
             path.display()
         );
+        let result = fix_map(
+            path,
+            file,
+            fs,
+            size_before,
+            target,
+            progress,
+            lease,
+            created,
+            sigs,
+            lease_sig,
+            started,
+        );
+        return result.map_err(|e| undo_extension(path, file, size_before, target, lease, e));
     }
+    fix_map(
+        path,
+        file,
+        fs,
+        size_before,
+        target,
+        progress,
+        lease,
+        created,
+        sigs,
+        lease_sig,
+        started,
+    )
+}
 
+/// Refuses, before anything changes, a run the filesystem has no room for: the
+/// bytes to allocate are the holes of the file as it is (shared extents count
+/// too: unsharing copies them) and the whole extension, against what statvfs says
+/// is available (`f_bavail`: the blocks ext4 reserves for root are not counted;
+/// the filesystem's own metadata, a few blocks per extent, is not either).
+fn check_space(
+    path: &Path,
+    file: &File,
+    fs: Filesystem,
+    existing: &[Problem],
+    size_before: u64,
+    target: u64,
+) -> Result<(), PrepareError> {
+    let (mut holes, mut shared) = (0u64, 0u64);
+    for p in existing {
+        match (&p.kind, action_of(p)) {
+            (ProblemKind::Hole, _) => holes += p.length,
+            (_, Action::Unshare) => shared += p.length,
+            _ => {}
+        }
+    }
+    let extension = target - size_before;
+    let need = holes + shared + extension;
+    let vfs = rustix::fs::fstatvfs(file).map_err(|e| PrepareError::Io {
+        what: "statvfs",
+        path: path.to_owned(),
+        source: e.into(),
+    })?;
+    let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+    if need <= free {
+        return Ok(());
+    }
+    let mut parts = Vec::new();
+    if extension > 0 {
+        parts.push(format!("extending it from {size_before} to {target} bytes"));
+    }
+    if holes > 0 {
+        parts.push(format!("{holes} bytes of holes"));
+    }
+    if shared > 0 {
+        parts.push(format!("unsharing {shared} bytes of shared extents"));
+    }
+    Err(PrepareError::NoSpace {
+        path: path.to_owned(),
+        need,
+        need_mib: need.div_ceil(1 << 20),
+        what: parts.join(", "),
+        free,
+        free_mib: free >> 20,
+        fs,
+    })
+}
+
+/// After a failure past the extension: truncates the file back to `size_before`
+/// (only zeros prepare wrote are beyond it), unless another process may have
+/// written there (the lease broke, data appeared in a hole, or without a lease
+/// another process has the file open), or the run was only interrupted (running
+/// prepare again finishes it). Says which in the error.
+fn undo_extension(
+    path: &Path,
+    file: &File,
+    size_before: u64,
+    target: u64,
+    lease: bool,
+    e: PrepareError,
+) -> PrepareError {
+    let keep = |why: String, source: PrepareError| PrepareError::LeftExtended {
+        path: path.to_owned(),
+        size: size_before,
+        now: target,
+        why,
+        source: Box::new(source),
+    };
+    match e {
+        PrepareError::Interrupted { .. } => {
+            return keep(
+                "prepare was interrupted; running it again finishes it".into(),
+                e,
+            )
+        }
+        PrepareError::LeaseBroken { .. } | PrepareError::ConcurrentWriter { .. } => {
+            return keep(
+                "another process has the file open and may have written past the original end"
+                    .into(),
+                e,
+            )
+        }
+        _ => {}
+    }
+    if !lease {
+        let openers = sys::other_openers(file);
+        if !openers.is_empty() {
+            return keep(
+                format!(
+                    "other processes have it open ({}) and may have written past the original end",
+                    openers.join(", ")
+                ),
+                e,
+            );
+        }
+    }
+    match file.set_len(size_before).and_then(|()| file.sync_all()) {
+        Ok(()) => {
+            warn!(
+                "{}: prepare failed after extending it; truncated it back to its original {size_before} bytes",
+                path.display()
+            );
+            PrepareError::TruncatedBack {
+                path: path.to_owned(),
+                size: size_before,
+                source: Box::new(e),
+            }
+        }
+        Err(t) => keep(format!("truncating it back failed: {t}"), e),
+    }
+}
+
+/// Makes the map of the file (now `target` bytes) immutable and proves it.
+#[allow(clippy::too_many_arguments)]
+fn fix_map(
+    path: &Path,
+    file: &File,
+    fs: Filesystem,
+    size_before: u64,
+    target: u64,
+    progress: Progress,
+    lease: bool,
+    created: bool,
+    sigs: &libc::sigset_t,
+    lease_sig: libc::c_int,
+    started: Instant,
+) -> Result<PrepareReport, PrepareError> {
+    let io_err = |what| io_err(path, what);
     let mut w = Worker {
         path,
         file,

@@ -39,10 +39,11 @@ const POLICIES: [Policy; 5] = [
 ];
 
 /// The health names, in order of severity.
-const HEALTHS: [Health; 4] = [
+const HEALTHS: [Health; 5] = [
     Health::Healthy,
     Health::Downgraded,
     Health::QueueBroken,
+    Health::FileChanged,
     Health::Failed,
 ];
 
@@ -210,7 +211,29 @@ pub fn render(m: &MetricsSnapshot) -> String {
         "System calls outside the seccomp allow-list answered ENOSYS (each call is logged once).",
         st.sandbox_denials,
     );
+    backing_file(&mut o, st);
     o.text
+}
+
+/// The served file itself, as the guard last saw it: whether it was deleted,
+/// renamed over, moved away or resized (latched), and how many such changes.
+fn backing_file(o: &mut Out, st: &StatusReport) {
+    let (problem, problems) = st
+        .guard
+        .as_ref()
+        .map_or((false, 0), |g| (g.file_problem.is_some(), g.file_problems));
+    o.single(
+        "backing_file_changed",
+        "gauge",
+        "1 once the served file was seen deleted, renamed over, moved away, truncated or resized (latched).",
+        u64::from(problem),
+    );
+    o.single(
+        "backing_file_changes_total",
+        "counter",
+        "Changes of the served file itself seen by the guard (each new kind of change counts).",
+        problems,
+    );
 }
 
 /// A histogram of log2 microsecond buckets: cumulative `_bucket` series with `le`
@@ -384,7 +407,27 @@ mod tests {
             let want = if h == "downgraded" { 1.0 } else { 0.0 };
             assert_eq!(value(&samples, "health", Some(("health", h))), want, "{h}");
         }
-        assert_eq!(types.len(), 15, "{types:?}");
+        assert_eq!(value(&samples, "backing_file_changed", None), 0.0);
+        assert_eq!(value(&samples, "backing_file_changes_total", None), 0.0);
+        assert_eq!(types.len(), 17, "{types:?}");
+    }
+
+    #[test]
+    fn a_served_file_changed_under_the_daemon_shows() {
+        let mut m = snapshot("i");
+        m.status.guard = Some(crate::report::GuardStatus {
+            file_problem: Some("the served file was deleted".into()),
+            file_change: Some("deleted".into()),
+            file_problems: 2,
+            ..Default::default()
+        });
+        let (samples, types) = parse(&render(&m));
+        assert_eq!(value(&samples, "backing_file_changed", None), 1.0);
+        assert_eq!(value(&samples, "backing_file_changes_total", None), 2.0);
+        assert_eq!(
+            types[&format!("{PREFIX}backing_file_changes_total")],
+            "counter"
+        );
     }
 
     #[test]

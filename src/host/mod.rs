@@ -30,7 +30,7 @@ use crate::{
     events::{EventHub, EventKind},
     guard::{self, Guard, GuardHandles, GuardOptions, GuardState},
     media::{channel::GuestChannel, MediaErrors},
-    region::{Region, RegionSpec},
+    region::{Region, RegionError, RegionSpec},
     report::{DeviceStatus, NvdimmStatus, SeccompMode},
     sandbox::{self, Profile},
     service::Services,
@@ -71,6 +71,9 @@ pub struct HostOptions {
     pub metrics: Option<MetricsOptions>,
     pub seccomp: SeccompMode,
     pub profile: Profile,
+    /// The export's own paths that must not name the backing file either (e.g.
+    /// `--socket-path`), by the option that gives them.
+    pub other_paths: Vec<(&'static str, PathBuf)>,
 }
 
 /// `--control-max-clients`, `--control-idle-timeout`, `--operator-group`,
@@ -221,6 +224,32 @@ impl Host {
             what: "name the state files",
             source,
         })?;
+        // Nothing below may write over the image: no option may name it.
+        let records = [state.path(Kind::Health), state.path(Kind::BadRanges)];
+        let mut named: Vec<(&'static str, Option<&Path>)> = vec![
+            ("--control-socket", options.control_socket.as_deref()),
+            ("--agent-socket", options.agent_socket.as_deref()),
+            (
+                "--metrics-file",
+                options.metrics.as_ref().map(|m| m.path.as_path()),
+            ),
+            (
+                "the health record (--state-dir)",
+                Some(records[0].as_path()),
+            ),
+            (
+                "the bad-range record (--state-dir)",
+                Some(records[1].as_path()),
+            ),
+        ];
+        named.extend(
+            options
+                .other_paths
+                .iter()
+                .map(|(o, p)| (*o, Some(p.as_path()))),
+        );
+        crate::backing::refuse_paths_naming(&region.file, &region.path, &named)
+            .map_err(RegionError::Backing)?;
         let services: Arc<Services> = Arc::default();
         // Whatever waits for events (the notifier, the NVDIMM's loop) learns of the
         // shutdown the moment it is asked for.

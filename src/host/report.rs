@@ -14,7 +14,8 @@ use crate::{
 };
 
 impl Shared {
-    /// The worst of what the flusher and (for `serve`) the queue say.
+    /// The worst of what the flusher, the guard (the served file itself) and, for
+    /// `serve`, the queue say.
     pub fn health(&self) -> Health {
         let queue = match &self.export {
             ExportState::VirtioPmem { device, .. } if device.queue_broken().is_some() => {
@@ -22,7 +23,11 @@ impl Shared {
             }
             _ => Health::Healthy,
         };
-        self.region.flusher.health().max(queue)
+        let file = match self.guard.get().map(|g| g.snapshot().file_problem) {
+            Some(Some(_)) => Health::FileChanged,
+            _ => Health::Healthy,
+        };
+        self.region.flusher.health().max(queue).max(file)
     }
 
     /// The `status` document now.

@@ -232,12 +232,17 @@ impl GuestChannel {
         stream: UnixStream,
         services: &Arc<Services>,
     ) -> std::io::Result<()> {
-        let reader = stream.try_clone()?;
         // Connected before the reader starts: it is the one that says otherwise.
         self.state.lock().unwrap().connected = true;
-        let me = self.clone();
-        let read_thread = services
-            .spawn_owned(
+        // A reader that cannot start (a thread or process limit, memory) is retried
+        // with a back-off while the guest stays connected: never the end of the
+        // channel.
+        let mut retry = Backoff::new("guest channel reader thread");
+        let mut failed = 0u64;
+        let read_thread = loop {
+            let reader = stream.try_clone()?;
+            let me = self.clone();
+            match services.spawn_owned(
                 "guest-channel-read",
                 |_| {},
                 move || {
@@ -255,8 +260,25 @@ impl GuestChannel {
                     let _guard = me.list.lock().unwrap();
                     me.changed.notify_all();
                 },
-            )
-            .inspect_err(|_| self.state.lock().unwrap().connected = false)?;
+            ) {
+                Ok(t) => {
+                    if failed > 0 {
+                        info!(
+                            "guest channel reader thread started after {failed} failed attempt(s)"
+                        );
+                    }
+                    break t;
+                }
+                Err(e) => {
+                    failed += 1;
+                    self.state.lock().unwrap().thread_spawn_failures += 1;
+                    if services.sleep(retry.failed(&e)) {
+                        self.state.lock().unwrap().connected = false;
+                        return Ok(());
+                    }
+                }
+            }
+        };
         info!("guest channel connected");
         if let Err(e) = self.push(&stream) {
             info!("guest channel: {e}");

@@ -240,6 +240,7 @@ pub fn host_options(config: &NvdimmConfig) -> HostOptions {
         metrics: None,
         seccomp: config.seccomp,
         profile: Profile::Nvdimm,
+        other_paths: Vec::new(),
     }
 }
 
