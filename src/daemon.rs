@@ -28,19 +28,22 @@ use crate::{
     config::Config,
     control::{
         self,
-        events::{EventHub, EventKind},
+        events::EventHub,
         metrics_file,
         status::{DeviceStatus, StatusReport},
     },
     device::{queue::QueueStats, wire::VIRTIO_PMEM_F_SHMEM_REGION, PmemBackend},
-    durability::{Flusher, Health, Mode, Policy, SyncContext, SyncFailure},
+    durability::{Flusher, Health, Mode, Policy, SyncContext},
     io_err,
     media::{channel::GuestChannel, MediaErrors},
     region::{open_region, Region},
     sandbox::{self, Profile, SeccompMode},
     service::Services,
     socket::{self, BoundSocket},
-    state::{Kind, StateFiles},
+    state::{
+        health::{HealthRecorder, RecordOptions},
+        StateFiles,
+    },
     sys,
     systemd::{self, Inherited},
     Error,
@@ -67,6 +70,8 @@ pub struct Daemon {
     pub queue_stats: Arc<QueueStats>,
     /// The sandbox the daemon serves under.
     pub seccomp: SeccompMode,
+    /// The health record: restored, written, retried.
+    pub health_record: HealthRecorder,
 }
 
 impl Daemon {
@@ -110,6 +115,7 @@ impl Daemon {
             agent: self.agent.as_ref().map(|a| a.state.lock().unwrap().clone()),
             services_failed: self.services.failures(),
             seccomp: self.seccomp,
+            health_record: self.health_record.report(),
             nvdimm: None,
         }
     }
@@ -129,14 +135,14 @@ pub fn serve(config: Config, inherited: Inherited) -> Result<(), Error> {
     sys::block_signals(&sigset).map_err(io_err("block signals"))?;
     let (region, policy_reason) = open_region(&config)?;
     let events: Arc<EventHub> = Arc::default();
+    let services: Arc<Services> = Arc::default();
     let state = StateFiles::new(
         &region.path,
         config.state_dir.as_deref(),
         Some(&region.file),
-    )
-    .map_err(io_err("name the state files"))?;
-    watch_health(&region.flusher, &state, &events, &region.path)?;
-    let services: Arc<Services> = Arc::default();
+    )?
+    .adopting_legacy(config.records.adopt_legacy);
+    let health_record = watch_health(&region.flusher, &state, &config.records, &events, &services)?;
     let media = MediaErrors::load(
         &region.path,
         region.size,
@@ -167,6 +173,7 @@ pub fn serve(config: Config, inherited: Inherited) -> Result<(), Error> {
         services,
         queue_stats: Arc::default(),
         seccomp: config.seccomp,
+        health_record,
     });
     // Sockets this daemon bound; dropped (their paths removed) when serve returns.
     let mut bound = Vec::new();
@@ -185,7 +192,7 @@ pub fn serve(config: Config, inherited: Inherited) -> Result<(), Error> {
     } = inherited;
     let vsock = match inherited_vsock {
         Some(l) => BoundSocket::inherited(l),
-        None => socket::bind(&config.socket_path, config.socket_group.as_deref())?,
+        None => socket::bind(&config.socket_path, config.socket_options())?,
     };
     let handles = control::ControlHandles {
         status: {
@@ -200,7 +207,7 @@ pub fn serve(config: Config, inherited: Inherited) -> Result<(), Error> {
     };
     let csock = match (inherited_csock, &config.control_socket) {
         (Some(l), _) => Some(BoundSocket::inherited(l)),
-        (None, Some(path)) => Some(socket::bind(path, config.socket_group.as_deref())?),
+        (None, Some(path)) => Some(socket::bind(path, config.socket_options())?),
         (None, None) => None,
     };
     if let Some(csock) = csock {
@@ -292,6 +299,9 @@ pub fn serve(config: Config, inherited: Inherited) -> Result<(), Error> {
             daemon.region.path.display()
         ))),
     };
+    // A sync failure whose record is not everywhere ends the daemon with its own
+    // status: a daemon started next could serve the file as healthy.
+    let result = daemon.health_record.finish().and(result);
     // The last metrics, with the final sync counted and no VMM connected.
     if let Some(path) = &config.metrics_file {
         if let Err(e) = metrics_file::write_once(path, &handles) {
@@ -391,46 +401,16 @@ const NOTIFY_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Restores a sync failure recorded by an earlier run (the file is then served in
 /// health `failed`: every flush EIO), and records the next one when it happens, with
-/// an event. The record goes only through `vhost-device-pmem health --clear`.
+/// an event, retrying until it is written everywhere (`state::health`). The record
+/// goes only through `vhost-device-pmem health --clear`.
 pub(crate) fn watch_health(
     flusher: &Flusher,
     state: &StateFiles,
+    records: &RecordOptions,
     events: &Arc<EventHub>,
-    file: &std::path::Path,
-) -> Result<(), Error> {
-    let recorded: Option<SyncFailure> = state
-        .load(Kind::Health)
-        .map_err(io_err("load the health record"))?;
-    if let Some(f) = recorded {
-        error!(
-            "{}: a sync failed in an earlier run ({} during {}, at {}; recorded in {}): serving it \
-             as FAILED, every flush is answered EIO. Check the data, then run \
-             `vhost-device-pmem health --file {} --clear` and restart",
-            file.display(),
-            f.error,
-            f.context,
-            f.at,
-            state.path(Kind::Health).display(),
-            file.display()
-        );
-        flusher.restore_failure(f);
-    }
-    let state = state.clone();
-    let events = events.clone();
-    flusher.set_failure_hook(Box::new(move |f| {
-        if let Err(e) = state.save(Kind::Health, f) {
-            error!(
-                "cannot record the sync failure in {}: {e}; a restart would not know about it",
-                state.path(Kind::Health).display()
-            );
-        }
-        events.publish(EventKind::SyncFailed {
-            errno: f.errno,
-            error: f.error.clone(),
-            context: f.context.to_string(),
-        });
-    }));
-    Ok(())
+    services: &Arc<Services>,
+) -> Result<HealthRecorder, Error> {
+    HealthRecorder::start(flusher, state, records, events.clone(), services)
 }
 
 /// Starts the media-error sources and the guest channel; returns the channel's
@@ -439,7 +419,7 @@ fn start_media_errors(daemon: &Daemon, config: &Config) -> Result<Option<BoundSo
     let media = &daemon.media;
     let mut bound = None;
     if let (Some(path), Some(agent)) = (&config.agent_socket, &daemon.agent) {
-        let sock = socket::bind(path, config.socket_group.as_deref())?;
+        let sock = socket::bind(path, config.socket_options())?;
         let listener = sock.listener.try_clone().map_err(io_err("dup listener"))?;
         agent
             .spawn(listener, &daemon.services)

@@ -16,8 +16,10 @@
 //!   Prometheus metrics (rendered in `control::metrics`, written by
 //!   `control::metrics_file`).
 //! - [`state`], [`jsonl`], [`service`], [`socket`], [`backing`], [`config`], [`sys`]:
-//!   the state directory, the line protocols, service threads, sockets, opening the
-//!   backing file, configuration, and the raw host calls no crate wraps.
+//!   the state directory (and the health record, [`state::health`]), the line
+//!   protocols, service threads, sockets, opening the backing file, configuration,
+//!   and the raw host calls no crate wraps; [`trust`]: which directories may hold
+//!   sockets and records.
 //! - [`sandbox`]: the seccomp allow-list installed once start-up is done.
 //! - [`systemd`]: inherited sockets, readiness, status and the watchdog (the
 //!   service manager's protocols).
@@ -43,11 +45,13 @@ pub mod socket;
 pub mod state;
 pub mod sys;
 pub mod systemd;
+pub mod trust;
 
 use std::io;
 
 use crate::{
     backing::BackingError, blockmap::guard::GuardError, durability::ModeError, socket::SocketError,
+    state::RecordError,
 };
 
 /// Everything that can stop the daemon.
@@ -72,6 +76,13 @@ pub enum Error {
         "{0}; what the guest wrote may not be on stable storage (see `vhost-device-pmem health`)"
     )]
     SyncFailed(String),
+    /// A state record that cannot be read or trusted, or an untrusted state directory.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    /// A sync failed and its health record is not in every location at exit (exit
+    /// status `state::health::EXIT_UNRECORDED`).
+    #[error("{0}")]
+    HealthUnrecorded(String),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,

@@ -13,10 +13,9 @@ use vhost_device_pmem::{
         check,
         prepare::{self, Progress},
     },
-    config::{parse_offset, parse_size, Config, NvdimmArgs, NvdimmConfig, ServeArgs},
+    config::{parse_offset, parse_size, Config, NvdimmArgs, NvdimmConfig, RecordArgs, ServeArgs},
     control,
-    durability::SyncFailure,
-    state::{Kind, StateFiles},
+    state::health::{self, EXIT_UNRECORDED},
 };
 
 #[derive(Parser, Debug)]
@@ -87,8 +86,12 @@ enum Command {
         action: BadblocksAction,
     },
     /// Show the health record of FILE: whether a sync failed while it was served (a
-    /// daemon started on it then answers every flush with EIO). Exit status 0 when
-    /// none is recorded (or it was cleared), 1 when one is.
+    /// daemon started on it then answers every flush with EIO). The record is found
+    /// by the file's path and by its identity (a moved or hard-linked file keeps
+    /// it), in the state directory and in the health copy directory. Exit status 0
+    /// when none is recorded (or it was cleared), 1 when one is, 2 when one cannot be
+    /// read (corrupt, not a regular file of this user, without identity: nothing is
+    /// changed; `--clear --force` renames it aside).
     Health {
         /// The backing file, as given to `serve --file`.
         #[arg(long, value_name = "FILE")]
@@ -96,10 +99,16 @@ enum Command {
         /// The daemon's `--state-dir`, if it had one.
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        records: RecordArgs,
         /// Remove the record, after checking the data: the next daemon serves the
         /// file as healthy. Run it while no daemon serves the file.
         #[arg(long)]
         clear: bool,
+        /// With --clear: also rename aside a record that cannot be read (to
+        /// NAME.corrupt-SECS), after checking the data as for a failed sync.
+        #[arg(long, requires = "clear")]
+        force: bool,
     },
     /// Report whether FILE's block map is immutable and which mode `auto` would
     /// choose. Exit status: 0 immutable, 1 not immutable, 2 error.
@@ -225,6 +234,10 @@ fn run(cli: Cli) -> Result<(), String> {
                     error!("{e}");
                     std::process::exit(EXIT_FILE_IN_USE.into());
                 }
+                Err(e @ vhost_device_pmem::Error::HealthUnrecorded(_)) => {
+                    error!("{e}");
+                    std::process::exit(EXIT_UNRECORDED.into());
+                }
                 r => r.map_err(|e| e.to_string()),
             }
         }
@@ -234,6 +247,10 @@ fn run(cli: Cli) -> Result<(), String> {
                 Err(e @ vhost_device_pmem::Error::Backing(BackingError::Locked(_))) => {
                     error!("{e}");
                     std::process::exit(EXIT_FILE_IN_USE.into());
+                }
+                Err(e @ vhost_device_pmem::Error::HealthUnrecorded(_)) => {
+                    error!("{e}");
+                    std::process::exit(EXIT_UNRECORDED.into());
                 }
                 r => r.map_err(|e| e.to_string()),
             }
@@ -290,49 +307,6 @@ fn run_check(file: &std::path::Path, json: bool) -> ExitCode {
     }
 }
 
-/// `health`: prints the record (JSON) or that there is none; `--clear` removes it.
-fn run_health(
-    file: &std::path::Path,
-    state_dir: Option<&std::path::Path>,
-    clear: bool,
-) -> ExitCode {
-    let result = (|| -> std::io::Result<ExitCode> {
-        let state = StateFiles::new(file, state_dir, None)?;
-        let path = state.path(Kind::Health);
-        let Some(failure) = state.load::<SyncFailure>(Kind::Health)? else {
-            println!(
-                "{}: healthy (no sync failure recorded in {})",
-                file.display(),
-                path.display()
-            );
-            return Ok(ExitCode::SUCCESS);
-        };
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&failure).unwrap_or_default()
-        );
-        if clear {
-            state.remove(Kind::Health)?;
-            println!(
-                "{}: record cleared; the next daemon serves it as healthy",
-                file.display()
-            );
-            return Ok(ExitCode::SUCCESS);
-        }
-        eprintln!(
-            "{}: a sync failed during {} ({}); check the data, then run with --clear",
-            file.display(),
-            failure.context,
-            failure.error
-        );
-        Ok(ExitCode::FAILURE)
-    })();
-    result.unwrap_or_else(|e| {
-        error!("{}: {e}", file.display());
-        ExitCode::from(2)
-    })
-}
-
 /// Exit status of `serve` when the backing file is locked by another daemon or a VMM
 /// (EX_TEMPFAIL); `RestartPreventExitStatus=` of the service unit.
 const EXIT_FILE_IN_USE: u8 = 75;
@@ -353,10 +327,19 @@ fn main() -> ExitCode {
     if let Command::Health {
         file,
         state_dir,
+        records,
         clear,
+        force,
     } = &cli.command
     {
-        return run_health(file, state_dir.as_deref(), *clear);
+        let options = records.options(None, None);
+        return ExitCode::from(health::command(
+            file,
+            state_dir.as_deref(),
+            &options,
+            *clear,
+            *force,
+        ));
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

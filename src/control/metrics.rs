@@ -279,6 +279,7 @@ mod tests {
             agent: None,
             services_failed: vec![],
             seccomp: crate::sandbox::SeccompMode::Enforce,
+            health_record: None,
             nvdimm: None,
         }
     }

@@ -175,6 +175,10 @@ pub struct StatusReport {
     /// The seccomp sandbox: enforce, log or off.
     #[serde(default)]
     pub seccomp: crate::sandbox::SeccompMode,
+    /// The health record once a sync failed: whether it is written everywhere
+    /// (`persisted`), where, and since when a write is pending.
+    #[serde(default)]
+    pub health_record: Option<crate::state::health::HealthRecordStatus>,
     /// The NVDIMM export's part (`vhost-device-pmem nvdimm`); absent for `serve`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvdimm: Option<crate::nvdimm::NvdimmStatus>,

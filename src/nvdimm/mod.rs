@@ -45,7 +45,7 @@ use crate::{
     sandbox::{Profile, SeccompMode},
     service::Services,
     socket,
-    state::StateFiles,
+    state::{health::HealthRecorder, StateFiles},
     sys, Error,
 };
 
@@ -237,6 +237,7 @@ struct Export {
     /// `--agent-socket`, bound during start-up (no bind under the filter); the
     /// guest channel is served on it once QMP gave the guest-physical address.
     agent: Option<socket::BoundSocket>,
+    health_record: Arc<HealthRecorder>,
 }
 
 impl Export {
@@ -249,17 +250,24 @@ impl Export {
             reason,
         } = judged;
         let events: Arc<EventHub> = Arc::default();
+        let services: Arc<Services> = Arc::default();
         let state = StateFiles::new(
             &backing.path,
             config.state_dir.as_deref(),
             Some(&backing.file),
-        )
-        .map_err(io_err("name the state files"))?;
+        )?
+        .adopting_legacy(config.records.adopt_legacy);
         let flusher = Flusher::new(
             backing.file.try_clone().map_err(io_err("dup backing fd"))?,
             policy,
         );
-        watch_health(&flusher, &state, &events, &backing.path)?;
+        let health_record = Arc::new(watch_health(
+            &flusher,
+            &state,
+            &config.records,
+            &events,
+            &services,
+        )?);
         if let Some(f) = flusher.failure() {
             // serve answers every flush EIO then; an NVDIMM has no flush to answer,
             // so the only honest answer is not to export it.
@@ -272,7 +280,6 @@ impl Export {
                 backing.path.display()
             )));
         }
-        let services: Arc<Services> = Arc::default();
         let media = MediaErrors::load(
             &backing.path,
             backing.size,
@@ -308,7 +315,7 @@ impl Export {
         }));
         let mut bound = None;
         if let Some(path) = &config.control_socket {
-            let sock = socket::bind(path, None)?;
+            let sock = socket::bind(path, config.socket_options())?;
             let handles = control::ControlHandles {
                 status: {
                     let region = region.clone();
@@ -317,7 +324,12 @@ impl Export {
                     let services = services.clone();
                     let reason = reason.clone();
                     let seccomp = config.seccomp;
-                    Arc::new(move || report(&region, &status, &media, &services, &reason, seccomp))
+                    let record = health_record.clone();
+                    Arc::new(move || {
+                        let mut r = report(&region, &status, &media, &services, &reason, seccomp);
+                        r.health_record = record.report();
+                        r
+                    })
                 },
                 region: region.clone(),
                 queue_stats: Arc::default(),
@@ -331,7 +343,7 @@ impl Export {
             bound = Some(sock);
         }
         let agent = match &config.agent_socket {
-            Some(path) => Some(socket::bind(path, None)?),
+            Some(path) => Some(socket::bind(path, config.socket_options())?),
             None => None,
         };
         Ok(Self {
@@ -344,6 +356,7 @@ impl Export {
             media,
             _bound: bound,
             agent,
+            health_record,
         })
     }
 
@@ -436,6 +449,7 @@ impl Export {
             Ok(()) => Ok(()),
             Err(e) => Err(Error::SyncFailed(format!("{}: {e}", self.path.display()))),
         };
+        let result = self.health_record.finish().and(result);
         info!(
             "export of {} ends; a running VM keeps NVDIMM {} (it cannot be unplugged) and nothing \
              guards the file until `vhost-device-pmem nvdimm --attach` runs again",
@@ -750,6 +764,7 @@ fn report(
             .as_ref()
             .map(|a| a.state.lock().unwrap_or_else(|p| p.into_inner()).clone()),
         services_failed: services.failures(),
+        health_record: None,
         nvdimm: Some(nv),
     }
 }
