@@ -613,6 +613,25 @@ impl StateFiles {
                 Err(e) => return Err(e),
             }
         }
+        // Under the names of the file's other paths (before a move, another hard
+        // link): every record of this file here goes. Records that cannot be read
+        // under those names are another file's business.
+        let suffix = format!(".{}", kind.suffix());
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let path = entry.path();
+                if name.starts_with('.') || !name.ends_with(&suffix) || remove.contains(&path) {
+                    continue;
+                }
+                if aside.iter().any(|(p, _)| p == &path) {
+                    continue;
+                }
+                if let Ok(Slot::Applies(_)) = self.read_slot::<T>(&path, kind) {
+                    remove.push(path);
+                }
+            }
+        }
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| RecordError::Io { path, source }
@@ -782,7 +801,7 @@ mod tests {
         // files are left.
         let id = files[0].identity_path(Kind::BadRanges);
         let mut want = vec![
-            "vm-a-disk.img.badblocks.json".to_string(),
+            "vm\\x2da-disk.img.badblocks.json".to_string(),
             id.file_name().unwrap().to_string_lossy().into_owned(),
         ];
         want.sort();
@@ -912,10 +931,19 @@ mod tests {
             fs::hard_link(&moved, &linked).unwrap();
             let h = StateFiles::new(&linked, state.as_deref(), None).unwrap();
             assert_eq!(h.load::<Rec>(Kind::Health).unwrap(), Some(Rec { n: 1 }));
-            // Clearing through one name clears the record of the file.
-            assert!(h.remove(Kind::Health).unwrap());
+            // A record under the new path's name too (the daemon rewrites it there).
             let g = StateFiles::new(&moved, state.as_deref(), None).unwrap();
+            g.save(Kind::Health, &Rec { n: 2 }).unwrap();
+            // Clearing through one name clears every record of the file: under its
+            // identity, its old path, its other paths.
+            assert!(h.remove(Kind::Health).unwrap());
             assert_eq!(g.load::<Rec>(Kind::Health).unwrap(), None);
+            assert_eq!(s.load::<Rec>(Kind::Health).unwrap(), None);
+            let left: Vec<_> = names(state.as_deref().unwrap_or(dir.path()))
+                .into_iter()
+                .filter(|n| n.ends_with(".health.json"))
+                .collect();
+            assert!(left.is_empty(), "{left:?}");
         }
     }
 
