@@ -479,6 +479,9 @@ impl Shared {
             if !pending {
                 continue;
             }
+            if remounted {
+                info!("the mount table changed: retrying the health record now");
+            }
             if self.attempt() {
                 backoff = FIRST_RETRY;
             } else if !remounted {
