@@ -29,7 +29,7 @@ use std::{
 use daemon::{Scratch, BIN, MIB2, TIMEOUT};
 
 /// Daemon starts the attacker races against.
-const STARTS: usize = 100;
+const STARTS: usize = 150;
 
 /// An unused uid and gid (no passwd or group entry): the attacker's.
 fn unused_ids() -> (u32, u32) {
