@@ -203,6 +203,13 @@ pub fn render(m: &MetricsSnapshot) -> String {
         "1 once a sync failed (latched: every flush is answered EIO until the record is cleared).",
         u64::from(st.sync_failure.is_some()),
     );
+    o.single(
+        "health_record_unwritten",
+        "gauge",
+        "1 while a sync failure is not yet recorded in every location of its health record \
+         (retried; a daemon started now could serve the file as healthy).",
+        u64::from(st.health_record.as_ref().is_some_and(|r| !r.persisted)),
+    );
     o.text
 }
 
@@ -374,7 +381,7 @@ mod tests {
             let want = if h == "downgraded" { 1.0 } else { 0.0 };
             assert_eq!(value(&samples, "health", Some(("health", h))), want, "{h}");
         }
-        assert_eq!(types.len(), 14, "{types:?}");
+        assert_eq!(types.len(), 15, "{types:?}");
     }
 
     #[test]
@@ -446,6 +453,15 @@ mod tests {
         });
         let (samples, _) = parse(&render(&m));
         assert_eq!(value(&samples, "sync_failed", None), 1.0);
+        assert_eq!(value(&samples, "health_record_unwritten", None), 0.0);
+        m.status.health_record = Some(crate::state::health::HealthRecordStatus {
+            persisted: false,
+            locations: vec![],
+            pending_since: None,
+            attempts: 1,
+        });
+        let (samples, _) = parse(&render(&m));
+        assert_eq!(value(&samples, "health_record_unwritten", None), 1.0);
         assert_eq!(value(&samples, "health", Some(("health", "failed"))), 1.0);
         assert_eq!(
             value(&samples, "health", Some(("health", "downgraded"))),
