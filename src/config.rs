@@ -9,7 +9,12 @@ use std::{fs, path::PathBuf};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use crate::{durability::Mode, sandbox::SeccompMode};
+use crate::{
+    durability::Mode,
+    sandbox::SeccompMode,
+    socket::BindOptions,
+    state::health::{HealthCopy, RecordOptions},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -122,9 +127,18 @@ pub struct ServeArgs {
     /// the agent picks the right /dev/pmemN when the guest has several.
     #[arg(long, value_name = "ADDR")]
     pub guest_pci_address: Option<String>,
-    /// Directory of the bad-range state file; default: the backing file's directory.
+    /// Directory of the health record and the bad ranges; default: the backing
+    /// file's directory. Only root or the daemon's user may be able to write it (and
+    /// every directory above it, unless sticky).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub records: RecordArgs,
+    /// Accept socket directories that group or others may write (refused by
+    /// default); the sockets are still bound in a private directory and renamed
+    /// into place.
+    #[arg(long)]
+    pub allow_shared_socket_dir: bool,
     /// Read the whole file every SECS seconds and record sectors that fail with EIO.
     /// 0 (default): no scrub.
     #[arg(long, value_name = "SECS")]
@@ -157,6 +171,47 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
 }
 
+/// Where the records of a file are kept and how far they are trusted (`serve`,
+/// `nvdimm`, `health`).
+#[derive(Args, Debug, Default, Clone)]
+pub struct RecordArgs {
+    /// A second directory for the health record, on another filesystem than the
+    /// state directory: a sync failure is written to both and found in either.
+    /// Default: /var/lib/vhost-device-pmem when that directory exists.
+    #[arg(long, value_name = "DIR", conflicts_with = "no_health_copy")]
+    pub health_copy_dir: Option<PathBuf>,
+    /// Keep the health record in the state directory only.
+    #[arg(long)]
+    pub no_health_copy: bool,
+    /// Trust records that carry no file identity (written by 0.1) this once: they
+    /// are applied and rewritten with the file's identity. Without it such a
+    /// record stops the start-up.
+    #[arg(long)]
+    pub adopt_legacy_records: bool,
+}
+
+impl RecordArgs {
+    /// The options, with the config file's `health-copy-dir` and `health-copy`
+    /// (flags win; `health-copy = false` turns the copy off).
+    pub fn options(&self, file_dir: Option<PathBuf>, file_copy: Option<bool>) -> RecordOptions {
+        let health_copy = if self.no_health_copy {
+            HealthCopy::Off
+        } else if let Some(d) = &self.health_copy_dir {
+            HealthCopy::Dir(d.clone())
+        } else if file_copy == Some(false) {
+            HealthCopy::Off
+        } else if let Some(d) = file_dir {
+            HealthCopy::Dir(d)
+        } else {
+            HealthCopy::Default
+        };
+        RecordOptions {
+            health_copy,
+            adopt_legacy: self.adopt_legacy_records,
+        }
+    }
+}
+
 /// The same keys, as read from a TOML file.
 #[derive(Deserialize, Debug, Default, PartialEq)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -177,6 +232,9 @@ struct FileConfig {
     agent_socket: Option<PathBuf>,
     guest_pci_address: Option<String>,
     state_dir: Option<PathBuf>,
+    health_copy_dir: Option<PathBuf>,
+    health_copy: Option<bool>,
+    allow_shared_socket_dir: Option<bool>,
     scrub_interval: Option<u64>,
     scrub_rate: Option<u64>,
     metrics_file: Option<PathBuf>,
@@ -247,6 +305,10 @@ pub struct Config {
     pub agent_socket: Option<PathBuf>,
     pub guest_pci_address: Option<String>,
     pub state_dir: Option<PathBuf>,
+    /// The health record's second copy, and whether identity-less records are adopted.
+    pub records: RecordOptions,
+    /// Bind sockets in directories others may write.
+    pub allow_shared_socket_dir: bool,
     /// Seconds between scrubs; 0: no scrub.
     pub scrub_interval: u64,
     /// Bytes per second a scrub may read.
@@ -330,6 +392,14 @@ fn parse_toml<T: serde::de::DeserializeOwned>(
 }
 
 impl Config {
+    /// How this daemon binds the sockets it binds itself.
+    pub fn socket_options(&self) -> BindOptions<'_> {
+        BindOptions {
+            group: self.socket_group.as_deref(),
+            allow_shared_dir: self.allow_shared_socket_dir,
+        }
+    }
+
     /// The configuration from flags and the text of a config file named `path`
     /// (what [`TryFrom<ServeArgs>`] does after reading the file; tests and fuzzers
     /// use it without one).
@@ -412,6 +482,14 @@ impl Config {
             agent_socket: args.agent_socket.or(file_cfg.agent_socket),
             guest_pci_address: args.guest_pci_address.or(file_cfg.guest_pci_address),
             state_dir: args.state_dir.or(file_cfg.state_dir),
+            records: args
+                .records
+                .options(file_cfg.health_copy_dir, file_cfg.health_copy),
+            allow_shared_socket_dir: flag(
+                args.allow_shared_socket_dir,
+                false,
+                file_cfg.allow_shared_socket_dir,
+            ),
             scrub_interval: args.scrub_interval.or(file_cfg.scrub_interval).unwrap_or(0),
             scrub_rate: args
                 .scrub_rate
@@ -503,6 +581,11 @@ pub struct NvdimmArgs {
     /// Directory of the health record and bad ranges (as `serve --state-dir`).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub records: RecordArgs,
+    /// Accept socket directories that group or others may write (as `serve`).
+    #[arg(long)]
+    pub allow_shared_socket_dir: bool,
     /// Seconds each QMP exchange may take in all (connect, greeting and
     /// capabilities; then each command and its answer), however slowly QEMU
     /// answers. Default 30.
@@ -580,11 +663,23 @@ pub struct NvdimmConfig {
     pub seal: bool,
     pub allow_shared_permissions: bool,
     pub state_dir: Option<PathBuf>,
+    pub records: RecordOptions,
+    pub allow_shared_socket_dir: bool,
     pub qmp_timeout: u64,
     pub agent_socket: Option<PathBuf>,
     pub seccomp: SeccompMode,
     /// The config file's `log-level` (`--log-level` and `RUST_LOG` win over it).
     pub log_level: Option<LogLevel>,
+}
+
+impl NvdimmConfig {
+    /// How the export binds its control and agent sockets.
+    pub fn socket_options(&self) -> BindOptions<'_> {
+        BindOptions {
+            group: None,
+            allow_shared_dir: self.allow_shared_socket_dir,
+        }
+    }
 }
 
 /// QEMU's rule for ids: a letter, then letters, digits, `-`, `.` and `_`.
@@ -682,6 +777,8 @@ impl NvdimmConfig {
                 f.allow_shared_permissions,
             ),
             state_dir: a.state_dir.or(f.state_dir),
+            records: a.records.options(None, None),
+            allow_shared_socket_dir: a.allow_shared_socket_dir,
             qmp_timeout,
             agent_socket: a.agent_socket.or(f.agent_socket),
             seccomp: a.seccomp.or(f.seccomp).unwrap_or_default(),
@@ -820,6 +917,8 @@ mod tests {
                 agent_socket: None,
                 guest_pci_address: None,
                 state_dir: None,
+                records: RecordOptions::default(),
+                allow_shared_socket_dir: false,
                 scrub_interval: 0,
                 scrub_rate: DEFAULT_SCRUB_RATE,
                 metrics_file: None,
@@ -999,6 +1098,8 @@ mod tests {
                 seal: false,
                 allow_shared_permissions: false,
                 state_dir: None,
+                records: RecordOptions::default(),
+                allow_shared_socket_dir: false,
                 qmp_timeout: DEFAULT_QMP_TIMEOUT,
                 agent_socket: None,
                 seccomp: SeccompMode::Enforce,

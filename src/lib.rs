@@ -10,18 +10,19 @@
 //!
 //! 1. **utilities**: [`sys`] (the raw host calls no crate wraps), [`jsonl`] (the line
 //!    protocols), [`util`] (lock, busy marker, guest log limiter, wall clock),
-//!    [`service`] (the thread boundary every long-lived thread goes through).
+//!    [`service`] (the thread boundary every long-lived thread goes through),
+//!    [`trust`] (which directories may hold sockets and records).
 //! 2. **core**: [`backing`] (opening and locking the file), [`blockmap`] (reading and
 //!    judging a block map, `prepare`, `check`), [`durability`] (modes, policies, the
 //!    flush executor, the latched failure), [`region`] (the file judged and its
-//!    policy chosen, for either export), [`state`] (the per-file records),
-//!    [`media::ranges`] (the bad-range set).
+//!    policy chosen, for either export), [`state`] (the per-file records and the
+//!    health record, [`state::health`]), [`media::ranges`] (the bad-range set).
 //! 3. **report**: [`events`] (the event hub) and [`report`] (the plain data of
 //!    `status`, which every layer above fills through the handles it is given).
 //! 4. **services**: [`device`] (the vhost-user device, the request queue, the wire
 //!    format), [`media`] (media-error sources and the guest channel), [`guard`] (the
 //!    lease, the seal and the block-map watcher), [`control`] (the control socket and
-//!    the metrics).
+//!    the metrics), [`state::health`] (the health record, retried until it lands).
 //! 5. **runtime**: [`host`] (the start-up steps both exports share, the one status
 //!    report, signals, the exit), [`socket`], [`sandbox`], [`systemd`], [`config`].
 //! 6. **apps**: [`app::serve`] (virtio-pmem over vhost-user: the accept loop) and
@@ -54,13 +55,14 @@ pub mod socket;
 pub mod state;
 pub mod sys;
 pub mod systemd;
+pub mod trust;
 pub mod util;
 
 use std::{io, path::PathBuf};
 
 use crate::{
     app::nvdimm::NvdimmError, durability::ModeError, guard::GuardError, host::Step,
-    region::RegionError, sandbox::SandboxError, socket::SocketError,
+    region::RegionError, sandbox::SandboxError, socket::SocketError, state::RecordError,
 };
 
 /// Everything that can stop an export. Each variant carries its cause as its
@@ -109,6 +111,22 @@ pub enum Error {
     /// A start-up step that must run before the sandbox was asked for after it.
     #[error("start-up order: {0:?} after the sandbox is in place")]
     StartOrder(Step),
+    /// A state record that cannot be read or trusted, or an untrusted state directory.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    /// A sync failed and its health record is not in every location at exit (exit
+    /// status `state::health::EXIT_UNRECORDED`).
+    #[error(
+        "the sync failure of {file} is not recorded in {missing} after {attempts} attempts: a \
+         daemon started on the file could serve it as healthy. Keep it out of service until \
+         the record is in place (the failure: {record})"
+    )]
+    HealthUnrecorded {
+        file: PathBuf,
+        missing: String,
+        attempts: u64,
+        record: String,
+    },
     #[error("{what}")]
     Io {
         what: &'static str,

@@ -29,12 +29,13 @@ use vhost_device_pmem::{
         check,
         prepare::{self, Progress},
     },
-    config::{parse_offset, parse_size, Config, LogLevel, NvdimmArgs, NvdimmConfig, ServeArgs},
+    config::{
+        parse_offset, parse_size, Config, LogLevel, NvdimmArgs, NvdimmConfig, RecordArgs, ServeArgs,
+    },
     control,
-    durability::SyncFailure,
     jsonl::PROTOCOL_VERSION,
     region::RegionError,
-    state::{Kind, StateFiles},
+    state::health::{self, EXIT_UNRECORDED},
 };
 
 use crate::logging::Output;
@@ -151,8 +152,12 @@ enum Command {
         action: BadblocksAction,
     },
     /// Show the health record of FILE: whether a sync failed while it was served (a
-    /// daemon started on it then answers every flush with EIO). Exit status 0 when
-    /// none is recorded (or it was cleared), 1 when one is.
+    /// daemon started on it then answers every flush with EIO). The record is found
+    /// by the file's path and by its identity (a moved or hard-linked file keeps
+    /// it), in the state directory and in the health copy directory. Exit status 0
+    /// when none is recorded (or it was cleared), 1 when one is, 2 when one cannot be
+    /// read (corrupt, not a regular file of this user, without identity: nothing is
+    /// changed; `--clear --force` renames it aside).
     Health {
         /// The backing file, as given to `serve`.
         #[arg(value_name = "FILE", required_unless_present = "file_flag")]
@@ -163,10 +168,16 @@ enum Command {
         /// The daemon's `--state-dir`, if it had one.
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        records: RecordArgs,
         /// Remove the record, after checking the data: the next daemon serves the
         /// file as healthy. Run it while no daemon serves the file.
         #[arg(long)]
         clear: bool,
+        /// With --clear: also rename aside a record that cannot be read (to
+        /// NAME.corrupt-SECS), after checking the data as for a failed sync.
+        #[arg(long, requires = "clear")]
+        force: bool,
         /// Print JSON (with the protocol version `v`) instead of text.
         #[arg(long)]
         json: bool,
@@ -459,59 +470,6 @@ fn run_check(file: &Path, json: bool) -> CmdResult {
     }
 }
 
-/// `health`: prints the record or that there is none; `--clear` removes it.
-fn run_health(file: &Path, state_dir: Option<&Path>, clear: bool, json: bool) -> CmdResult {
-    let io_error = |e: io::Error| Failed::new(EXIT_USAGE, context(file.display().to_string(), e));
-    let state = StateFiles::new(file, state_dir, None).map_err(io_error)?;
-    let path = state.path(Kind::Health);
-    let failure = state.load::<SyncFailure>(Kind::Health).map_err(io_error)?;
-    let cleared = match (&failure, clear) {
-        (Some(_), true) => state.remove(Kind::Health).map_err(io_error)?,
-        _ => false,
-    };
-    if json {
-        print_json(&json!({
-            "v": PROTOCOL_VERSION,
-            "file": file.display().to_string(),
-            "state_file": path.display().to_string(),
-            "healthy": failure.is_none() || cleared,
-            "failure": failure,
-            "cleared": cleared,
-        }));
-    }
-    let Some(failure) = failure else {
-        if !json {
-            println!(
-                "{}: healthy (no sync failure recorded in {})",
-                file.display(),
-                path.display()
-            );
-        }
-        return Ok(());
-    };
-    if !json {
-        print_json(&serde_json::to_value(&failure).unwrap_or_default());
-    }
-    if cleared {
-        if !json {
-            println!(
-                "{}: record cleared; the next daemon serves it as healthy",
-                file.display()
-            );
-        }
-        return Ok(());
-    }
-    Err(Failed::new(
-        EXIT_FAILURE,
-        format!(
-            "{}: a sync failed during {} ({}); check the data, then run with --clear",
-            file.display(),
-            failure.context,
-            failure.error
-        ),
-    ))
-}
-
 /// The capabilities `--print-capabilities` prints: vhost-user.json's
 /// `VHostUserBackendCapabilities` shape. That schema's `VHostUserBackendType` has no
 /// pmem member (docs/operations.md), so the type is this project's own word; the
@@ -536,6 +494,8 @@ fn daemon_exit(e: &vhost_device_pmem::Error) -> u8 {
         vhost_device_pmem::Error::Region(RegionError::Backing(BackingError::Locked(_))) => {
             EXIT_FILE_IN_USE
         }
+        // The failure record is not everywhere: no restart into `healthy`.
+        vhost_device_pmem::Error::HealthUnrecorded { .. } => EXIT_UNRECORDED,
         _ => EXIT_FAILURE,
     }
 }
@@ -666,11 +626,18 @@ fn run_command(out: Output, command: Command) -> CmdResult {
             file,
             file_flag,
             state_dir,
+            records,
             clear,
+            force,
             json,
         } => {
             let file = file.or(file_flag).expect("clap requires FILE or --file");
-            run_health(&file, state_dir.as_deref(), clear, json)
+            let options = records.options(None, None);
+            match health::command(&file, state_dir.as_deref(), &options, clear, force, json) {
+                0 => Ok(()),
+                // The command said why on stderr.
+                code => Err(Failed::quiet(code)),
+            }
         }
         Command::Check { file, json } => run_check(&file, json),
         Command::Completions { shell } => {
@@ -896,6 +863,8 @@ mod tests {
                 operator_group: None,
                 control_max_clients: vhost_device_pmem::control::clients::DEFAULT_MAX_CLIENTS,
                 control_idle_timeout: vhost_device_pmem::control::clients::DEFAULT_IDLE_TIMEOUT,
+                records: c.records.clone(),
+                allow_shared_socket_dir: false,
             }
         );
         assert_eq!(serve(&["--fd=3", "/img"]).unwrap().fd, Some(3));

@@ -226,6 +226,10 @@ pub struct StatusReport {
     /// filter went on; each is also logged once per call and sent as an event.
     #[serde(default)]
     pub sandbox_denials: u64,
+    /// The health record once a sync failed: whether it is written everywhere
+    /// (`persisted`), where, and since when a write is pending.
+    #[serde(default)]
+    pub health_record: Option<HealthRecordStatus>,
     /// The NVDIMM export's part (`vhost-device-pmem nvdimm`); absent for `serve`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvdimm: Option<NvdimmStatus>,
@@ -340,4 +344,28 @@ pub struct NvdimmStatus {
     pub interval_syncs: u64,
     /// Set once QEMU's process is gone.
     pub qemu_exited: bool,
+}
+
+/// What `status` says about the health record (present once a sync failed, now or
+/// in an earlier run).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HealthRecordStatus {
+    /// Written to every location: a daemon started next serves the file as failed.
+    /// While false, the daemon retries, and exits 73 if it ends before it lands.
+    pub persisted: bool,
+    pub locations: Vec<RecordLocation>,
+    /// RFC 3339: since when a write is pending.
+    pub pending_since: Option<String>,
+    /// Writes tried (each covers every location still missing).
+    pub attempts: u64,
+}
+
+/// One directory of the health record.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RecordLocation {
+    /// The record's name after the file's path.
+    pub path: String,
+    pub written: bool,
+    /// Why the last write there failed.
+    pub error: Option<String>,
 }

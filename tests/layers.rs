@@ -18,7 +18,7 @@ use std::{
 /// Floors from the bottom up. A module path maps to the floor of its longest
 /// prefix in this table.
 const FLOORS: &[(&str, &[&str])] = &[
-    ("utilities", &["sys", "jsonl", "util", "service"]),
+    ("utilities", &["sys", "jsonl", "util", "service", "trust"]),
     (
         "core",
         &[
@@ -32,7 +32,10 @@ const FLOORS: &[(&str, &[&str])] = &[
         ],
     ),
     ("report", &["events", "report"]),
-    ("services", &["device", "media", "guard", "control"]),
+    (
+        "services",
+        &["device", "media", "guard", "control", "state::health"],
+    ),
     (
         "runtime",
         &["socket", "sandbox", "systemd", "config", "host"],

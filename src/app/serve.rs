@@ -77,6 +77,8 @@ pub fn host_options(config: &Config) -> HostOptions {
         seccomp: config.seccomp,
         profile: Profile::Serve,
         other_paths: vec![("--socket-path", config.socket_path.clone())],
+        records: config.records.clone(),
+        allow_shared_socket_dir: config.allow_shared_socket_dir,
     }
 }
 
@@ -124,12 +126,7 @@ pub fn start(config: &Config, inherited: Inherited) -> Result<Serving, Error> {
     host.start_media_sources()?;
     host.start_guard()?;
     let was_inherited = vhost_user.is_some();
-    let listener = host.bind(&config.socket_path, vhost_user)?;
-    let shown = listener
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_pathname().map(ToOwned::to_owned))
-        .unwrap_or_else(|| config.socket_path.clone());
+    let (listener, shown) = host.bind(&config.socket_path, vhost_user)?;
     let _ = host.shared.socket.set(shown.clone());
     host.start_control(control)?;
     host.start_signals("finishing in-flight requests and shutting down")?;

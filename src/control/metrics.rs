@@ -211,6 +211,13 @@ pub fn render(m: &MetricsSnapshot) -> String {
         "System calls outside the seccomp allow-list answered ENOSYS (each call is logged once).",
         st.sandbox_denials,
     );
+    o.single(
+        "health_record_unwritten",
+        "gauge",
+        "1 while a sync failure is not yet recorded in every location of its health record \
+         (retried; a daemon started now could serve the file as healthy).",
+        u64::from(st.health_record.as_ref().is_some_and(|r| !r.persisted)),
+    );
     backing_file(&mut o, st);
     o.text
 }
@@ -311,6 +318,7 @@ mod tests {
             services_failed: vec![],
             seccomp: crate::sandbox::SeccompMode::Enforce,
             sandbox_denials: 4,
+            health_record: None,
             nvdimm: None,
         }
     }
@@ -409,7 +417,7 @@ mod tests {
         }
         assert_eq!(value(&samples, "backing_file_changed", None), 0.0);
         assert_eq!(value(&samples, "backing_file_changes_total", None), 0.0);
-        assert_eq!(types.len(), 17, "{types:?}");
+        assert_eq!(types.len(), 18, "{types:?}");
     }
 
     #[test]
@@ -499,6 +507,15 @@ mod tests {
         });
         let (samples, _) = parse(&render(&m));
         assert_eq!(value(&samples, "sync_failed", None), 1.0);
+        assert_eq!(value(&samples, "health_record_unwritten", None), 0.0);
+        m.status.health_record = Some(crate::state::health::HealthRecordStatus {
+            persisted: false,
+            locations: vec![],
+            pending_since: None,
+            attempts: 1,
+        });
+        let (samples, _) = parse(&render(&m));
+        assert_eq!(value(&samples, "health_record_unwritten", None), 1.0);
         assert_eq!(value(&samples, "health", Some(("health", "failed"))), 1.0);
         assert_eq!(
             value(&samples, "health", Some(("health", "downgraded"))),

@@ -604,6 +604,19 @@ pub(crate) mod tests {
             .unwrap();
         let events: Arc<crate::events::EventHub> = Arc::default();
         let state = crate::state::StateFiles::new(&img, Some(state_dir), Some(&f)).unwrap();
+        let flusher = Flusher::new(f.try_clone().unwrap(), Policy::Fsync);
+        let services: Arc<crate::service::Services> = Arc::default();
+        let health_record = crate::state::health::HealthRecorder::start(
+            &flusher,
+            &state,
+            &crate::state::health::RecordOptions {
+                health_copy: crate::state::health::HealthCopy::Off,
+                adopt_legacy: false,
+            },
+            events.clone(),
+            &services,
+        )
+        .unwrap();
         let media =
             crate::media::MediaErrors::load(&img, 2 << 20, state, events.clone(), Arc::default())
                 .unwrap();
@@ -615,7 +628,7 @@ pub(crate) mod tests {
                 file: f.try_clone().unwrap(),
                 size: 2 << 20,
                 readonly: false,
-                flusher: Flusher::new(f, Policy::Fsync),
+                flusher,
                 baseline: None,
                 mode_requested: Mode::Auto,
                 policy_reason: "test".into(),
@@ -635,6 +648,7 @@ pub(crate) mod tests {
                 queue: queue.clone(),
             },
             seccomp: crate::sandbox::SeccompMode::Off,
+            health_record,
         });
         ControlHandles {
             status: {

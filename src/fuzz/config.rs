@@ -14,6 +14,7 @@ use crate::{
     control::clients::{DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CLIENTS},
     durability::Mode,
     sandbox::SeccompMode,
+    state::health::{HealthCopy, RecordOptions},
 };
 
 const NAME: &str = "fuzz.toml";
@@ -108,10 +109,18 @@ fn valid() -> impl Strategy<Value = Vec<(&'static str, Val)>> {
             proptest::option::of(
                 (1u64..=i64::MAX as u64).prop_map(|n| ("control-idle-timeout", Val::Num(n))),
             ),
+            proptest::option::of(path().prop_map(|v| ("health-copy-dir", v))),
+            proptest::option::of(any::<bool>().prop_map(|b| ("health-copy", Val::Bool(b)))),
+            proptest::option::of(
+                any::<bool>().prop_map(|b| ("allow-shared-socket-dir", Val::Bool(b))),
+            ),
         ),
     );
     (keys, any::<prop::sample::Index>()).prop_map(
-        |(((a, b, c, d, e, f, g, h, i), (j, k, l, m, n, o, p, q, r), (s, t, u, w)), shuffle)| {
+        |(
+            ((a, b, c, d, e, f, g, h, i), (j, k, l, m, n, o, p, q, r), (s, t, u, w, x, y, z)),
+            shuffle,
+        )| {
             let mut kv: Vec<_> = [
                 Some(a),
                 Some(b),
@@ -135,6 +144,9 @@ fn valid() -> impl Strategy<Value = Vec<(&'static str, Val)>> {
                 t,
                 u,
                 w,
+                x,
+                y,
+                z,
             ]
             .into_iter()
             .flatten()
@@ -188,6 +200,15 @@ fn expected(kv: &[(&str, Val)]) -> Config {
         agent_socket: path("agent-socket"),
         guest_pci_address: string("guest-pci-address"),
         state_dir: path("state-dir"),
+        records: RecordOptions {
+            health_copy: match (get("health-copy"), path("health-copy-dir")) {
+                (Some(Val::Bool(false)), _) => HealthCopy::Off,
+                (_, Some(d)) => HealthCopy::Dir(d),
+                _ => HealthCopy::Default,
+            },
+            adopt_legacy: false,
+        },
+        allow_shared_socket_dir: flag("allow-shared-socket-dir"),
         scrub_interval: num("scrub-interval", 0),
         scrub_rate: num("scrub-rate", DEFAULT_SCRUB_RATE),
         metrics_file: path("metrics-file"),

@@ -21,12 +21,12 @@ use std::{
     time::Duration,
 };
 
-use log::{error, info, warn};
+use log::{info, warn};
 
 use crate::{
     control::{self, clients::ClientPolicy, metrics_file, ControlHandles},
     device::queue::QueueStats,
-    durability::{Flusher, SyncContext, SyncFailure},
+    durability::SyncContext,
     events::{EventHub, EventKind},
     guard::{self, Guard, GuardHandles, GuardOptions, GuardState},
     media::{channel::GuestChannel, MediaErrors},
@@ -34,8 +34,11 @@ use crate::{
     report::{DeviceStatus, NvdimmStatus, SeccompMode},
     sandbox::{self, Profile},
     service::Services,
-    socket::{self, BoundSocket},
-    state::{Kind, StateFiles},
+    socket::{self, BindOptions, BoundSocket},
+    state::{
+        health::{HealthRecorder, RecordOptions},
+        Kind, StateFiles,
+    },
     systemd, Error,
 };
 
@@ -71,6 +74,11 @@ pub struct HostOptions {
     pub metrics: Option<MetricsOptions>,
     pub seccomp: SeccompMode,
     pub profile: Profile,
+    /// The health record's second copy, and whether identity-less records are
+    /// adopted.
+    pub records: RecordOptions,
+    /// Bind sockets in directories others may write (`--allow-shared-socket-dir`).
+    pub allow_shared_socket_dir: bool,
     /// The export's own paths that must not name the backing file either (e.g.
     /// `--socket-path`), by the option that gives them.
     pub other_paths: Vec<(&'static str, PathBuf)>,
@@ -190,6 +198,8 @@ pub struct Shared {
     pub socket: OnceLock<PathBuf>,
     pub export: ExportState,
     pub seccomp: SeccompMode,
+    /// The health record: restored, written, retried until it is everywhere.
+    pub health_record: HealthRecorder,
 }
 
 /// A running host: the shared state, and what the host must undo at exit.
@@ -219,11 +229,8 @@ impl Host {
             &region.path,
             options.state_dir.as_deref(),
             Some(&region.file),
-        )
-        .map_err(|source| Error::State {
-            what: "name the state files",
-            source,
-        })?;
+        )?
+        .adopting_legacy(options.records.adopt_legacy);
         // Nothing below may write over the image: no option may name it.
         let records = [state.path(Kind::Health), state.path(Kind::BadRanges)];
         let mut named: Vec<(&'static str, Option<&Path>)> = vec![
@@ -259,7 +266,13 @@ impl Host {
                 events.publish(EventKind::Stopping);
             }));
         }
-        watch_health(&region.flusher, &state, &events, &region.path)?;
+        let health_record = HealthRecorder::start(
+            &region.flusher,
+            &state,
+            &options.records,
+            events.clone(),
+            &services,
+        )?;
         let media = MediaErrors::load(
             &region.path,
             region.size,
@@ -281,6 +294,7 @@ impl Host {
             socket: OnceLock::new(),
             export,
             seccomp: options.seccomp,
+            health_record,
         });
         Ok(Self {
             shared,
@@ -321,21 +335,26 @@ impl Host {
         &self.shared.events
     }
 
-    /// Binds `path` (or takes `inherited`) for a listener the export serves; its
-    /// path is removed when the host ends, unless it was inherited.
+    /// Binds `path` (or takes `inherited`) for a listener the export serves; returns
+    /// it with the path it is reachable at. The path is removed when the host ends,
+    /// unless it was inherited.
     pub fn bind(
         &mut self,
         path: &Path,
         inherited: Option<UnixListener>,
-    ) -> Result<UnixListener, Error> {
+    ) -> Result<(UnixListener, PathBuf), Error> {
         self.step(Step::Bind)?;
         let sock = match inherited {
             Some(l) => BoundSocket::inherited(l),
-            None => socket::bind(path, self.options.socket_group.as_deref())?,
+            None => socket::bind(
+                path,
+                self.bind_options(self.options.socket_group.as_deref()),
+            )?,
         };
         let listener = sock.listener.try_clone().map_err(Error::Dup)?;
+        let path = sock.path.clone();
         self.bound.push(sock);
-        Ok(listener)
+        Ok((listener, path))
     }
 
     /// Binds the control socket (or takes the inherited one) and starts its
@@ -363,7 +382,10 @@ impl Host {
             self.step(Step::Bind)?;
             let sock = match inherited {
                 Some(l) => BoundSocket::inherited(l),
-                None => socket::bind(path.as_deref().unwrap_or(Path::new("")), group.as_deref())?,
+                None => socket::bind(
+                    path.as_deref().unwrap_or(Path::new("")),
+                    self.bind_options(group.as_deref()),
+                )?,
             };
             let listener = sock.listener.try_clone().map_err(Error::Dup)?;
             let shown = sock.path.clone();
@@ -386,9 +408,20 @@ impl Host {
     pub fn bind_agent(&mut self) -> Result<(), Error> {
         if let Some(path) = self.options.agent_socket.clone() {
             self.step(Step::Bind)?;
-            self.agent_socket = Some(socket::bind(&path, self.options.socket_group.as_deref())?);
+            self.agent_socket = Some(socket::bind(
+                &path,
+                self.bind_options(self.options.socket_group.as_deref()),
+            )?);
         }
         Ok(())
+    }
+
+    /// How this host binds a socket for `group`.
+    fn bind_options<'a>(&self, group: Option<&'a str>) -> BindOptions<'a> {
+        BindOptions {
+            group,
+            allow_shared_dir: self.options.allow_shared_socket_dir,
+        }
     }
 
     /// What the control socket and the metrics read.
@@ -601,6 +634,9 @@ impl Host {
                 source,
             }),
         };
+        // A sync failure whose record is not everywhere ends the export with its own
+        // status: a daemon started next could serve the file as healthy.
+        let result = self.shared.health_record.finish().and(result);
         // The last metrics, with the final sync counted and no VMM connected.
         if let (Some(m), Some(handles)) = (&self.options.metrics, &self.control) {
             if let Err(e) = metrics_file::write_once(&m.path, handles) {
@@ -660,50 +696,4 @@ fn metrics_instance(m: Option<&MetricsOptions>, file: &Path) -> String {
             .display()
             .to_string()
     })
-}
-
-/// Restores a sync failure recorded by an earlier run (the file is then served in
-/// health `failed`: every flush EIO), and records the next one when it happens, with
-/// an event. The record goes only through `vhost-device-pmem health --clear`.
-fn watch_health(
-    flusher: &Flusher,
-    state: &StateFiles,
-    events: &Arc<EventHub>,
-    file: &Path,
-) -> Result<(), Error> {
-    let recorded: Option<SyncFailure> =
-        state.load(Kind::Health).map_err(|source| Error::State {
-            what: "load the health record",
-            source,
-        })?;
-    if let Some(f) = recorded {
-        error!(
-            "{}: a sync failed in an earlier run ({} during {}, at {}; recorded in {}): serving it \
-             as FAILED, every flush is answered EIO. Check the data, then run \
-             `vhost-device-pmem health --file {} --clear` and restart",
-            file.display(),
-            f.error,
-            f.context,
-            f.at,
-            state.path(Kind::Health).display(),
-            file.display()
-        );
-        flusher.restore_failure(f);
-    }
-    let state = state.clone();
-    let events = events.clone();
-    flusher.set_failure_hook(Box::new(move |f| {
-        if let Err(e) = state.save(Kind::Health, f) {
-            error!(
-                "cannot record the sync failure in {}: {e}; a restart would not know about it",
-                state.path(Kind::Health).display()
-            );
-        }
-        events.publish(EventKind::SyncFailed {
-            errno: f.errno,
-            error: f.error.clone(),
-            context: f.context.to_string(),
-        });
-    }));
-    Ok(())
 }

@@ -68,6 +68,7 @@ impl Shared {
             services_failed: self.services.failures(),
             seccomp: self.seccomp,
             sandbox_denials: crate::sandbox::denials(),
+            health_record: self.health_record.report(),
             nvdimm: None,
         };
         match &self.export {

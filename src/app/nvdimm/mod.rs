@@ -241,6 +241,8 @@ pub fn host_options(config: &NvdimmConfig) -> HostOptions {
         seccomp: config.seccomp,
         profile: Profile::Nvdimm,
         other_paths: Vec::new(),
+        records: config.records.clone(),
+        allow_shared_socket_dir: config.allow_shared_socket_dir,
     }
 }
 
