@@ -12,28 +12,32 @@
 # --release --manifest-path /tmp/base/Cargo.toml`), and the table gives the ratio.
 #
 # Usage: benches/idle-wakeups.sh [--daemons N] [--seconds S] [--baseline BIN]
-#                                [--extra "ARGS"]
+#                                [--current BIN] [--extra "ARGS"]
 #   --daemons   idle daemons per binary (default 16)
 #   --seconds   the counting interval (default 60)
 #   --baseline  a second binary to measure the same way
+#   --current   the binary to measure (default: this checkout, built --release)
 #   --extra     more `serve` arguments for every daemon (e.g. "--verify-interval 0")
 # Prints a table; leaves nothing behind. Needs no root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-daemons=16 seconds=60 baseline="" extra=""
+daemons=16 seconds=60 baseline="" current="" extra=""
 while [ $# -gt 0 ]; do
   case $1 in
     --daemons) daemons=$2; shift 2 ;;
     --seconds) seconds=$2; shift 2 ;;
     --baseline) baseline=$2; shift 2 ;;
+    --current) current=$2; shift 2 ;;
     --extra) extra=$2; shift 2 ;;
-    *) echo "usage: $0 [--daemons N] [--seconds S] [--baseline BIN] [--extra ARGS]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--daemons N] [--seconds S] [--baseline BIN] [--current BIN] [--extra ARGS]" >&2; exit 2 ;;
   esac
 done
 
-cargo build --release --locked >&2
-current=$PWD/target/release/vhost-device-pmem
+if [ -z "$current" ]; then
+  cargo build --release --locked >&2
+  current=$PWD/target/release/vhost-device-pmem
+fi
 work=$(mktemp -d /tmp/vdp-idle.XXXXXX)
 pids=()
 cleanup() {
@@ -53,7 +57,7 @@ switches() {
   echo "$total"
 }
 
-# Starts `daemons` idle daemons of binary $2 (label $1); echoes their pids.
+# Starts `daemons` idle daemons of binary $2 (label $1); their pids in `started`.
 start_daemons() {
   local label=$1 bin=$2 i dir
   for i in $(seq 1 "$daemons"); do
@@ -62,15 +66,18 @@ start_daemons() {
     head -c $((2 << 20)) /dev/zero >"$dir/img"
     # shellcheck disable=SC2086
     RUST_LOG=warn "$bin" serve --socket-path "$dir/s" --file "$dir/img" --mode fsync $extra \
-      2>"$dir/log" &
-    echo $!
+      </dev/null >/dev/null 2>"$dir/log" &
+    started+=($!)
   done
 }
 
-# Measures binary $2 (label $1): prints "label total per-daemon-per-second threads".
+# Measures binary $2 (label $1): appends "label total per-daemon-per-second
+# threads" to `rows`.
 measure() {
   local label=$1 bin=$2 mine=() p before=() after=() sum=0 threads=0
-  mapfile -t mine < <(start_daemons "$label" "$bin")
+  started=()
+  start_daemons "$label" "$bin"
+  mine=("${started[@]}")
   pids+=("${mine[@]}")
   # Start-up done (listening, filter in place) long before this.
   sleep 5
@@ -84,13 +91,14 @@ measure() {
     threads=$((threads + $(ls /proc/"$p"/task | wc -l)))
   done
   for p in "${mine[@]}"; do kill "$p"; done
-  awk -v l="$label" -v s="$sum" -v n="$daemons" -v t="$seconds" -v th="$threads" \
-    'BEGIN { printf "%s\t%d\t%.3f\t%.1f\n", l, s, s / n / t, th / n }'
+  wait "${mine[@]}" 2>/dev/null || true
+  rows+=("$(awk -v l="$label" -v s="$sum" -v n="$daemons" -v t="$seconds" -v th="$threads" \
+    'BEGIN { printf "%s\t%d\t%.3f\t%.1f\n", l, s, s / n / t, th / n }')")
 }
 
 rows=()
-if [ -n "$baseline" ]; then rows+=("$(measure baseline "$baseline")"); fi
-rows+=("$(measure current "$current")")
+if [ -n "$baseline" ]; then measure baseline "$baseline"; fi
+measure current "$current"
 
 printf '\n%d idle daemons per binary, %d s, no VMM connected (extra: %s)\n\n' "$daemons" "$seconds" "${extra:-none}"
 printf '| binary | context switches, all daemons | per daemon per second | threads per daemon |\n'

@@ -255,7 +255,7 @@ impl Serving {
         shared.events.publish(EventKind::VmmDisconnected {
             reason: why.clone(),
         });
-        info!("{why} ({peer}); device reset, waiting for the next connection");
+        info!("{why}; device reset, waiting for the next connection (the VMM was {peer})");
         Ok(())
     }
 }
