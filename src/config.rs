@@ -14,6 +14,7 @@ use crate::{
     sandbox::SeccompMode,
     socket::BindOptions,
     state::health::{HealthCopy, RecordOptions},
+    util::rate::FlushRateLimit,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +147,12 @@ pub struct ServeArgs {
     /// Scrub at most this many bytes per second (suffixes K, M, G). Default 64M.
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub scrub_rate: Option<u64>,
+    /// Limit the guest's flush requests to OPS per second, in bursts of up to BURST
+    /// (default OPS): a token bucket, full at the start. A flush over the limit is
+    /// delayed until a token is due, never failed; `status` and the metrics count
+    /// them. Whole numbers from 1 to 1000000. Default: no limit.
+    #[arg(long, value_name = "OPS[,BURST]", value_parser = FlushRateLimit::parse)]
+    pub flush_rate_limit: Option<FlushRateLimit>,
     /// Write the metrics (Prometheus text format) to PATH every --metrics-interval
     /// seconds, atomically (a temporary file in the same directory, renamed), for
     /// node_exporter's textfile collector; the name must end in `.prom`.
@@ -237,6 +244,7 @@ struct FileConfig {
     allow_shared_socket_dir: Option<bool>,
     scrub_interval: Option<u64>,
     scrub_rate: Option<u64>,
+    flush_rate_limit: Option<FlushRateLimit>,
     metrics_file: Option<PathBuf>,
     metrics_interval: Option<u64>,
     metrics_instance: Option<String>,
@@ -313,6 +321,8 @@ pub struct Config {
     pub scrub_interval: u64,
     /// Bytes per second a scrub may read.
     pub scrub_rate: u64,
+    /// The guest's flush requests per second and burst; `None`: no limit.
+    pub flush_rate_limit: Option<FlushRateLimit>,
     /// Where to write the metrics (a `.prom` name), if anywhere.
     pub metrics_file: Option<PathBuf>,
     /// Seconds between two writes of the metrics file (positive).
@@ -495,6 +505,7 @@ impl Config {
                 .scrub_rate
                 .or(file_cfg.scrub_rate)
                 .unwrap_or(DEFAULT_SCRUB_RATE),
+            flush_rate_limit: args.flush_rate_limit.or(file_cfg.flush_rate_limit),
         })
     }
 }
@@ -921,6 +932,7 @@ mod tests {
                 allow_shared_socket_dir: false,
                 scrub_interval: 0,
                 scrub_rate: DEFAULT_SCRUB_RATE,
+                flush_rate_limit: None,
                 metrics_file: None,
                 metrics_interval: DEFAULT_METRICS_INTERVAL,
                 metrics_instance: None,
@@ -928,6 +940,54 @@ mod tests {
                 log_level: None,
             }
         );
+    }
+
+    #[test]
+    fn the_flush_rate_limit_comes_from_the_file_as_text_or_a_number_and_the_flag_wins() {
+        let base = "socket-path = \"/s\"\nfile = \"/img\"\n";
+        let of = |text: &str, flag: Option<FlushRateLimit>| {
+            Config::from_file_text(
+                ServeArgs {
+                    flush_rate_limit: flag,
+                    ..Default::default()
+                },
+                &format!("{base}{text}"),
+                std::path::Path::new("t.toml"),
+            )
+        };
+        let limit = |ops_per_sec, burst| Some(FlushRateLimit { ops_per_sec, burst });
+        assert_eq!(of("", None).unwrap().flush_rate_limit, None);
+        assert_eq!(
+            of("flush-rate-limit = \"100,10\"\n", None)
+                .unwrap()
+                .flush_rate_limit,
+            limit(100, 10)
+        );
+        assert_eq!(
+            of("flush-rate-limit = 50\n", None)
+                .unwrap()
+                .flush_rate_limit,
+            limit(50, 50)
+        );
+        assert_eq!(
+            of("flush-rate-limit = 50\n", limit(7, 1))
+                .unwrap()
+                .flush_rate_limit,
+            limit(7, 1)
+        );
+        for bad in [
+            "flush-rate-limit = 0",
+            "flush-rate-limit = -3",
+            "flush-rate-limit = \"10,0\"",
+            "flush-rate-limit = \"fast\"",
+            "flush-rate-limit = 1.5",
+            "flush-rate-limit = true",
+        ] {
+            let e = of(&format!("{bad}\n"), None).expect_err(bad).to_string();
+            assert!(e.contains("t.toml"), "{bad}: {e}");
+        }
+        let e = of("flush-rate-limit = 0\n", None).unwrap_err().to_string();
+        assert!(e.contains("at least 1"), "{e}");
     }
 
     #[test]

@@ -854,6 +854,7 @@ mod tests {
                 state_dir: None,
                 scrub_interval: 0,
                 scrub_rate: DEFAULT_SCRUB_RATE,
+                flush_rate_limit: None,
                 metrics_file: None,
                 metrics_interval: vhost_device_pmem::config::DEFAULT_METRICS_INTERVAL,
                 metrics_instance: None,

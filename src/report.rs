@@ -230,9 +230,30 @@ pub struct StatusReport {
     /// (`persisted`), where, and since when a write is pending.
     #[serde(default)]
     pub health_record: Option<HealthRecordStatus>,
+    /// The flush rate limit (`--flush-rate-limit`) and what it did; absent
+    /// without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flush_rate_limit: Option<FlushRateLimitStatus>,
     /// The NVDIMM export's part (`vhost-device-pmem nvdimm`); absent for `serve`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvdimm: Option<NvdimmStatus>,
+}
+
+/// The flush rate limit's part of `status`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FlushRateLimitStatus {
+    /// Flush requests per second, on average.
+    pub ops_per_sec: u32,
+    /// Flush requests served at once after a quiet spell (the bucket's size).
+    pub burst: u32,
+    /// Flush requests the limit held back before they were answered (each
+    /// answered with success once its token was due), over the daemon's life.
+    pub throttled: u64,
+    /// Their waits added up, seconds (from the pass that first saw each one on
+    /// the ring to the pass that took it).
+    pub throttled_seconds: f64,
+    /// A flush is held back on the ring now.
+    pub holding: bool,
 }
 
 /// The guard's part of `status`.

@@ -502,6 +502,9 @@ fn serve_rules() -> Result<Rules, SandboxError> {
             libc::F_OFD_GETLK as u64,
         ])?,
     );
+    // The flush rate limit's timer (`--flush-rate-limit`): created before the
+    // sandbox, armed and disarmed while serving.
+    rules.insert(libc::SYS_timerfd_settime, any());
     // aarch64 has sync_file_range as number 84, which the `libc` crate does not name.
     #[cfg(target_arch = "x86_64")]
     rules.insert(libc::SYS_sync_file_range, any());

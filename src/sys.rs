@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Thin, checked wrappers for the host-file syscalls that `prepare` and `guard` share:
-//! inode attribute flags, fallocate modes, file leases and who else has a file open.
+//! inode attribute flags, fallocate modes, file leases and who else has a file open;
+//! and the descriptors a thread waits on (signalfd, the flush rate limit's timerfd).
 //!
 //! Owns: the raw constants and unsafe calls. Never decides policy, and never writes
 //! file data (fallocate calls here only allocate, zero ranges that already read as
@@ -232,6 +233,75 @@ pub fn take_signals(fd: &OwnedFd) -> Vec<libc::c_int> {
             return out;
         }
         out.push(info.ssi_signo as libc::c_int);
+    }
+}
+
+/// A one-shot monotonic timer as a descriptor (timerfd(2)), non-blocking: it
+/// becomes readable when it expires, so an event loop waits for it like for any
+/// other descriptor. Armed and disarmed through `&self` (timerfd_settime), so one
+/// thread can wait on it while another disarms it.
+#[derive(Debug)]
+pub struct Timer {
+    fd: OwnedFd,
+}
+
+impl Timer {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain flags; the result is checked.
+        let fd = check(unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+            )
+        })?;
+        // SAFETY: timerfd_create returned a new descriptor that nothing else owns.
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    fn set(&self, after: std::time::Duration) -> io::Result<()> {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs().min(i64::MAX as u64) as libc::time_t,
+                tv_nsec: after.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: valid descriptor and itimerspec; no old value asked for.
+        check(unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) })
+            .map(drop)
+    }
+
+    /// Expires once, `after` from now (at least a nanosecond: a zero would disarm
+    /// it), replacing any earlier setting.
+    pub fn arm(&self, after: std::time::Duration) -> io::Result<()> {
+        self.set(after.max(std::time::Duration::from_nanos(1)))
+    }
+
+    /// Will not expire (an expiry not yet read is dropped too).
+    pub fn disarm(&self) -> io::Result<()> {
+        self.set(std::time::Duration::ZERO)
+    }
+
+    /// Reads the expiry count, so the descriptor is no longer readable; 0 if it had
+    /// not expired (never blocks).
+    pub fn consume(&self) -> u64 {
+        let mut n = 0u64;
+        // SAFETY: valid descriptor; the buffer is the 8 bytes timerfd writes.
+        let r = unsafe { libc::read(self.fd.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
+        if r == 8 {
+            n
+        } else {
+            0
+        }
+    }
+
+    pub fn as_raw_fd(&self) -> libc::c_int {
+        self.fd.as_raw_fd()
     }
 }
 

@@ -19,10 +19,11 @@ use log::{debug, error, info};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 
 use crate::{
     config::Config,
-    device::{queue::QueueStats, PmemBackend},
+    device::{queue::QueueStats, PmemBackend, LIMIT_TIMER_EVENT},
     durability::SyncContext,
     events::EventKind,
     guard::GuardOptions,
@@ -100,7 +101,19 @@ pub struct Serving {
 /// then the sandbox, then readiness.
 pub fn start(config: &Config, inherited: Inherited) -> Result<Serving, Error> {
     let device: Arc<DeviceStatus> = Arc::default();
-    let queue: Arc<QueueStats> = Arc::default();
+    // The flush rate limit's timer is made here, before the sandbox.
+    let queue = Arc::new(
+        QueueStats::with_limit(config.flush_rate_limit).map_err(|source| Error::Io {
+            what: "create the flush rate limit's timer",
+            source,
+        })?,
+    );
+    if let Some(limit) = config.flush_rate_limit {
+        info!(
+            "flush rate limit: {} flush requests per second, bursts of {}; a flush over it is delayed, never failed",
+            limit.ops_per_sec, limit.burst
+        );
+    }
     let mut host = Host::open(
         host_options(config),
         ExportState::VirtioPmem {
@@ -214,6 +227,21 @@ impl Serving {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut vud = VhostUserDaemon::new("vhost-device-pmem".into(), backend, mem)
             .map_err(|e| Error::VhostUser(crate::VhostUserError(e)))?;
+        if let Some(limiter) = self.queue.limiter.as_ref() {
+            // The worker waits on the limit's timer with the queue's kicks.
+            for handler in vud.get_epoll_handlers() {
+                handler
+                    .register_listener(
+                        limiter.timer.as_raw_fd(),
+                        EventSet::IN,
+                        u64::from(LIMIT_TIMER_EVENT),
+                    )
+                    .map_err(|source| Error::Io {
+                        what: "watch the flush rate limit's timer",
+                        source,
+                    })?;
+            }
+        }
         vud.start(listener)
             .map_err(|e| Error::VhostUser(crate::VhostUserError(e)))?;
         let peer = peer::accepted_peer(self.listener.as_fd()).unwrap_or(VmmIdentity {

@@ -149,6 +149,7 @@ pub fn render(m: &MetricsSnapshot) -> String {
         "Requests of a type other than flush (answered with an error).",
         queue.unsupported_requests,
     );
+    flush_rate_limit(&mut o, m);
     histogram(
         &mut o,
         "flush_latency_seconds",
@@ -220,6 +221,44 @@ pub fn render(m: &MetricsSnapshot) -> String {
     );
     backing_file(&mut o, st);
     o.text
+}
+
+/// The flush rate limit: what it is (0 without one) and what it held back.
+fn flush_rate_limit(o: &mut Out, m: &MetricsSnapshot) {
+    let queue = &m.stats.queue;
+    let (ops, burst) = m
+        .status
+        .flush_rate_limit
+        .as_ref()
+        .map_or((0, 0), |l| (l.ops_per_sec, l.burst));
+    o.single(
+        "flush_throttled_total",
+        "counter",
+        "Flush requests the flush rate limit held back before answering them (each answered with success once its token was due).",
+        queue.flush_throttled,
+    );
+    o.family(
+        "flush_throttled_seconds_total",
+        "counter",
+        "Time flush requests waited for the flush rate limit, added up.",
+    );
+    o.sample(
+        "flush_throttled_seconds_total",
+        &[],
+        &seconds(queue.flush_throttled_us),
+    );
+    o.single(
+        "flush_rate_limit_ops_per_second",
+        "gauge",
+        "The flush rate limit: flush requests per second on average (0: no limit).",
+        u64::from(ops),
+    );
+    o.single(
+        "flush_rate_limit_burst",
+        "gauge",
+        "The flush rate limit's burst: flush requests served at once after a quiet spell (0: no limit).",
+        u64::from(burst),
+    );
 }
 
 /// The served file itself, as the guard last saw it: whether it was deleted,
@@ -319,6 +358,13 @@ mod tests {
             seccomp: crate::sandbox::SeccompMode::Enforce,
             sandbox_denials: 4,
             health_record: None,
+            flush_rate_limit: Some(crate::report::FlushRateLimitStatus {
+                ops_per_sec: 100,
+                burst: 10,
+                throttled: 9,
+                throttled_seconds: 2.5,
+                holding: false,
+            }),
             nvdimm: None,
         }
     }
@@ -350,6 +396,8 @@ mod tests {
                 queue: QueueCounters {
                     malformed_chains: 2,
                     unsupported_requests: 7,
+                    flush_throttled: 9,
+                    flush_throttled_us: 2_500_000,
                 },
             },
             latency: LatencyBuckets {
@@ -417,7 +465,31 @@ mod tests {
         }
         assert_eq!(value(&samples, "backing_file_changed", None), 0.0);
         assert_eq!(value(&samples, "backing_file_changes_total", None), 0.0);
-        assert_eq!(types.len(), 18, "{types:?}");
+        assert_eq!(value(&samples, "flush_throttled_total", None), 9.0);
+        assert_eq!(value(&samples, "flush_throttled_seconds_total", None), 2.5);
+        assert_eq!(
+            value(&samples, "flush_rate_limit_ops_per_second", None),
+            100.0
+        );
+        assert_eq!(value(&samples, "flush_rate_limit_burst", None), 10.0);
+        assert_eq!(types.len(), 22, "{types:?}");
+    }
+
+    #[test]
+    fn without_a_flush_rate_limit_its_series_are_zero() {
+        let mut m = snapshot("i");
+        m.status.flush_rate_limit = None;
+        m.stats.queue.flush_throttled = 0;
+        m.stats.queue.flush_throttled_us = 0;
+        let (samples, _) = parse(&render(&m));
+        for name in [
+            "flush_throttled_total",
+            "flush_throttled_seconds_total",
+            "flush_rate_limit_ops_per_second",
+            "flush_rate_limit_burst",
+        ] {
+            assert_eq!(value(&samples, name, None), 0.0, "{name}");
+        }
     }
 
     #[test]

@@ -31,6 +31,7 @@ use virtio_bindings::{
     virtio_config::VIRTIO_F_VERSION_1,
     virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC},
 };
+use virtio_queue::QueueT;
 use vm_memory::{
     ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
     GuestMemoryRegion, Le64,
@@ -52,6 +53,9 @@ use crate::{
 pub const QUEUE_SIZE: usize = crate::device::queue::MAX_QUEUE_SIZE as usize;
 const NUM_QUEUES: usize = 1;
 const REQUEST_QUEUE_EVENT: u16 = 0;
+/// The flush rate limit's timer in the vring worker's epoll set (vhost-user-backend
+/// keeps 0..=NUM_QUEUES for the queues and its exit event).
+pub const LIMIT_TIMER_EVENT: u16 = NUM_QUEUES as u16 + 1;
 
 /// State of one vhost-user connection. A new one is made for every connection, so
 /// nothing a previous VMM negotiated leaks into the next.
@@ -207,6 +211,25 @@ impl PmemBackend {
         }
     }
 
+    /// The flush rate limit's timer expired: serve the flushes it held back, if the
+    /// ring still runs (a stopped or disabled ring is served again when it starts;
+    /// what is left on it stays the driver's).
+    fn limit_timer(&mut self, vring: &VringRwLock) {
+        let Some(limiter) = self.queue_state.stats.limiter.as_ref() else {
+            return;
+        };
+        limiter.timer.consume();
+        let runs = {
+            let state = vring.get_ref();
+            state.is_enabled() && state.get_queue().ready()
+        };
+        if runs && self.mem.is_some() {
+            self.process(vring);
+        } else {
+            limiter.release();
+        }
+    }
+
     /// One pass over the ring; true if the driver may have added more meanwhile.
     fn pass(&mut self, vring: &VringRwLock, mem: &GuestMemoryMmap) -> Result<bool, String> {
         if self.event_idx {
@@ -234,12 +257,37 @@ impl PmemBackend {
                 error!("cannot signal the guest: {e}");
             }
         }
+        if let Some(wait) = self.queue_state.held_back() {
+            // A flush waits for a token on the ring: come back when it is due (the
+            // timer is in this worker's epoll set), never sooner, and serve kicks
+            // and the VMM meanwhile. Notifications go back on as after any pass,
+            // but what they say is not looked at: the chains behind the held one
+            // are known to be there.
+            if let Some(limiter) = self.queue_state.stats.limiter.as_ref() {
+                if let Err(e) = limiter.timer.arm(wait) {
+                    error!("cannot arm the flush rate limit's timer: {e}; held-back flushes wait for the next kick");
+                }
+            }
+            if self.event_idx {
+                vring
+                    .enable_notification()
+                    .map_err(|e| format!("cannot write the used ring's event index: {e}"))?;
+            }
+            return Ok(false);
+        }
         if !self.event_idx {
             return Ok(false);
         }
         vring
             .enable_notification()
             .map_err(|e| format!("cannot write the used ring's event index: {e}"))
+    }
+
+    /// The ring stopped or was reset: nothing is held back by this connection now.
+    fn release_limit(&self) {
+        if let Some(limiter) = self.queue_state.stats.limiter.as_ref() {
+            limiter.release();
+        }
     }
 
     fn queue_fault(&self, reason: &str) {
@@ -277,6 +325,7 @@ impl Drop for PmemBackend {
                 .get_mut()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
+        self.release_limit();
         for fd in fds {
             // SAFETY: `fd` was a dup made by `exit_event` whose ownership
             // vhost-user-backend released with into_raw_fd; the only user of it, the
@@ -339,6 +388,7 @@ impl VhostUserBackendMut for PmemBackend {
         self.event_idx = false;
         self.map_requested = false;
         self.status.set_region_mapped(false);
+        self.release_limit();
     }
 
     fn set_event_idx(&mut self, enabled: bool) {
@@ -389,6 +439,9 @@ impl VhostUserBackendMut for PmemBackend {
         // The VMM stops the device (guest reset, reboot, pause). A reset drops the
         // mapping on the VMM side, so the next start maps again.
         debug!("device stopped by the VMM");
+        // Flushes held back by the rate limit are still on the ring, in front of
+        // the base the VMM gets: the next start serves them.
+        self.release_limit();
         self.map_requested = false;
         self.status.set_region_mapped(false);
         Ok(())
@@ -422,6 +475,7 @@ impl VhostUserBackendMut for PmemBackend {
         }
         match device_event {
             REQUEST_QUEUE_EVENT => self.process(&vrings[0]),
+            LIMIT_TIMER_EVENT => self.limit_timer(&vrings[0]),
             other => warn!("virtio-pmem: unknown device event {other}; ignored"),
         }
         Ok(())

@@ -3,16 +3,20 @@
 //!
 //! Owns: the order "take all available requests, one durability action for the
 //! flushes among them, then complete them all" (this is where group commit happens),
-//! and the rule that a bad chain is completed and logged (rate-limited: the guest
-//! controls how many), never allowed to wedge the queue or panic. Never signals the
-//! guest (the caller does, once per pass).
+//! the flush rate limit's place in it (a flush without a token is left on the ring,
+//! and the pass stops there), and the rule that a bad chain is completed and logged
+//! (rate-limited: the guest controls how many), never allowed to wedge the queue or
+//! panic. Never signals the guest and never waits (the caller does both: it signals
+//! once per pass, and arms the limit's timer when a pass held a flush back).
 
 use std::{
+    io,
+    num::Wrapping,
     sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use log::{error, warn};
@@ -26,7 +30,12 @@ use crate::{
         VIRTIO_PMEM_RESP_OK,
     },
     durability::Flusher,
-    util::GuestLog,
+    sys::Timer,
+    util::{
+        lock,
+        rate::{FlushRateLimit, TokenBucket},
+        GuestLog,
+    },
 };
 
 /// Errors that stop processing of the whole queue (the ring itself is unusable).
@@ -55,14 +64,17 @@ struct Taken {
     request: Option<Request>,
 }
 
-/// Counters of what the guest put on the ring that was not a flush, over the
-/// daemon's life (every connection adds to the same ones).
+/// Counters of what the guest put on the ring that was not a flush, and the flush
+/// rate limit, over the daemon's life (every connection adds to the same ones and
+/// draws on the same bucket).
 #[derive(Default)]
 pub struct QueueStats {
     pub malformed: AtomicU64,
     pub unsupported: AtomicU64,
     /// Set while a queue pass is in progress (the watchdog reads it).
     pub pass: crate::util::Busy,
+    /// The flush rate limit, if one is configured.
+    pub limiter: Option<FlushLimiter>,
 }
 
 /// A point-in-time copy of [`QueueStats`], for `stats`.
@@ -70,13 +82,133 @@ pub struct QueueStats {
 pub struct QueueCounters {
     pub malformed_chains: u64,
     pub unsupported_requests: u64,
+    /// Flush requests the rate limit held back before they were answered (0
+    /// without a limit).
+    #[serde(default)]
+    pub flush_throttled: u64,
+    /// Their waits added up, µs: from the pass that first saw each one on the ring
+    /// to the pass that took it.
+    #[serde(default)]
+    pub flush_throttled_us: u64,
 }
 
 impl QueueStats {
+    /// The counters, with the flush rate limit `limit` if given (its timer is
+    /// created here: before the sandbox, which allows arming it, not creating it).
+    pub fn with_limit(limit: Option<FlushRateLimit>) -> io::Result<Self> {
+        Ok(Self {
+            limiter: limit.map(FlushLimiter::new).transpose()?,
+            ..Self::default()
+        })
+    }
+
     pub fn snapshot(&self) -> QueueCounters {
+        let (throttled, throttled_ns) = self.limiter.as_ref().map_or((0, 0), |l| {
+            (
+                l.throttled.load(Ordering::Relaxed),
+                l.throttled_ns.load(Ordering::Relaxed),
+            )
+        });
         QueueCounters {
             malformed_chains: self.malformed.load(Ordering::Relaxed),
             unsupported_requests: self.unsupported.load(Ordering::Relaxed),
+            flush_throttled: throttled,
+            flush_throttled_us: throttled_ns / 1000,
+        }
+    }
+}
+
+/// The flush rate limit of the device: the token bucket every connection draws
+/// on, the timer the vring worker waits on while a flush is held back, and what
+/// the limit did.
+///
+/// A flush without a token is never failed and never waited for in the pass: it
+/// stays on the available ring (the pass stops in front of it, so the order of the
+/// ring is kept), and the pass reports when the next token is due. The vring
+/// worker arms [`Self::timer`] for then (it is in the worker's epoll set) and goes
+/// back to waiting, so kicks, the VMM's messages and the exit event are served
+/// meanwhile, and an idle device arms nothing. A chain left on the ring belongs to
+/// the driver until it is taken: a VMM that stops the ring gets a base in front of
+/// it and hands it to the next start.
+pub struct FlushLimiter {
+    pub limit: FlushRateLimit,
+    bucket: Mutex<TokenBucket>,
+    pub timer: Timer,
+    throttled: AtomicU64,
+    throttled_ns: AtomicU64,
+    /// Set while a flush is held back (for `status`).
+    holding: AtomicBool,
+}
+
+impl FlushLimiter {
+    pub fn new(limit: FlushRateLimit) -> io::Result<Self> {
+        Ok(Self {
+            limit,
+            bucket: Mutex::new(TokenBucket::new(limit, Instant::now())),
+            timer: Timer::new()?,
+            throttled: AtomicU64::new(0),
+            throttled_ns: AtomicU64::new(0),
+            holding: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether a flush is held back on the ring now.
+    pub fn holding(&self) -> bool {
+        self.holding.load(Ordering::Relaxed)
+    }
+
+    /// Nothing is held back any more (the ring was stopped or reset): the timer is
+    /// disarmed.
+    pub fn release(&self) {
+        self.holding.store(false, Ordering::Relaxed);
+        let _ = self.timer.disarm();
+    }
+}
+
+/// When each position of the available ring was first seen, so a flush the limit
+/// held back is counted once, with its wait, when a later pass takes it. Kept
+/// per connection, only with a limit.
+struct Arrivals {
+    /// By ring position modulo [`MAX_QUEUE_SIZE`] (at most a ring's worth of chains
+    /// is ever outstanding, and 2^16 is a multiple of it).
+    seen: Vec<Instant>,
+    /// Positions from the queue's next one up to this one have a time in `seen`.
+    upto: Wrapping<u16>,
+}
+
+impl Arrivals {
+    fn new() -> Self {
+        Self {
+            seen: vec![Instant::now(); usize::from(MAX_QUEUE_SIZE)],
+            upto: Wrapping(0),
+        }
+    }
+
+    fn slot(pos: Wrapping<u16>) -> usize {
+        usize::from(pos.0 % MAX_QUEUE_SIZE)
+    }
+
+    /// Records `now` for the positions before `avail` not seen yet, for a pass
+    /// that starts at `start` on a ring of `size`; returns how many positions from
+    /// `start` on were seen by an earlier pass (those are flushes held back).
+    fn note(&mut self, start: Wrapping<u16>, avail: Wrapping<u16>, now: Instant, size: u16) -> u16 {
+        let mut known = (self.upto - start).0;
+        if known > size {
+            // The ring was reset or restarted elsewhere: nothing is known of it.
+            known = 0;
+            self.upto = start;
+        }
+        if (avail - start).0 <= size {
+            self.mark(avail, now);
+        }
+        known
+    }
+
+    /// Records `now` for the positions from `upto` to `end` (not included).
+    fn mark(&mut self, end: Wrapping<u16>, now: Instant) {
+        while self.upto != end {
+            self.seen[Self::slot(self.upto)] = now;
+            self.upto += 1;
         }
     }
 }
@@ -88,6 +220,11 @@ pub struct QueueState {
     taken: Vec<Taken>,
     pub log: GuestLog,
     pub stats: Arc<QueueStats>,
+    /// With a flush rate limit: when the chains on the ring were first seen.
+    arrivals: Option<Arrivals>,
+    /// Set by a pass that left a flush on the ring for want of a token: when the
+    /// next token is due, from the pass's start.
+    held_back: Option<Duration>,
 }
 
 impl QueueState {
@@ -95,8 +232,17 @@ impl QueueState {
         Self {
             taken: Vec::with_capacity(usize::from(MAX_QUEUE_SIZE)),
             log: GuestLog::default(),
+            arrivals: stats.limiter.as_ref().map(|_| Arrivals::new()),
             stats,
+            held_back: None,
         }
+    }
+
+    /// Whether the last pass stopped in front of a flush the rate limit held back,
+    /// and if so how long after its start the next token is due (the caller comes
+    /// back then; the flush is still on the ring).
+    pub fn held_back(&self) -> Option<Duration> {
+        self.held_back
     }
 }
 
@@ -107,6 +253,9 @@ pub const MAX_QUEUE_SIZE: u16 = 256;
 /// Processes every chain now available on `queue`: each chain is walked once as it
 /// is taken; the flush requests among them share one [`Flusher::flush_batch`];
 /// unsupported types get EIO; malformed chains are completed with 0 bytes written.
+/// With a flush rate limit each flush takes a token first; at the first flush
+/// without one the pass stops, leaving it (and what follows it) on the ring, and
+/// [`QueueState::held_back`] says when to come back.
 pub fn process_queue<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
@@ -119,15 +268,26 @@ pub fn process_queue<M: GuestMemory>(
     let taken_at = Instant::now();
     let mut flushes = 0u64;
     state.taken.clear();
-    for chain in queue.iter(mem).map_err(QueueError::AvailRing)? {
+    state.held_back = None;
+    // With a limit: the bucket (for the whole pass), where the pass starts and how
+    // many chains from there on an earlier pass saw (held back then).
+    let mut limited = match (stats.limiter.as_ref(), state.arrivals.as_mut()) {
+        (Some(limiter), Some(arrivals)) => {
+            let start = Wrapping(queue.next_avail());
+            let avail = queue
+                .avail_idx(mem, Ordering::Acquire)
+                .map_err(QueueError::AvailRing)?;
+            let known = arrivals.note(start, avail, taken_at, queue.size());
+            Some((limiter, lock(&limiter.bucket), arrivals, start, known))
+        }
+        _ => None,
+    };
+    let mut iter = queue.iter(mem).map_err(QueueError::AvailRing)?;
+    let mut position = 0u16;
+    while let Some(chain) = iter.next() {
         let head = chain.head_index();
         let request = match parse_request(mem, chain) {
-            Ok(req) => {
-                if req.kind == RequestType::Flush {
-                    flushes += 1;
-                }
-                Some(req)
-            }
+            Ok(req) => Some(req),
             Err(e) => {
                 if state.log.allow(taken_at) {
                     error!("virtio-pmem: malformed request chain (head {head}): {e}; completed with no response");
@@ -135,7 +295,38 @@ pub fn process_queue<M: GuestMemory>(
                 None
             }
         };
+        if request.is_some_and(|r| r.kind == RequestType::Flush) {
+            if let Some((limiter, bucket, arrivals, start, known)) = limited.as_mut() {
+                let pos = *start + Wrapping(position);
+                if !bucket.try_take(taken_at) {
+                    // Left on the ring, first seen now at the latest.
+                    iter.go_to_previous_position();
+                    if (arrivals.upto - *start).0 <= position {
+                        arrivals.mark(pos + Wrapping(1), taken_at);
+                    }
+                    limiter.holding.store(true, Ordering::Relaxed);
+                    state.held_back = Some(bucket.next_token_in(taken_at));
+                    break;
+                }
+                if position < *known {
+                    let waited =
+                        taken_at.saturating_duration_since(arrivals.seen[Arrivals::slot(pos)]);
+                    limiter.throttled.fetch_add(1, Ordering::Relaxed);
+                    limiter.throttled_ns.fetch_add(
+                        u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX),
+                        Ordering::Relaxed,
+                    );
+                }
+            }
+            flushes += 1;
+        }
         state.taken.push(Taken { head, request });
+        position = position.wrapping_add(1);
+    }
+    if let Some((limiter, ..)) = limited.take() {
+        if state.held_back.is_none() {
+            limiter.holding.store(false, Ordering::Relaxed);
+        }
     }
 
     let flush_status = if flushes == 0 {
@@ -517,6 +708,136 @@ mod tests {
         }
         let s = d.flusher.stats.snapshot();
         assert_eq!((s.flush_requests, s.batches, s.syncs), (16, 2, 2));
+    }
+
+    /// A driver whose queue has a flush rate limit of `burst` tokens and a bucket
+    /// whose clock is held: it never refills by itself (its last refill is an
+    /// hour ahead), only when [`refill`] puts a fresh full one in. No timing.
+    fn limited(mem: &GuestMemoryMmap, burst: u32) -> Driver<'_> {
+        let limit = FlushRateLimit {
+            ops_per_sec: 1,
+            burst,
+        };
+        let mut d = Driver::new(mem, Policy::Fsync);
+        d.state = QueueState::new(Arc::new(QueueStats::with_limit(Some(limit)).unwrap()));
+        refill(&d);
+        d
+    }
+
+    fn refill(d: &Driver) {
+        let limiter = d.state.stats.limiter.as_ref().unwrap();
+        let held = Instant::now() + std::time::Duration::from_secs(3600);
+        *lock(&limiter.bucket) = TokenBucket::new(limiter.limit, held);
+    }
+
+    #[test]
+    fn a_flush_over_the_limit_stays_on_the_ring_until_a_token_and_is_then_answered_ok() {
+        let mem = memory();
+        let mut d = limited(&mem, 3);
+        let reqs: Vec<_> = (0..8)
+            .map(|_| d.request(VIRTIO_PMEM_REQ_TYPE_FLUSH))
+            .collect();
+        // The burst goes through at once; the pass stops in front of the fourth.
+        assert_eq!(
+            d.run(),
+            Pass {
+                completed: 3,
+                flushes: 3
+            }
+        );
+        assert!(d.state.held_back().is_some());
+        assert_eq!(
+            d.queue.next_avail(),
+            3,
+            "the held flush is left on the ring"
+        );
+        let used = d.used();
+        assert_eq!(
+            used,
+            reqs[..3].iter().map(|(h, _)| (*h, 4)).collect::<Vec<_>>()
+        );
+        for (_, status) in &reqs[3..] {
+            assert_eq!(d.status(*status), UNTOUCHED, "a held flush was answered");
+        }
+        assert!(d.state.stats.limiter.as_ref().unwrap().holding());
+        assert_eq!(d.state.stats.snapshot().flush_throttled, 0);
+        // No token, no progress: another pass (a kick) takes nothing.
+        assert_eq!(d.run(), Pass::default());
+        assert!(d.state.held_back().is_some());
+        // Tokens come: the held ones are taken in order, counted once each.
+        refill(&d);
+        assert_eq!(d.run().completed, 3);
+        assert_eq!(d.state.stats.snapshot().flush_throttled, 3);
+        assert!(d.state.held_back().is_some());
+        refill(&d);
+        assert_eq!(
+            d.run(),
+            Pass {
+                completed: 2,
+                flushes: 2
+            }
+        );
+        assert_eq!(d.state.held_back(), None);
+        assert!(!d.state.stats.limiter.as_ref().unwrap().holding());
+        let mut used = used;
+        used.extend(d.used());
+        assert_eq!(used, reqs.iter().map(|(h, _)| (*h, 4)).collect::<Vec<_>>());
+        for (_, status) in &reqs {
+            assert_eq!(d.status(*status), VIRTIO_PMEM_RESP_OK);
+        }
+        let q = d.state.stats.snapshot();
+        assert_eq!(q.flush_throttled, 5);
+        // Every flush was answered after a sync that started after it was taken:
+        // one per pass that took flushes.
+        let s = d.flusher.stats.snapshot();
+        assert_eq!((s.flush_requests, s.errors, s.syncs), (8, 0, 3));
+    }
+
+    #[test]
+    fn requests_behind_a_held_flush_wait_in_order_and_other_types_need_no_token() {
+        let mem = memory();
+        let mut d = limited(&mem, 1);
+        let (u1, su1) = d.request(7);
+        let (f1, sf1) = d.request(VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        let (_, sf2) = d.request(VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        let (_, su2) = d.request(7);
+        assert_eq!(
+            d.run(),
+            Pass {
+                completed: 2,
+                flushes: 1
+            }
+        );
+        assert_eq!(d.used(), vec![(u1, 4), (f1, 4)]);
+        assert_eq!(d.status(su1), VIRTIO_PMEM_RESP_EIO);
+        assert_eq!(d.status(sf1), VIRTIO_PMEM_RESP_OK);
+        // The unsupported request behind the held flush keeps its place.
+        assert_eq!((d.status(sf2), d.status(su2)), (UNTOUCHED, UNTOUCHED));
+        refill(&d);
+        assert_eq!(
+            d.run(),
+            Pass {
+                completed: 2,
+                flushes: 1
+            }
+        );
+        assert_eq!(d.status(sf2), VIRTIO_PMEM_RESP_OK);
+        assert_eq!(d.status(su2), VIRTIO_PMEM_RESP_EIO);
+        assert_eq!(d.state.stats.snapshot().flush_throttled, 1);
+        assert_eq!(d.state.held_back(), None);
+    }
+
+    #[test]
+    fn without_a_limit_nothing_is_held_or_counted() {
+        let mem = memory();
+        let mut d = Driver::new(&mem, Policy::Volatile);
+        for _ in 0..32 {
+            d.request(VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        }
+        assert_eq!(d.run().completed, 32);
+        assert_eq!(d.state.held_back(), None);
+        let q = d.state.stats.snapshot();
+        assert_eq!((q.flush_throttled, q.flush_throttled_us), (0, 0));
     }
 
     #[test]

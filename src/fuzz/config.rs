@@ -211,6 +211,7 @@ fn expected(kv: &[(&str, Val)]) -> Config {
         allow_shared_socket_dir: flag("allow-shared-socket-dir"),
         scrub_interval: num("scrub-interval", 0),
         scrub_rate: num("scrub-rate", DEFAULT_SCRUB_RATE),
+        flush_rate_limit: None,
         metrics_file: path("metrics-file"),
         metrics_interval: num("metrics-interval", DEFAULT_METRICS_INTERVAL),
         metrics_instance: string("metrics-instance").filter(|s| !s.is_empty()),

@@ -9,7 +9,7 @@ use super::{ExportState, Shared};
 use crate::{
     device::wire::VIRTIO_PMEM_F_SHMEM_REGION,
     durability::{Health, Policy},
-    report::StatusReport,
+    report::{FlushRateLimitStatus, StatusReport},
     util::lock,
 };
 
@@ -69,10 +69,21 @@ impl Shared {
             seccomp: self.seccomp,
             sandbox_denials: crate::sandbox::denials(),
             health_record: self.health_record.report(),
+            flush_rate_limit: None,
             nvdimm: None,
         };
         match &self.export {
-            ExportState::VirtioPmem { device, .. } => {
+            ExportState::VirtioPmem { device, queue } => {
+                r.flush_rate_limit = queue.limiter.as_ref().map(|l| {
+                    let counted = queue.snapshot();
+                    FlushRateLimitStatus {
+                        ops_per_sec: l.limit.ops_per_sec,
+                        burst: l.limit.burst,
+                        throttled: counted.flush_throttled,
+                        throttled_seconds: counted.flush_throttled_us as f64 / 1e6,
+                        holding: l.holding(),
+                    }
+                });
                 let features = device.features();
                 r.queue_broken = device.queue_broken();
                 r.connected = device.connected();

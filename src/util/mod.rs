@@ -1,13 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Small helpers every floor may use: the busy marker, the guest log limiter, the
-//! wall clock, the poison-tolerant lock, and accepting on a listener with a spare
-//! descriptor and back-off.
+//! flush rate limit's token bucket, the wall clock, the poison-tolerant lock, and
+//! accepting on a listener with a spare descriptor and back-off.
 //!
 //! Owns: nothing of the domain. Never imports from above the utilities floor.
 
 pub mod accept;
 pub mod busy;
 pub mod guest_log;
+pub mod rate;
 pub mod time;
 
 pub use self::{
