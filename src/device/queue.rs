@@ -157,6 +157,14 @@ impl FlushLimiter {
         self.holding.load(Ordering::Relaxed)
     }
 
+    /// Fills the bucket and holds its clock (its last refill an hour ahead), so
+    /// only the next call gives tokens again: tests drive the limit without time.
+    #[cfg(test)]
+    pub(crate) fn refill_and_hold(&self) {
+        let ahead = Instant::now() + Duration::from_secs(3600);
+        *lock(&self.bucket) = TokenBucket::new(self.limit, ahead);
+    }
+
     /// Nothing is held back any more (the ring was stopped or reset): the timer is
     /// disarmed.
     pub fn release(&self) {
@@ -725,9 +733,7 @@ mod tests {
     }
 
     fn refill(d: &Driver) {
-        let limiter = d.state.stats.limiter.as_ref().unwrap();
-        let held = Instant::now() + std::time::Duration::from_secs(3600);
-        *lock(&limiter.bucket) = TokenBucket::new(limiter.limit, held);
+        d.state.stats.limiter.as_ref().unwrap().refill_and_hold();
     }
 
     #[test]

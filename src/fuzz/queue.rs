@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Fuzz target: the queue pass ([`process_queue`] and [`parse_request`]) over
 //! arbitrary descriptor tables, available rings and guest memory contents, laid out
-//! as a driver lays out a split ring in real mmap'd guest memory. Owns only properties; never changes the code under test.
+//! as a driver lays out a split ring in real mmap'd guest memory, with and without a
+//! flush rate limit (whose passes, taken together, must leave the ring as one
+//! unlimited pass does). Owns only properties; never changes the code under test.
 
 use std::{
     collections::HashMap,
@@ -22,10 +24,11 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
 use crate::{
     device::{
-        queue::{process_queue, QueueError, QueueState},
+        queue::{process_queue, Pass, QueueError, QueueState, QueueStats, MAX_QUEUE_SIZE},
         wire::{MAX_CHAIN_LEN, VIRTIO_PMEM_RESP_OK},
     },
     durability::{Flusher, Policy},
+    util::rate::FlushRateLimit,
 };
 
 /// The split ring (virtio 2.7): descriptor table, available and used rings.
@@ -240,7 +243,7 @@ struct Seen {
     heads_past: AtomicU64,
 }
 
-fn check(c: Case, file: &File, seen: &Seen) -> Result<(), TestCaseError> {
+fn check(c: Case, burst: Option<u32>, file: &File, seen: &Seen) -> Result<(), TestCaseError> {
     let count = |a: &AtomicU64| a.fetch_add(1, Ordering::Relaxed);
     let ranges: Vec<_> = REGIONS
         .iter()
@@ -331,8 +334,50 @@ fn check(c: Case, file: &File, seen: &Seen) -> Result<(), TestCaseError> {
 
     let mut queue = new_queue();
     let flusher = Flusher::new(file.try_clone().unwrap(), Policy::Volatile);
-    let mut state = QueueState::new(Arc::default());
-    let result = process_queue(&mut queue, &mem, &flusher, &mut state);
+    let result = match burst {
+        None => process_queue(
+            &mut queue,
+            &mem,
+            &flusher,
+            &mut QueueState::new(Arc::default()),
+        ),
+        Some(burst) => {
+            // Under a flush rate limit of `burst` tokens per refill: passes until
+            // none is held back must leave the ring as one unlimited pass does.
+            let limit = FlushRateLimit {
+                ops_per_sec: 1,
+                burst,
+            };
+            let stats = Arc::new(QueueStats::with_limit(Some(limit)).unwrap());
+            let limiter = stats.limiter.as_ref().unwrap();
+            let mut state = QueueState::new(stats.clone());
+            let mut total = Pass::default();
+            let mut result = Ok(Pass::default());
+            // Each pass takes at least `burst` flushes or ends the ring.
+            for _ in 0..=usize::from(MAX_QUEUE_SIZE) {
+                limiter.refill_and_hold();
+                match process_queue(&mut queue, &mem, &flusher, &mut state) {
+                    Ok(p) => {
+                        total.completed += p.completed;
+                        total.flushes += p.flushes;
+                        result = Ok(Pass {
+                            completed: total.completed,
+                            flushes: total.flushes,
+                        });
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+                if state.held_back().is_none() {
+                    break;
+                }
+            }
+            prop_assert!(state.held_back().is_none(), "flushes still held back");
+            result
+        }
+    };
 
     let after = snapshot(&mem);
     let Some(walks) = walks else {
@@ -450,7 +495,7 @@ fn check(c: Case, file: &File, seen: &Seen) -> Result<(), TestCaseError> {
 fn queue_pass() {
     let file = tempfile::tempfile().unwrap();
     let seen = Seen::default();
-    super::run("queue-pass", case(), |c| check(c, &file, &seen));
+    super::run("queue-pass", case(), |c| check(c, None, &file, &seen));
     let all = [
         ("rings refused", &seen.refused_rings),
         ("chains answered", &seen.answered),
@@ -466,5 +511,21 @@ fn queue_pass() {
         for (what, n) in all {
             assert!(n > 0, "the generator produced no {what}: {all:?}");
         }
+    }
+}
+
+/// The same cases under a flush rate limit of 1 to 4 tokens per pass: every chain is
+/// answered, in the ring's order, exactly as one unlimited pass answers it.
+#[test]
+fn queue_pass_limited() {
+    let file = tempfile::tempfile().unwrap();
+    let seen = Seen::default();
+    super::run("queue-pass-limited", (case(), 1u32..=4), |(c, burst)| {
+        check(c, Some(burst), &file, &seen)
+    });
+    let answered = seen.answered.load(Ordering::Relaxed);
+    eprintln!("fuzz queue-pass-limited: {answered} chains answered");
+    if super::cases() >= 1000 {
+        assert!(answered > 0, "the generator produced no answered chain");
     }
 }
