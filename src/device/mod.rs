@@ -2,9 +2,11 @@
 //! The vhost-user device: feature and protocol negotiation, config space, the shared
 //! memory region, and the request queue's events.
 //!
-//! Owns: one connection's device state, and the moment the backing file is handed to
-//! the VMM (SHMEM_MAP). Never decides durability (that is `durability`) and never
-//! parses requests itself (that is `wire` and `queue`).
+//! Owns: one connection's device state, the moment the backing file is handed to
+//! the VMM (SHMEM_MAP), and when the flush rate limit's timer is armed (a pass held
+//! a flush back) or disarmed (the ring stopped or was reset). Never decides
+//! durability (that is `durability`) and never parses requests itself (that is
+//! `wire` and `queue`).
 
 pub mod queue;
 pub mod wire;
