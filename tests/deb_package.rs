@@ -291,6 +291,7 @@ fn package_installs_runs_and_upgrades_without_touching_a_serving_daemon() {
         "/usr/share/doc/vhost-device-pmem/examples/pmem.toml",
         "/usr/share/doc/vhost-device-pmem/examples/instance.toml",
         "/usr/share/doc/vhost-device-pmem/examples/metrics.conf",
+        "/usr/share/doc/vhost-device-pmem/examples/prometheus/vhost-device-pmem.rules.yml",
         "/usr/share/doc/vhost-device-pmem/examples/libvirt-domain.xml",
         "/etc/apparmor.d/abstractions/libvirt-qemu.d/vhost-device-pmem",
         "/usr/share/doc/vhost-device-pmem/README.md",
