@@ -1,8 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Who reaches an instance's sockets, as an operator's host lays them out (root):
 //! the directories and sockets made with the owners and modes the shipped socket
-//! units and the instance example declare (parsed from those files), real unix
-//! sockets bound there, and `setpriv` clients of other uids and groups connecting.
+//! units and the instance example declare (parsed from those files): the units'
+//! sockets bound there as systemd binds them, the agent socket bound by the real
+//! daemon with the example's `socket-group`, and `setpriv` clients of other uids and
+//! groups connecting. A host without group kvm (a build container) lends a group
+//! every Debian system has in its place.
 //! QEMU's user (group kvm, as its primary group or a supplementary one) connects to
 //! `vhost-user.sock` and `agent.sock` and not to `control.sock`; a uid outside kvm
 //! connects to none.
@@ -10,6 +13,8 @@
 //! Owns: that check, and the helper that connects as the other uid (this test
 //! binary, copied where that uid may run it). Never touches the host's /run.
 
+#[path = "support/daemon.rs"]
+mod daemon;
 #[path = "support/root.rs"]
 mod root;
 
@@ -23,7 +28,11 @@ use std::{
     },
     path::{Path, PathBuf},
     process::Command,
+    thread,
+    time::{Duration, Instant},
 };
+
+use daemon::{Daemon, Scratch, MIB2};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 /// Set for the helper run: the socket to connect to.
@@ -66,12 +75,9 @@ fn gid_of(name: &str) -> Option<u32> {
     (!g.is_null()).then(|| unsafe { (*g).gr_gid })
 }
 
-fn unused_gid() -> u32 {
-    (60000..65000)
-        // SAFETY: getgrgid with any gid.
-        .find(|g| unsafe { libc::getgrgid(*g) }.is_null())
-        .unwrap()
-}
+/// A group every Debian system has, standing in for QEMU's on a host without it:
+/// the daemon takes a group by name, so the stand-in must have one.
+const STAND_INS: [&str; 3] = ["disk", "tty", "adm"];
 
 fn chown(p: &Path, uid: u32, gid: u32) {
     std::os::unix::fs::chown(p, Some(uid), Some(gid)).unwrap();
@@ -106,17 +112,6 @@ fn listen_like_systemd(
     let m = mode(settings.get("SocketMode").map_or("0666", String::as_str));
     fs::set_permissions(&path, fs::Permissions::from_mode(m)).unwrap();
     (path, l)
-}
-
-/// How the daemon binds a socket of its own (`agent-socket`) with `socket-group`:
-/// owned by its user (root under the unit) and the group, mode 0660
-/// (`--socket-group`'s documented mode; without a group, 0600).
-fn listen_like_the_daemon(path: &Path, group: Option<u32>) -> UnixListener {
-    let l = UnixListener::bind(path).unwrap();
-    chown(path, 0, group.unwrap_or(0));
-    let m = if group.is_some() { 0o660 } else { 0o600 };
-    fs::set_permissions(path, fs::Permissions::from_mode(m)).unwrap();
-    l
 }
 
 /// Connects to `sock` as `uid`, with `gid` as primary group and `groups` as the
@@ -194,11 +189,17 @@ fn qemus_group_reaches_the_vhost_user_and_agent_sockets_and_nobody_else_any() {
         .get("SocketGroup")
         .expect("vhost-device-pmem@.socket sets no SocketGroup=: QEMU cannot connect")
         .clone();
-    let qemu_gid = gid_of(&qemu_group).unwrap_or_else(|| {
-        let g = unused_gid();
-        eprintln!("socket_access: no group {qemu_group} on this host; gid {g} stands in");
-        g
-    });
+    let host_group = if gid_of(&qemu_group).is_some() {
+        qemu_group.clone()
+    } else {
+        let g = STAND_INS
+            .iter()
+            .find(|g| gid_of(g).is_some())
+            .expect("a stand-in group");
+        eprintln!("socket_access: no group {qemu_group} on this host; {g} stands in");
+        g.to_string()
+    };
+    let qemu_gid = gid_of(&host_group).unwrap();
     let resolve = |name: &str| -> u32 {
         if name == qemu_group {
             qemu_gid
@@ -223,11 +224,46 @@ fn qemus_group_reaches_the_vhost_user_and_agent_sockets_and_nobody_else_any() {
     let agent = instance["agent-socket"].as_str().expect("agent-socket");
     let agent_path = root_dir.join(agent.trim_start_matches('/'));
     assert_eq!(agent_path.parent(), vu_path.parent());
+    // The daemon binds the agent socket itself, with the example's socket-group.
     let agent_group = instance
         .get("socket-group")
         .and_then(|g| g.as_str())
-        .map(resolve);
-    let _agent = listen_like_the_daemon(&agent_path, agent_group);
+        .expect("instance.toml sets no socket-group: QEMU cannot reach agent.sock");
+    assert_eq!(
+        agent_group, qemu_group,
+        "the agent socket's group is QEMU's"
+    );
+    let s = Scratch::new();
+    let file = s.backing_file("pmem.img", 2 * MIB2);
+    let d = Daemon::start(
+        &s,
+        "d",
+        &file,
+        &[
+            "--mode",
+            "fsync",
+            "--agent-socket",
+            agent_path.to_str().unwrap(),
+            "--socket-group",
+            &host_group,
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent_path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no agent socket:\n{}",
+            d.log_text()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let m = fs::metadata(&agent_path).unwrap();
+    eprintln!(
+        "socket_access: agent.sock as the daemon bound it: {:o} {}:{}",
+        m.mode() & 0o7777,
+        m.uid(),
+        m.gid()
+    );
     for p in [
         vu_path.parent().unwrap(),
         vu_path.parent().unwrap().parent().unwrap(),
