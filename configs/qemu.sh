@@ -8,9 +8,9 @@
 exec qemu-system-x86_64 \
   -machine q35,memory-backend=mem -m 4G \
   -object memory-backend-memfd,id=mem,size=4G,share=on \
-  -chardev socket,id=pmem0,path=/run/vhost-device-pmem/vm0-pmem0.sock \
+  -chardev socket,id=pmem0,path=/run/vhost-device-pmem/vm0-pmem0/vhost-user.sock \
   -device vhost-user-test-device-pci,chardev=pmem0,virtio-id=27,num_vqs=1,config_size=16,addr=0x5 \
   -device virtio-serial-pci \
-  -chardev socket,id=agent0,path=/run/vhost-device-pmem/vm0-pmem0-agent.sock,reconnect-ms=1000 \
+  -chardev socket,id=agent0,path=/run/vhost-device-pmem/vm0-pmem0/agent.sock,reconnect-ms=1000 \
   -device virtserialport,chardev=agent0,name=org.vhost-device-pmem.0 \
   "$@"

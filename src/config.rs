@@ -1304,7 +1304,10 @@ mod tests {
     fn shipped_example_configs_parse() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/configs");
         let mut n = 0;
-        for entry in fs::read_dir(dir).unwrap() {
+        let entries = fs::read_dir(dir)
+            .unwrap()
+            .chain(fs::read_dir(format!("{dir}/systemd")).unwrap());
+        for entry in entries {
             let p = entry.unwrap().path();
             if p.extension().is_some_and(|e| e == "toml") {
                 let text = fs::read_to_string(&p).unwrap();
@@ -1313,6 +1316,6 @@ mod tests {
                 n += 1;
             }
         }
-        assert!(n > 0, "no example configs in {dir}");
+        assert!(n > 1, "no example configs in {dir} and {dir}/systemd");
     }
 }

@@ -289,6 +289,11 @@ fn package_installs_runs_and_upgrades_without_touching_a_serving_daemon() {
         "/usr/lib/systemd/system/vhost-device-pmem@.socket",
         "/usr/lib/systemd/system/vhost-device-pmem-control@.socket",
         "/usr/share/doc/vhost-device-pmem/examples/pmem.toml",
+        "/usr/share/doc/vhost-device-pmem/examples/instance.toml",
+        "/usr/share/doc/vhost-device-pmem/examples/metrics.conf",
+        "/usr/share/doc/vhost-device-pmem/examples/prometheus/vhost-device-pmem.rules.yml",
+        "/usr/share/doc/vhost-device-pmem/examples/libvirt-domain.xml",
+        "/etc/apparmor.d/abstractions/libvirt-qemu.d/vhost-device-pmem",
         "/usr/share/doc/vhost-device-pmem/README.md",
         "/usr/share/doc/vhost-device-pmem/copyright",
     ] {
@@ -305,9 +310,26 @@ fn package_installs_runs_and_upgrades_without_touching_a_serving_daemon() {
     assert!(agent_files
         .lines()
         .any(|l| l == "/usr/bin/vhost-device-pmem-agent"));
+    for want in [
+        "/usr/lib/systemd/system/vhost-device-pmem-agent@.service",
+        "/usr/lib/udev/rules.d/60-vhost-device-pmem-agent.rules",
+    ] {
+        assert!(
+            agent_files.lines().any(|l| l == want),
+            "{want} not in the agent's package: {agent_files}"
+        );
+    }
     assert!(
-        !agent_files.contains("systemd") && !agent_files.contains("/usr/bin/vhost-device-pmem\n"),
-        "the agent's package holds the agent only: {agent_files}"
+        !agent_files.contains("vhost-device-pmem@")
+            && !agent_files.contains("/usr/bin/vhost-device-pmem\n"),
+        "the agent's package holds the agent and its unit only: {agent_files}"
+    );
+    // The AppArmor rules are a conffile (an operator's edit survives upgrades).
+    let conffiles = fs::read_to_string(tree.join("var/lib/dpkg/info/vhost-device-pmem.conffiles"))
+        .unwrap_or_default();
+    assert!(
+        conffiles.contains("/etc/apparmor.d/abstractions/libvirt-qemu.d/vhost-device-pmem"),
+        "not a conffile: {conffiles}"
     );
     // The man page describes `serve`'s options (generated from clap), the completions
     // know the subcommands.

@@ -320,9 +320,22 @@ fn units_pass_systemd_analyze_verify_against_an_installed_root() {
             "vhost-device-pmem@vm0-pmem0.socket"
         ]
     );
-    // ExecStart= must exist in the root: install the binary where the unit says.
+    // The metrics drop-in, for every instance, as docs/operations.md installs it.
+    let dropin = etc.join("vhost-device-pmem@.service.d");
+    fs::create_dir_all(&dropin).unwrap();
+    fs::copy(unit_dir().join("metrics.conf"), dropin.join("metrics.conf")).unwrap();
+    // The guest agent's unit (its package installs it in a guest), on a port's
+    // kernel name as its udev rule starts it.
+    fs::copy(agent_dir().join(AGENT_UNIT), etc.join(AGENT_UNIT)).unwrap();
+    units.push(AGENT_UNIT.replace("@.", "@vport1p1."));
+    // ExecStart= must exist in the root: install the binaries where the units say.
     fs::create_dir_all(r.join("usr/bin")).unwrap();
     fs::copy(BIN, r.join("usr/bin/vhost-device-pmem")).unwrap();
+    fs::copy(
+        env!("CARGO_BIN_EXE_vhost-device-pmem-agent"),
+        r.join("usr/bin/vhost-device-pmem-agent"),
+    )
+    .unwrap();
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(format!("--root={}", r.display()))
@@ -333,4 +346,82 @@ fn units_pass_systemd_analyze_verify_against_an_installed_root() {
     assert!(out.status.success(), "{}\n{stderr}", out.status);
     // Warnings (an unknown key, a bad value) do not fail verify: none is allowed.
     assert!(stderr.trim().is_empty(), "{stderr}");
+    // The drop-in was read: the service's writable paths include the collector's.
+    let out = Command::new("systemd-analyze")
+        .arg(format!("--root={}", r.display()))
+        .args([
+            "cat-config",
+            "systemd/system/vhost-device-pmem@.service.d/metrics.conf",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("ReadWritePaths=/var/lib/prometheus/node-exporter"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The guest agent's unit and udev rule, shipped by its package.
+fn agent_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/agent")
+}
+
+const AGENT_UNIT: &str = "vhost-device-pmem-agent@.service";
+
+/// The rule starts the shipped unit, on the port name the agent and the shipped
+/// VMM configurations use, with the kernel name the unit's BindsTo= expects.
+#[test]
+fn the_agents_udev_rule_starts_its_unit_on_the_agent_port() {
+    let rules = fs::read_to_string(agent_dir().join("60-vhost-device-pmem-agent.rules")).unwrap();
+    let rule: Vec<&str> = rules
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .collect();
+    assert_eq!(rule.len(), 1, "{rules}");
+    let rule = rule[0];
+    let key = |k: &str| -> String {
+        let (_, rest) = rule
+            .split_once(k)
+            .unwrap_or_else(|| panic!("no {k} in {rule}"));
+        rest.split('"').nth(1).unwrap().to_string()
+    };
+    assert_eq!(key("SUBSYSTEM=="), "virtio-ports");
+    assert_eq!(key("KERNEL=="), "vport*");
+    assert_eq!(key("TAG+="), "systemd");
+    // The port name glob takes the agent's default port (and the libvirt XML's).
+    let glob = key("ATTR{name}==");
+    let prefix = glob.strip_suffix('*').expect("a prefix glob");
+    let default_port = vhost_device_pmem::media::channel::DEFAULT_PORT_NAME;
+    assert!(default_port.starts_with(prefix), "{glob} vs {default_port}");
+    let xml = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/libvirt-domain.xml"),
+    )
+    .unwrap();
+    assert!(xml.contains(&format!("name='{default_port}'")), "{xml}");
+    // It wants the shipped template on the kernel name (%k, e.g. vport1p1).
+    assert_eq!(
+        key("ENV{SYSTEMD_WANTS}+="),
+        AGENT_UNIT.replace("@.", "@%k.")
+    );
+    let unit = fs::read_to_string(agent_dir().join(AGENT_UNIT)).unwrap();
+    for line in [
+        "BindsTo=dev-%i.device",
+        "ExecStart=/usr/bin/vhost-device-pmem-agent --port-path /dev/%i",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "{line} not in the unit");
+    }
+    assert!(
+        !unit.contains("[Install]"),
+        "udev starts it; nothing enables it"
+    );
+    let cargo =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")).unwrap();
+    for asset in [
+        "[\"packaging/agent/vhost-device-pmem-agent@.service\", \"usr/lib/systemd/system/\", \"644\"]",
+        "[\"packaging/agent/60-vhost-device-pmem-agent.rules\", \"usr/lib/udev/rules.d/\", \"644\"]",
+    ] {
+        assert!(cargo.contains(asset), "{asset} not in Cargo.toml");
+    }
 }
