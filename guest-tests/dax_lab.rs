@@ -18,9 +18,7 @@
 //! [`inside_the_lab`] there (it is `#[ignore]`d on the host, where it cannot run).
 //! Needs `guest-tests/setup.sh` (skips loudly without; fails with VDP_REQUIRE_GUEST=1).
 
-#[path = "../tests/support/frontend.rs"]
-mod frontend;
-mod harness;
+use vdp_testkit::frontend;
 
 use std::{
     fs::{self, File},
@@ -33,12 +31,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{
+use serde_json::{json, Value};
+use vdp_testkit::daemon::Daemon;
+use vdp_testkit::guest::{
     fsdax_convert,
-    in_vm::{strace_window, vm_flags, SyncMapping, VmDaemon, SYNC_CALLS},
+    in_vm::{strace_window, vm_flags, SyncMapping, SYNC_CALLS},
     lab_boot, static_test_binary, GuestEnv,
 };
-use serde_json::{json, Value};
 use vhost_device_pmem::{
     blockmap::{self, Extent},
     control::{self, Request},
@@ -214,7 +213,7 @@ fn inside_the_lab() {
     let inside_sectors = inside.map(|off| device_sector(&extents, off));
     let outside_sector = sector_outside(&extents, &lab.badblocks);
 
-    let mut daemon = VmDaemon::start(&lab.daemon, &lab.file, scratch.path(), "d", &[]);
+    let mut daemon = Daemon::in_vm(&lab.daemon, &lab.file, scratch.path(), "d", &[]);
     let status = daemon.status();
     assert_eq!(status["mode_requested"], "auto", "{status:#}");
     assert_eq!(status["policy"], "direct", "{status:#}");
@@ -229,7 +228,7 @@ fn inside_the_lab() {
         fe.maps.wait_for(1, frontend::TIMEOUT),
         1,
         "{}",
-        daemon.log()
+        daemon.log_text()
     );
     let (region_fd, len) = fe.maps.with(0, |m| (m.file.try_clone().unwrap(), m.len));
     assert_eq!(len, SERVED_SIZE);
@@ -261,7 +260,7 @@ fn inside_the_lab() {
             .iter()
             .any(|f| f.split_whitespace().any(|x| x == "sf")),
         "the daemon's read-only mapping of the file has no sf flag: {daemon_flags:?}\n{}",
-        daemon.log()
+        daemon.log_text()
     );
     result["frontend_map_sync"] = json!(true);
     result["daemon_mapping_sf"] = json!(true);
@@ -435,14 +434,19 @@ fn inside_the_lab() {
     assert_eq!(status["policy"], "datasync", "{status:#}");
     assert_eq!(status["health"], "downgraded", "{status:#}");
     // Steps a-e under another kernel and the lab's glibc: nothing denied.
-    assert_eq!(status["sandbox_denials"], 0, "{status:#}\n{}", daemon.log());
+    assert_eq!(
+        status["sandbox_denials"],
+        0,
+        "{status:#}\n{}",
+        daemon.log_text()
+    );
     drop(writer);
     result["downgrade"] = json!({
         "reason": status["downgraded"],
         "latency_ms": t3.elapsed().as_secs_f64() * 1e3,
     });
 
-    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log());
+    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log_text());
 
     // f. The served file itself goes under `direct`: another file is renamed over
     // it (no open, so no lease break). A change notice sees it at once; the daemon
@@ -457,7 +461,7 @@ fn inside_the_lab() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut daemon = VmDaemon::start(
+    let mut daemon = Daemon::in_vm(
         &lab.daemon,
         &second,
         scratch.path(),
@@ -482,7 +486,7 @@ fn inside_the_lab() {
         "file_problem": status["guard"]["file_problem"],
         "latency_ms": t4.elapsed().as_secs_f64() * 1e3,
     });
-    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log());
+    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log_text());
     println!("VDP-LAB-RESULT {result}");
 }
 

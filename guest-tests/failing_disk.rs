@@ -12,9 +12,7 @@
 //! host, where it cannot run. Needs `guest-tests/setup.sh` (skips loudly without;
 //! fails with VDP_REQUIRE_GUEST=1).
 
-#[path = "../tests/support/frontend.rs"]
-mod frontend;
-mod harness;
+use vdp_testkit::frontend;
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -25,8 +23,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{in_vm::VmDaemon, static_binaries, static_test_binary, Boot, GuestEnv};
 use serde_json::{json, Value};
+use vdp_testkit::daemon::Daemon;
+use vdp_testkit::guest::{static_binaries, static_test_binary, Boot, GuestEnv};
 use vhost_device_pmem::blockmap::{self, Extent};
 
 /// Hard limit for the boot, from QEMU start to power-off (TCG).
@@ -360,9 +359,9 @@ fn inside_the_vm() {
     r["extents"] = json!(ranges);
 
     let args = ["--mode", "datasync", "--state-dir", state.to_str().unwrap()];
-    let mut daemon = VmDaemon::start(&vm.daemon, &vm.file, scratch.path(), "first", &args);
+    let mut daemon = Daemon::in_vm(&vm.daemon, &vm.file, scratch.path(), "first", &args);
     r["policy"] = daemon.status()["policy"].clone();
-    assert_eq!(r["policy"], "datasync", "{}", daemon.log());
+    assert_eq!(r["policy"], "datasync", "{}", daemon.log_text());
     let mut fe = mapped(&daemon);
 
     // 1. Writes under the file fail.
@@ -407,7 +406,7 @@ fn inside_the_vm() {
     if !out.status.success() {
         r["health_clear_stderr"] = json!(String::from_utf8_lossy(&out.stderr));
     }
-    let mut daemon = VmDaemon::start(&vm.daemon, &vm.file, scratch.path(), "third", &args);
+    let mut daemon = Daemon::in_vm(&vm.daemon, &vm.file, scratch.path(), "third", &args);
     let health = daemon.status()["health"].clone();
     let mut fe = mapped(&daemon);
     let c = pattern(0xc3);
@@ -424,9 +423,9 @@ fn inside_the_vm() {
 }
 
 /// A frontend that went through init and start, with the region mapped.
-fn mapped(d: &VmDaemon) -> frontend::TestFrontend {
+fn mapped(d: &Daemon) -> frontend::TestFrontend {
     let mut fe = frontend::TestFrontend::connect_started(&d.socket)
-        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
     fe.map_region(0).unwrap();
     fe
 }

@@ -27,8 +27,6 @@
 //! Needs `guest-tests/setup.sh` (skips loudly without; fails with VDP_REQUIRE_GUEST=1).
 //! Knob: VDP_NESTED_RECORDS (records per export, default 16).
 
-mod harness;
-
 use std::{
     collections::BTreeMap,
     fs::{self, File},
@@ -39,14 +37,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{
+use serde_json::{json, Value};
+use vdp_testkit::daemon::Daemon;
+use vdp_testkit::guest::{
     agent_qemu_args, fsdax_convert,
-    in_vm::{strace_window, vm_flags, SyncMapping, VmDaemon, SYNC_CALLS},
+    in_vm::{strace_window, vm_flags, SyncMapping, SYNC_CALLS},
     lab_boot,
     records::{classify, record, recover_ext4_file, splitmix, Found, RECORD},
     run, static_binaries, static_test_binary, Boot, Guest, GuestEnv,
 };
-use serde_json::{json, Value};
 use vhost_device_pmem::{
     blockmap::{
         self,
@@ -603,7 +602,7 @@ fn in_l1() {
         Case::Durable => "direct",
         Case::Volatile => "volatile",
     };
-    let daemon = VmDaemon::start(&daemon_bin, &vfile, scratch.path(), "v", &["--mode", mode]);
+    let daemon = Daemon::in_vm(&daemon_bin, &vfile, scratch.path(), "v", &["--mode", mode]);
     let status = daemon.status();
     assert_eq!(status["policy"], mode, "{status:#}");
 
@@ -1252,14 +1251,14 @@ fn in_l1_bench() {
         assert!(out.status.success(), "prepare {name}: {out:?}");
     }
     let scratch = tempfile::tempdir().unwrap();
-    let direct = VmDaemon::start(
+    let direct = Daemon::in_vm(
         &daemon_bin,
         &file("direct"),
         scratch.path(),
         "direct",
         &["--mode", "direct"],
     );
-    let fsync = VmDaemon::start(
+    let fsync = Daemon::in_vm(
         &daemon_bin,
         &file("fsync"),
         scratch.path(),

@@ -4,9 +4,7 @@
 //! hot-plug, the mapping check, re-attachment and the cold-plug arguments; this host
 //! has no DAX, so the direct path is only seen refusing here.
 
-mod harness;
-#[path = "../tests/support/procfs.rs"]
-mod procfs;
+use vdp_testkit::procfs;
 
 use std::{
     fs,
@@ -18,8 +16,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{GuestEnv, Qmp, DAEMON};
 use serde_json::{json, Value};
+use vdp_testkit::{
+    guest::{self, GuestEnv, Qmp},
+    BIN,
+};
 use vhost_device_pmem::{
     app::nvdimm::{
         self,
@@ -73,7 +74,7 @@ fn seeded(path: &Path, size: u64) {
 
 /// `vhost-device-pmem nvdimm ARGS` run to its end.
 fn nvdimm(args: &[&str]) -> Output {
-    Command::new(DAEMON)
+    Command::new(BIN)
         .arg("nvdimm")
         .args(args)
         .output()
@@ -99,7 +100,7 @@ impl Exporter {
     fn start(dir: &Path, name: &str, args: &[&str]) -> Self {
         let control = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
-        let child = Command::new(DAEMON)
+        let child = Command::new(BIN)
             .arg("nvdimm")
             .args(args)
             .arg("--control-socket")
@@ -251,7 +252,7 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
     let agent_sock = d.join("agent.sock");
     let started = Instant::now();
     let (mut guest, mut qmp) =
-        env.boot_for_nvdimm(d, SCRIPT, &harness::Boot::default().with_agent(&agent_sock));
+        env.boot_for_nvdimm(d, SCRIPT, &guest::Boot::default().with_agent(&agent_sock));
     guest.expect("VDP-WAIT", BOOT);
     let booted = started.elapsed();
     let export_qmp = d.join("qmp-export.sock");
@@ -542,7 +543,7 @@ fn printed_qemu_args_cold_plug_the_nvdimm() {
         "-device".to_string(),
         "nvdimm,id=nv1,memdev=mem-nv1".to_string(),
     ]);
-    let opts = harness::Boot {
+    let opts = guest::Boot {
         qemu_args,
         ..Default::default()
     };
@@ -652,12 +653,12 @@ fn direct_takes_a_prepared_dax_file_in_the_lab() {
         .unwrap()
         .set_len(512 << 20)
         .unwrap();
-    let mut boot = harness::Boot::default()
+    let mut boot = guest::Boot::default()
         .with_host_tools(&["mkfs.ext4"])
         .with_host_files(&["/etc/mke2fs.conf"]);
     boot.add_file(
         "vdp/vhost-device-pmem",
-        &harness::static_binaries().join("vhost-device-pmem"),
+        &guest::static_binaries().join("vhost-device-pmem"),
     );
     let script = format!(
         r#"
@@ -677,7 +678,7 @@ sed 's/^/VDP-ARG /' /tmp/a2
 grep -h verdict /tmp/e2 | sed 's/^/VDP-LOG /'
 umount /mnt/lab
 "#,
-        harness::fsdax_convert(0)
+        guest::fsdax_convert(0)
     );
     let mut guest = env.boot_lab(dir.path(), &nvdimm_img, &script, &boot);
     let rc = guest.finish(Duration::from_secs(300));

@@ -33,9 +33,7 @@
 //! find lost records). Needs `guest-tests/setup.sh` (skips loudly without; fails with
 //! VDP_REQUIRE_GUEST=1).
 
-#[path = "../tests/support/frontend.rs"]
-mod frontend;
-mod harness;
+use vdp_testkit::frontend;
 mod logwrites;
 
 use std::{
@@ -49,12 +47,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{
-    in_vm::VmDaemon,
+use serde_json::json;
+use vdp_testkit::daemon::Daemon;
+use vdp_testkit::guest::{
     records::{self, classify, record, splitmix, Found, RECORD, RECORD_MAGIC},
     static_binaries, static_test_binary, Boot, Guest, GuestEnv,
 };
-use serde_json::json;
 use vhost_device_pmem::blockmap::{self, Extent};
 
 /// The file the daemon serves inside the VM.
@@ -176,7 +174,7 @@ fn inside_the_host_vm() {
             .expect("/proc/sysrq-trigger")
     });
 
-    let mut daemon = VmDaemon::start(
+    let mut daemon = Daemon::in_vm(
         &run.daemon,
         &run.file,
         scratch.path(),
@@ -192,7 +190,7 @@ fn inside_the_host_vm() {
         fe.maps.wait_for(1, frontend::TIMEOUT),
         1,
         "no SHMEM_MAP:\n{}",
-        daemon.log()
+        daemon.log_text()
     );
     assert_eq!(fe.maps.with(0, |m| m.len), SERVED_SIZE);
     // Plain MAP_SHARED, exactly as QEMU 11.1 maps a SHMEM_MAP region.
@@ -203,9 +201,14 @@ fn inside_the_host_vm() {
         fe.write_pmem(i * RECORD as u64, &record(run.nonce, i))
             .unwrap();
         let status = fe.flush(1).unwrap_or_else(|e| {
-            panic!("flush of record {i}: {e}\n{}", daemon.log());
+            panic!("flush of record {i}: {e}\n{}", daemon.log_text());
         });
-        assert_eq!(status, vec![0], "flush of record {i}\n{}", daemon.log());
+        assert_eq!(
+            status,
+            vec![0],
+            "flush of record {i}\n{}",
+            daemon.log_text()
+        );
         say(&format!("VDP-ACK {i}"));
         if run.cut_after == Some(i) {
             say(&format!("VDP-CUT {i}"));
@@ -234,7 +237,7 @@ fn inside_the_host_vm() {
     let secs = t0.elapsed().as_secs_f64();
     let stats = daemon.stats();
     drop(fe);
-    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log());
+    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log_text());
     say(&format!(
         "VDP-INSIDE-DONE records={} secs={secs:.1} flush_requests={} syncs={}",
         run.records, stats["flush_requests"], stats["syncs"]

@@ -6,9 +6,6 @@
 //! outside its own temp dirs and loop devices, and always unmounts and detaches them.
 //! Needs root: without it a test prints SKIPPED, unless VDP_REQUIRE_ROOT_TESTS=1.
 
-#[path = "support/root.rs"]
-mod root;
-
 use std::{
     collections::hash_map::DefaultHasher,
     fs::{self, File, OpenOptions},
@@ -22,13 +19,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use root::{prerequisites, run};
+use vdp_testkit::root::{prerequisites, run};
 use vhost_device_pmem::{
     blockmap::{self, ProblemKind},
     control, sys,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-pmem");
+use vdp_testkit::BIN;
 const MIB: u64 = 1 << 20;
 
 // ---------------------------------------------------------------- prerequisites

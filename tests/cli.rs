@@ -8,12 +8,7 @@
 //! (`--print-capabilities`, `serve --fd`). A missing tool or privilege is a loud
 //! skip (a failure under VDP_REQUIRE_ROOT_TESTS=1).
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/frontend.rs"]
-mod frontend;
-#[path = "support/root.rs"]
-mod root;
+use vdp_testkit::root;
 
 use std::{
     fs,
@@ -31,9 +26,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use daemon::{wait_exit, Daemon, Scratch, BIN, MIB2, TIMEOUT};
-use frontend::TestFrontend;
 use serde_json::Value;
+use vdp_testkit::daemon::{wait_exit, Daemon, Scratch, BIN, MIB2, TIMEOUT};
+use vdp_testkit::frontend::TestFrontend;
 use vhost_device_pmem::{
     blockmap::{self, Filesystem},
     control::{self, Request},

@@ -7,27 +7,20 @@
 //! temporary directories and mounts. Needs root: SKIPPED loudly without it, a
 //! failure with VDP_REQUIRE_ROOT_TESTS=1.
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/failing_disk.rs"]
-mod failing;
-#[path = "support/frontend.rs"]
-mod frontend;
-#[path = "support/remountable.rs"]
-mod loopfs;
-#[path = "support/root.rs"]
-mod root;
+use vdp_testkit::root;
 
 use std::{
     fs::{self, File},
     path::{Path, PathBuf},
 };
 
-use daemon::{Daemon, Scratch};
-use failing::{health, health_of, mapped, prepare, text, write_and_flush, FailingDisk, MIB};
-use loopfs::LoopFs;
-use root::unavailable;
 use serde_json::Value;
+use vdp_testkit::daemon::{Daemon, Scratch};
+use vdp_testkit::failing_disk::{
+    health, health_of, mapped, prepare, text, write_and_flush, FailingDisk, MIB,
+};
+use vdp_testkit::remountable::LoopFs;
+use vdp_testkit::root::unavailable;
 use vhost_device_pmem::blockmap;
 
 const FILE_SIZE: u64 = 16 * MIB;

@@ -4,12 +4,8 @@
 //! replaced atomically and parses. Never needs root or promtool (a strict parser of
 //! the format is in tests/support/prom.rs).
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/frontend.rs"]
-mod frontend;
-#[path = "support/prom.rs"]
-mod prom;
+use vdp_testkit::daemon;
+use vdp_testkit::prom;
 
 use std::{
     fs,
@@ -19,8 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use daemon::{serve_fails, Daemon, Scratch, MIB2};
-use frontend::TestFrontend;
+use vdp_testkit::daemon::{serve_fails, Daemon, Scratch, MIB2};
+use vdp_testkit::frontend::TestFrontend;
 use vhost_device_pmem::control::{self, Request};
 
 const P: &str = "vhost_device_pmem_";

@@ -16,12 +16,8 @@
 //! calls use its debug builds' `VDP_SANDBOX_TEST_HOOK` (compiled out of release
 //! builds; those tests say so loudly and stop there in a release test run).
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/frontend.rs"]
-mod frontend;
-#[path = "support/procfs.rs"]
-mod procfs;
+use vdp_testkit::daemon;
+use vdp_testkit::procfs;
 
 use std::{
     ffi::OsString,
@@ -42,9 +38,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use daemon::{Scratch, BIN, MIB2, TIMEOUT};
-use frontend::TestFrontend;
 use serde_json::{json, Value};
+use vdp_testkit::daemon::{Scratch, BIN, MIB2, TIMEOUT};
+use vdp_testkit::frontend::TestFrontend;
 use vhost_device_pmem::{
     control::{self, Request},
     sandbox::FILTERS,

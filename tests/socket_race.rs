@@ -8,10 +8,8 @@
 //! gid). Owns this case; never touches anything outside its temporary directory.
 //! Needs root: SKIPPED loudly without it, a failure with VDP_REQUIRE_ROOT_TESTS=1.
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/root.rs"]
-mod root;
+use vdp_testkit::daemon;
+use vdp_testkit::root;
 
 use std::{
     ffi::CString,
@@ -26,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use daemon::{Scratch, BIN, MIB2, TIMEOUT};
+use vdp_testkit::daemon::{Scratch, BIN, MIB2, TIMEOUT};
 
 /// Daemon starts the attacker races against.
 const STARTS: usize = 150;

@@ -6,10 +6,7 @@
 //! against the real binary; never touches anything outside its temporary
 //! directories. The other-uid case needs root (skipped loudly without it).
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/root.rs"]
-mod root;
+use vdp_testkit::root;
 
 use std::{
     fs,
@@ -18,8 +15,8 @@ use std::{
     process::{Command, Output},
 };
 
-use daemon::{serve_fails, Daemon, Scratch, BIN, MIB2};
 use serde_json::Value;
+use vdp_testkit::daemon::{serve_fails, Daemon, Scratch, BIN, MIB2};
 
 fn health(file: &Path, args: &[&str]) -> Output {
     Command::new(BIN)

@@ -4,8 +4,7 @@
 //! tree) and host-side image tools. Owns process lifetimes (everything is killed on
 //! drop) and timeouts; never decides what a test asserts.
 
-#![allow(dead_code)] // each test binary uses a different part
-
+pub mod env;
 pub mod in_vm;
 pub mod records;
 
@@ -25,8 +24,10 @@ use std::{
 };
 
 use serde_json::Value;
+/// The QMP client of the tests is the library's (`nvdimm`'s): one client.
+pub use vhost_device_pmem::app::nvdimm::qmp::{Qmp, QmpError};
 
-pub const DAEMON: &str = env!("CARGO_BIN_EXE_vhost-device-pmem");
+use crate::BIN;
 
 /// Guests are booted one at a time: the machine has two cores and TCG uses them.
 static BOOT_LOCK: Mutex<()> = Mutex::new(());
@@ -221,7 +222,7 @@ impl GuestEnv {
         .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
         .args(&opts.qemu_args);
         let guest = Guest::spawn(cmd, dir.join("console.log"));
-        let qmp = Qmp::connect(&qmp_path, Duration::from_secs(20));
+        let qmp = connect_qmp(&qmp_path);
         (guest, qmp)
     }
 
@@ -286,7 +287,7 @@ impl GuestEnv {
         ))
         .args(&opts.qemu_args);
         let guest = Guest::spawn(cmd, dir.join("console.log"));
-        let qmp = Qmp::connect(&qmp_path, Duration::from_secs(20));
+        let qmp = connect_qmp(&qmp_path);
         (guest, qmp)
     }
 
@@ -529,7 +530,7 @@ fn shared_libraries(program: &Path) -> Vec<PathBuf> {
 
 /// Builds (if needed) and returns the directory of the static daemon and agent.
 pub fn static_binaries() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-tests/build-static.sh");
+    let script = crate::repo_root().join("guest-tests/build-static.sh");
     let out = run(&mut Command::new(script));
     PathBuf::from(out.trim())
 }
@@ -545,7 +546,7 @@ const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
 pub fn static_test_binary(test: &str) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = run(Command::new(cargo)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(crate::repo_root())
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .args(["test", "--locked", "--no-run", "--release", "--target"])
         .arg(STATIC_TARGET)
@@ -740,103 +741,6 @@ impl Drop for Guest {
     }
 }
 
-/// The daemon under test, run as its real binary.
-pub struct DaemonProc {
-    child: Child,
-    pub socket: PathBuf,
-    pub control: PathBuf,
-    pub log: PathBuf,
-}
-
-impl DaemonProc {
-    pub fn start(dir: &Path, file: &Path, extra: &[&str]) -> Self {
-        let socket = dir.join("vu.sock");
-        let control = dir.join("ctl.sock");
-        let log = dir.join("daemon.log");
-        let child = Command::new(DAEMON)
-            .arg("serve")
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--file")
-            .arg(file)
-            .arg("--control-socket")
-            .arg(&control)
-            .args(extra)
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start daemon");
-        let d = Self {
-            child,
-            socket,
-            control,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !(d.socket.exists() && d.control.exists()) {
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not listen within 20 s:\n{}",
-                d.log_text()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    pub fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub fn call(&self, command: &str) -> Value {
-        let v = self.call_with(serde_json::json!({ "command": command }));
-        assert_eq!(v["ok"], true, "{v}");
-        v
-    }
-
-    /// Sends any control request and returns the answer, whatever it says.
-    pub fn call_with(&self, req: Value) -> Value {
-        let stream = std::os::unix::net::UnixStream::connect(&self.control).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        writeln!(&stream, "{req}").unwrap();
-        let mut line = String::new();
-        BufReader::new(&stream).read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap()
-    }
-
-    pub fn status(&self) -> Value {
-        self.call("status")["status"].clone()
-    }
-
-    pub fn stats(&self) -> Value {
-        self.call("stats")["stats"].clone()
-    }
-
-    /// SIGTERM and wait; returns the exit code.
-    pub fn terminate(mut self) -> i32 {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code().unwrap_or(-1);
-            }
-            assert!(Instant::now() < deadline, "daemon ignored SIGTERM");
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for DaemonProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Runs a host command, panicking with its output if it fails.
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -869,7 +773,7 @@ pub fn make_ext4_image(path: &Path, size: u64, seed_dir: &Path) {
         .arg(seed_dir)
         .arg(path));
     fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
-    run(Command::new(DAEMON).arg("prepare").arg(path));
+    run(Command::new(BIN).arg("prepare").arg(path));
 }
 
 /// Reads a file out of an ext4 image after replaying its journal on a copy (the
@@ -912,94 +816,18 @@ pub fn md5_hex(data: &[u8]) -> String {
         .to_string()
 }
 
-/// A QMP client on QEMU's monitor socket: greeting, capabilities negotiation,
-/// commands and asynchronous events (kept in arrival order until waited for).
-pub struct Qmp {
-    reader: BufReader<std::os::unix::net::UnixStream>,
-    writer: std::os::unix::net::UnixStream,
-    events: Vec<Value>,
-}
-
-impl Qmp {
-    /// Connects (retrying while QEMU creates the socket), reads the greeting and
-    /// leaves capabilities negotiation mode.
-    pub fn connect(path: &Path, timeout: Duration) -> Self {
-        let deadline = Instant::now() + timeout;
-        let stream = loop {
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "QMP {}: {e}", path.display());
-                    thread::sleep(Duration::from_millis(50));
-                }
+/// Connects to QEMU's monitor at `path` with the library's client, retrying for
+/// 20 s while QEMU creates the socket; every command then has 30 s.
+pub fn connect_qmp(path: &Path) -> Qmp {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match Qmp::connect(path, Duration::from_secs(30)) {
+            Ok(qmp) => return qmp,
+            Err(e @ QmpError::Connect { .. }) => {
+                assert!(Instant::now() < deadline, "{e}");
+                thread::sleep(Duration::from_millis(50));
             }
-        };
-        let mut qmp = Self {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-            events: Vec::new(),
-        };
-        let greeting = qmp.read(deadline).expect("QMP greeting");
-        assert!(
-            greeting.get("QMP").is_some(),
-            "not a QMP greeting: {greeting}"
-        );
-        qmp.execute("qmp_capabilities", serde_json::json!({}))
-            .unwrap_or_else(|e| panic!("qmp_capabilities: {e}"));
-        qmp
-    }
-
-    /// One JSON message, or `None` at `deadline`.
-    fn read(&mut self, deadline: Instant) -> Option<Value> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return None;
-        }
-        self.reader.get_ref().set_read_timeout(Some(left)).unwrap();
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => panic!("QEMU closed its QMP socket"),
-            Ok(_) => Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))),
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                None
-            }
-            Err(e) => panic!("QMP read: {e}"),
-        }
-    }
-
-    /// Runs a command; `Ok(return value)` or `Err(the error object)`. Events that
-    /// arrive meanwhile are kept for [`Self::wait_event`].
-    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, Value> {
-        let req = serde_json::json!({ "execute": command, "arguments": arguments });
-        writeln!(self.writer, "{req}").unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let msg = self
-                .read(deadline)
-                .unwrap_or_else(|| panic!("no answer to QMP {command} within 30 s"));
-            if let Some(ret) = msg.get("return") {
-                return Ok(ret.clone());
-            }
-            if let Some(err) = msg.get("error") {
-                return Err(err.clone());
-            }
-            self.events.push(msg);
-        }
-    }
-
-    /// Waits for event `name` (one that already arrived counts) and returns it, or
-    /// `None` if it does not come within `timeout`.
-    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Option<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
-                return Some(self.events.remove(i));
-            }
-            let msg = self.read(deadline)?;
-            self.events.push(msg);
+            Err(e) => panic!("{e}"),
         }
     }
 }

@@ -3,8 +3,10 @@
 //! directory, the daemon as a child process (killed on drop), its log, and its
 //! control socket.
 //!
-//! Include it with `#[path = "support/daemon.rs"] mod daemon;`.
-#![allow(dead_code)]
+//!
+//! Owns: the one daemon wrapper ([`Daemon`]) for the host, a guest and a VM that
+//! plays a host, its lifetime and its waits ([`Daemon::wait_status`]). Never
+//! decides what a test asserts.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -19,14 +21,23 @@ use std::{
 use serde_json::Value;
 use vhost_device_pmem::control::{self, Request};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-pmem");
+pub use crate::BIN;
 pub const MIB2: u64 = 2 << 20;
-/// How long a daemon may take to come up or to exit.
+/// How long a daemon on this host may take to come up, to show a status, or to exit.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
+/// The same for a daemon serving a guest ([`Daemon::for_guest`]) or started in a VM
+/// ([`Daemon::in_vm`]): TCG shares the two cores.
+pub const GUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A scratch directory for sockets, logs and backing files.
 pub struct Scratch {
     pub dir: tempfile::TempDir,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Scratch {
@@ -75,12 +86,42 @@ impl Scratch {
     }
 }
 
-/// A running daemon. Dropping it kills the process.
+/// A running daemon (`serve`): the one wrapper the host tests, the guest tests and
+/// the tests run inside a VM share. Dropping it kills the process.
 pub struct Daemon {
     child: Child,
     pub socket: PathBuf,
     pub control: PathBuf,
     pub log: PathBuf,
+    /// How long it may take to come up, to show a status, or to exit.
+    timeout: Duration,
+}
+
+/// Where a daemon's sockets and log go and how it runs; see [`Daemon::launch`].
+pub struct Launch<'a> {
+    /// The binary: [`BIN`], or a static one in a VM.
+    pub bin: &'a Path,
+    pub socket: PathBuf,
+    pub control: PathBuf,
+    pub log: PathBuf,
+    /// `RUST_LOG` of the daemon.
+    pub rust_log: &'a str,
+    pub timeout: Duration,
+}
+
+impl<'a> Launch<'a> {
+    /// `<name>.sock`, `<name>.ctl` and `<name>.log` in `dir`, [`BIN`] at `info`
+    /// with [`TIMEOUT`].
+    pub fn named(dir: &Path, name: &str) -> Self {
+        Self {
+            bin: BIN.path(),
+            socket: dir.join(format!("{name}.sock")),
+            control: dir.join(format!("{name}.ctl")),
+            log: dir.join(format!("{name}.log")),
+            rust_log: "info",
+            timeout: TIMEOUT,
+        }
+    }
 }
 
 /// Starts the binary with `args`, stderr (the log) to `log`.
@@ -91,14 +132,25 @@ pub fn spawn(args: &[&str], log: &Path) -> Child {
 /// As [`spawn`], with `prepare` changing the command first (another uid, a
 /// descriptor limit).
 pub fn spawn_prepared(args: &[&str], log: &Path, prepare: impl FnOnce(&mut Command)) -> Child {
-    let mut cmd = Command::new(BIN);
+    spawn_bin(BIN.path(), "info", args, log, prepare)
+}
+
+fn spawn_bin(
+    bin: &Path,
+    rust_log: &str,
+    args: &[&str],
+    log: &Path,
+    prepare: impl FnOnce(&mut Command),
+) -> Child {
+    let mut cmd = Command::new(bin);
     cmd.args(args)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", rust_log)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(File::create(log).unwrap());
     prepare(&mut cmd);
-    cmd.spawn().unwrap()
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", bin.display()))
 }
 
 /// Makes `cmd`'s process start with a descriptor limit of `n` (soft and hard),
@@ -123,7 +175,12 @@ pub fn limit_descriptors(cmd: &mut Command, n: u64) {
 
 /// Waits for `child` to exit, killing it (and failing) after [`TIMEOUT`].
 pub fn wait_exit(child: &mut Child) -> ExitStatus {
-    let deadline = Instant::now() + TIMEOUT;
+    wait_exit_within(child, TIMEOUT, "the daemon")
+}
+
+/// Waits for `child` (`what`) to exit, killing it (and failing) after `timeout`.
+pub fn wait_exit_within(child: &mut Child, timeout: Duration, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
@@ -131,7 +188,7 @@ pub fn wait_exit(child: &mut Child) -> ExitStatus {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("the daemon did not exit within {TIMEOUT:?}");
+            panic!("{what} did not exit within {timeout:?}");
         }
         thread::sleep(Duration::from_millis(20));
     }
@@ -167,8 +224,7 @@ impl Daemon {
         file: &Path,
         extra: &[&str],
     ) -> Result<Self, String> {
-        let socket = scratch.path(&format!("{name}.sock"));
-        Self::launch(scratch, &socket, name, file, extra)
+        Self::launch(Launch::named(scratch.dir.path(), name), file, extra, |_| {})
     }
 
     /// As [`Self::start`], on a given vhost-user socket path.
@@ -179,7 +235,11 @@ impl Daemon {
         file: &Path,
         extra: &[&str],
     ) -> Self {
-        Self::launch(scratch, socket, name, file, extra).unwrap_or_else(|log| panic!("{log}"))
+        let launch = Launch {
+            socket: socket.to_owned(),
+            ..Launch::named(scratch.dir.path(), name)
+        };
+        Self::launch(launch, file, extra, |_| {}).unwrap_or_else(|log| panic!("{log}"))
     }
 
     /// As [`Self::start`], with `prepare` changing the command first (see
@@ -191,31 +251,58 @@ impl Daemon {
         extra: &[&str],
         prepare: impl FnOnce(&mut Command),
     ) -> Self {
-        let socket = scratch.path(&format!("{name}.sock"));
-        Self::launch_prepared(scratch, &socket, name, file, extra, prepare)
-            .unwrap_or_else(|log| panic!("{log}"))
+        Self::launch(
+            Launch::named(scratch.dir.path(), name),
+            file,
+            extra,
+            prepare,
+        )
+        .unwrap_or_else(|log| panic!("{log}"))
     }
 
-    fn launch(
-        scratch: &Scratch,
-        socket: &Path,
-        name: &str,
-        file: &Path,
-        extra: &[&str],
-    ) -> Result<Self, String> {
-        Self::launch_prepared(scratch, socket, name, file, extra, |_| {})
+    /// The daemon a guest test boots QEMU against: `vu.sock`, `ctl.sock` and
+    /// `daemon.log` in `dir`, logging at `debug`, [`GUEST_TIMEOUT`].
+    pub fn for_guest(dir: &Path, file: &Path, extra: &[&str]) -> Self {
+        let launch = Launch {
+            socket: dir.join("vu.sock"),
+            control: dir.join("ctl.sock"),
+            log: dir.join("daemon.log"),
+            rust_log: "debug",
+            timeout: GUEST_TIMEOUT,
+            ..Launch::named(dir, "daemon")
+        };
+        Self::launch(launch, file, extra, |_| {}).unwrap_or_else(|log| panic!("{log}"))
     }
 
-    fn launch_prepared(
-        scratch: &Scratch,
-        socket: &Path,
-        name: &str,
+    /// The daemon a test running *inside* a VM starts (the DAX lab, the VM that
+    /// plays a host): the static binary `bin`, `<name>.sock`, `<name>.ctl` and
+    /// `<name>.log` in `dir`, [`GUEST_TIMEOUT`].
+    pub fn in_vm(bin: &Path, file: &Path, dir: &Path, name: &str, extra: &[&str]) -> Self {
+        let launch = Launch {
+            bin,
+            timeout: GUEST_TIMEOUT,
+            ..Launch::named(dir, name)
+        };
+        Self::launch(launch, file, extra, |_| {}).unwrap_or_else(|log| panic!("{log}"))
+    }
+
+    /// `serve --socket-path S --file FILE --control-socket C EXTRA...` as `launch`
+    /// says, `prepare` changing the command first; returns once the control socket
+    /// answers, or `Err` with the log if the daemon exits first.
+    pub fn launch(
+        launch: Launch,
         file: &Path,
         extra: &[&str],
         prepare: impl FnOnce(&mut Command),
     ) -> Result<Self, String> {
-        let control = scratch.path(&format!("{name}.ctl"));
-        let log = scratch.path(&format!("{name}.log"));
+        let Launch {
+            bin,
+            socket,
+            control,
+            log,
+            rust_log,
+            timeout,
+        } = launch;
         let mut args = vec![
             "serve",
             "--socket-path",
@@ -226,13 +313,15 @@ impl Daemon {
             control.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
+        let child = spawn_bin(bin, rust_log, &args, &log, prepare);
         let mut d = Daemon {
-            child: spawn_prepared(&args, &log, prepare),
-            socket: socket.to_owned(),
-            control,
-            log,
+            child,
+            socket: socket.clone(),
+            control: control.clone(),
+            log: log.clone(),
+            timeout,
         };
-        let deadline = Instant::now() + TIMEOUT;
+        let deadline = Instant::now() + timeout;
         // The control socket is bound after the vhost-user one, and asking it does
         // not count as a VMM connection.
         while control::call(&d.control, &Request::Status).is_err() {
@@ -244,7 +333,7 @@ impl Daemon {
             }
             if Instant::now() > deadline {
                 panic!(
-                    "the daemon did not come up within {TIMEOUT:?}:\n{}",
+                    "the daemon did not come up within {timeout:?}:\n{}",
                     d.log_text()
                 );
             }
@@ -266,25 +355,28 @@ impl Daemon {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn call(&self, req: Request, key: &str) -> Value {
-        let v = control::call(&self.control, &req).unwrap();
+    /// Sends a request that must succeed (`"ok": true`); the whole answer.
+    pub fn call(&self, req: &Request) -> Value {
+        let v = control::call(&self.control, req)
+            .unwrap_or_else(|e| panic!("control {}: {e}\n{}", req.name(), self.log_text()));
         assert_eq!(v["ok"], true, "{v}");
-        v[key].clone()
+        v
     }
 
     /// The `status` document.
     pub fn status(&self) -> Value {
-        self.call(Request::Status, "status")
+        self.call(&Request::Status)["status"].clone()
     }
 
     /// The `stats` document.
     pub fn stats(&self) -> Value {
-        self.call(Request::Stats, "stats")
+        self.call(&Request::Stats)["stats"].clone()
     }
 
-    /// Polls `status` until `pred` holds; panics with the last status after [`TIMEOUT`].
+    /// Polls `status` until `pred` holds; panics with the last status after the
+    /// daemon's timeout ([`TIMEOUT`], or [`GUEST_TIMEOUT`]).
     pub fn wait_status(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + TIMEOUT;
+        let deadline = Instant::now() + self.timeout;
         loop {
             let s = self.status();
             if pred(&s) {
@@ -294,6 +386,17 @@ impl Daemon {
                 panic!("status never showed {what}: {s:#}\n{}", self.log_text());
             }
             thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Polls the log until it contains `needle`; panics with it after the timeout.
+    pub fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + self.timeout;
+        while !self.log_text().contains(needle) {
+            if Instant::now() > deadline {
+                panic!("the daemon never logged {needle:?}:\n{}", self.log_text());
+            }
+            thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -307,7 +410,14 @@ impl Daemon {
 
     /// Waits for the daemon to exit (after a signal).
     pub fn wait_exit(&mut self) -> ExitStatus {
-        wait_exit(&mut self.child)
+        let what = format!("the daemon (its log: {})", self.log.display());
+        wait_exit_within(&mut self.child, self.timeout, &what)
+    }
+
+    /// SIGTERM and wait; the exit code, `None` if a signal ended it.
+    pub fn terminate(&mut self) -> Option<i32> {
+        self.signal(libc::SIGTERM);
+        self.wait_exit().code()
     }
 }
 
