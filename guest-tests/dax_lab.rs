@@ -34,6 +34,7 @@ use std::{
 use serde_json::{json, Value};
 use vdp_testkit::daemon::Daemon;
 use vdp_testkit::guest::{
+    env::VmEnv,
     fsdax_convert,
     in_vm::{strace_window, vm_flags, SyncMapping, SYNC_CALLS},
     lab_boot, static_test_binary, GuestEnv,
@@ -152,24 +153,17 @@ impl Lab {
     /// The lab's paths; panics outside the lab (the test is `#[ignore]`d, so it runs
     /// only when asked for, and asked for outside the lab it must not pass).
     fn from_env() -> Self {
-        let vars: Vec<Option<String>> = LAB_VARS.iter().map(|v| std::env::var(v).ok()).collect();
-        assert!(
-            vars.iter().any(Option::is_some),
+        let env = VmEnv::load(
+            &LAB_VARS,
             "inside_the_lab runs only inside the DAX host lab VM (dax_lab_ext4 and dax_lab_xfs \
-             boot it and run it there); {} are not set",
-            LAB_VARS.join(", ")
+             boot it and run it there)",
         );
-        let get = |i: usize| {
-            vars[i]
-                .clone()
-                .unwrap_or_else(|| panic!("{} is not set (half a lab environment)", LAB_VARS[i]))
-        };
         Self {
-            fs: get(0),
-            daemon: get(1).into(),
-            file: get(2).into(),
-            strace: get(3).into(),
-            badblocks: get(4).into(),
+            fs: env.get("VDP_LAB_FS"),
+            daemon: env.path("VDP_LAB_DAEMON"),
+            file: env.path("VDP_LAB_FILE"),
+            strace: env.path("VDP_LAB_STRACE"),
+            badblocks: env.path("VDP_LAB_BADBLOCKS"),
         }
     }
 }

@@ -25,7 +25,7 @@ use std::{
 
 use serde_json::{json, Value};
 use vdp_testkit::daemon::Daemon;
-use vdp_testkit::guest::{static_binaries, static_test_binary, Boot, GuestEnv};
+use vdp_testkit::guest::{env::VmEnv, static_binaries, static_test_binary, Boot, GuestEnv};
 use vhost_device_pmem::blockmap::{self, Extent};
 
 /// Hard limit for the boot, from QEMU start to power-off (TCG).
@@ -205,24 +205,16 @@ impl Vm {
     /// The VM's paths; panics outside the VM (the test is `#[ignore]`d, so it runs
     /// only when asked for, and asked for outside the VM it must not pass).
     fn from_env() -> Self {
-        let vars: Vec<Option<String>> = VM_VARS.iter().map(|v| std::env::var(v).ok()).collect();
-        assert!(
-            vars.iter().any(Option::is_some),
+        let env = VmEnv::load(
+            &VM_VARS,
             "inside_the_vm runs only inside the failing-disk VM (failing_disk_vm boots it \
-             and runs it there); {} are not set",
-            VM_VARS.join(", ")
+             and runs it there)",
         );
-        let get = |i: usize| -> PathBuf {
-            vars[i]
-                .clone()
-                .unwrap_or_else(|| panic!("{} is not set (half a VM environment)", VM_VARS[i]))
-                .into()
-        };
         Self {
-            daemon: get(0),
-            file: get(1),
-            dmsetup: get(2),
-            disk: get(3),
+            daemon: env.path("VDP_FD_DAEMON"),
+            file: env.path("VDP_FD_FILE"),
+            dmsetup: env.path("VDP_FD_DMSETUP"),
+            disk: env.path("VDP_FD_DISK"),
         }
     }
 

@@ -50,6 +50,7 @@ use std::{
 use serde_json::json;
 use vdp_testkit::daemon::Daemon;
 use vdp_testkit::guest::{
+    env::{num_or, optional_num, VmEnv},
     records::{self, classify, record, splitmix, Found, RECORD, RECORD_MAGIC},
     static_binaries, static_test_binary, Boot, Guest, GuestEnv,
 };
@@ -98,26 +99,12 @@ impl Inside {
     /// The run's parameters; panics outside the VM (the test is `#[ignore]`d, so it
     /// runs only when asked for, and asked for outside the VM it must not pass).
     fn from_env() -> Self {
-        let vars: Vec<Option<String>> = INSIDE_VARS.iter().map(|v| std::env::var(v).ok()).collect();
-        assert!(
-            vars.iter().any(Option::is_some),
+        let env = VmEnv::load(
+            &INSIDE_VARS,
             "inside_the_host_vm runs only inside the VM that plays the host (power_cut_* and \
-             log_writes_every_flush_point boot it and run it there); {} are not set",
-            INSIDE_VARS.join(", ")
+             log_writes_every_flush_point boot it and run it there)",
         );
-        let get = |i: usize| {
-            vars[i]
-                .clone()
-                .unwrap_or_else(|| panic!("{} is not set (half an environment)", INSIDE_VARS[i]))
-        };
-        let num = |i: usize| -> u64 {
-            get(i)
-                .parse()
-                .unwrap_or_else(|e| panic!("{}: {e}", INSIDE_VARS[i]))
-        };
-        let cut_after = std::env::var("VDP_PC_CUT_AFTER")
-            .ok()
-            .map(|v| v.parse().expect("VDP_PC_CUT_AFTER"));
+        let cut_after = optional_num("VDP_PC_CUT_AFTER");
         let mark = std::env::var("VDP_PC_MARK_DEVICE").ok().map(|dev| {
             (
                 dev,
@@ -125,11 +112,11 @@ impl Inside {
             )
         });
         Self {
-            daemon: get(0).into(),
-            file: get(1).into(),
-            mode: get(2),
-            records: num(3),
-            nonce: num(4),
+            daemon: env.path("VDP_PC_DAEMON"),
+            file: env.path("VDP_PC_FILE"),
+            mode: env.get("VDP_PC_MODE"),
+            records: env.num("VDP_PC_RECORDS"),
+            nonce: env.num("VDP_PC_NONCE"),
             cut_after,
             mark,
         }
@@ -325,12 +312,6 @@ fn inside_cmd(mode: &str, records: u64, nonce: u64, extra: &str) -> String {
     )
 }
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).map_or(default, |v| {
-        v.parse().unwrap_or_else(|e| panic!("{name}={v}: {e}"))
-    })
-}
-
 /// A seed for this run: VDP_POWER_CUT_SEED, or the clock.
 fn seed() -> u64 {
     std::env::var("VDP_POWER_CUT_SEED").map_or_else(
@@ -416,8 +397,8 @@ fn power_cut(mode: &str) {
     let Some(env) = GuestEnv::load(&test) else {
         return;
     };
-    let rounds = env_u64("VDP_POWER_CUT_ROUNDS", 1);
-    let records = env_u64("VDP_POWER_CUT_RECORDS", 40);
+    let rounds = num_or("VDP_POWER_CUT_ROUNDS", 1);
+    let records = num_or("VDP_POWER_CUT_RECORDS", 40);
     assert!(rounds >= 1 && records >= 1);
     let at = std::env::var("VDP_POWER_CUT_AT").ok();
     let mut rng = seed();
@@ -711,7 +692,7 @@ fn log_writes_every_flush_point() {
     let Some(env) = GuestEnv::load("log_writes_every_flush_point") else {
         return;
     };
-    let records = env_u64("VDP_LOG_WRITES_RECORDS", 2000);
+    let records = num_or("VDP_LOG_WRITES_RECORDS", 2000);
     assert!(records >= 1, "VDP_LOG_WRITES_RECORDS must be at least 1");
     let mode = std::env::var("VDP_LOG_WRITES_MODE").unwrap_or_else(|_| "datasync".into());
     let negative = mode == "volatile";
