@@ -6,6 +6,7 @@
 
 pub mod env;
 pub mod in_vm;
+pub mod nested;
 pub mod records;
 
 use std::{
