@@ -81,6 +81,26 @@ fn nvdimm(args: &[&str]) -> Output {
         .expect("run vhost-device-pmem nvdimm")
 }
 
+/// `--file FILE --qmp-socket QMP --id ID` and then `extra`: what every export of
+/// these tests says.
+fn export_args<'a>(file: &'a str, qmp: &'a str, id: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--file", file, "--qmp-socket", qmp, "--id", id];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Runs an export with `args` that must be refused at start (exit 1, its output
+/// containing every one of `says`); returns the output.
+fn refused(args: &[&str], says: &[&str]) -> String {
+    let o = nvdimm(args);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{args:?}: {t}");
+    for needle in says {
+        assert!(t.contains(needle), "{args:?} does not say {needle:?}: {t}");
+    }
+    t
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -259,29 +279,23 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
     let qmp_s = export_qmp.to_str().unwrap();
 
     // (b) A missing file is refused, and not created (QEMU would create it).
-    let missing = d.join("missing.img");
-    let o = nvdimm(&[
-        "--file",
-        missing.to_str().unwrap(),
-        "--qmp-socket",
-        qmp_s,
-        "--id",
-        "nv0",
-        "--mode",
-        "volatile",
-    ]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("no such file"), "{}", text(&o));
-    assert!(!missing.exists());
-
     // (a) Direct mode on a page-cache file is refused naming DAX; nothing plugged.
-    let o = nvdimm(&["--file", img_s, "--qmp-socket", qmp_s, "--id", "nv0"]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    let t = text(&o);
-    assert!(
-        t.contains("needs DAX") && t.contains("never durable"),
-        "{t}"
-    );
+    let missing = d.join("missing.img");
+    let missing_s = missing.to_str().unwrap();
+    let refusals: [(Vec<&str>, &[&str]); 2] = [
+        (
+            export_args(missing_s, qmp_s, "nv0", &["--mode", "volatile"]),
+            &["no such file"],
+        ),
+        (
+            export_args(img_s, qmp_s, "nv0", &[]),
+            &["needs DAX", "never durable"],
+        ),
+    ];
+    for (args, says) in &refusals {
+        refused(args, says);
+    }
+    assert!(!missing.exists());
     assert!(
         memory_devices(&mut qmp).is_empty(),
         "a refusal plugged something"
@@ -292,18 +306,17 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
     let mut ex = Exporter::start(
         d,
         "export1",
-        &[
-            "--file",
+        &export_args(
             img_s,
-            "--qmp-socket",
             qmp_s,
-            "--id",
             "nv0",
-            "--mode",
-            "volatile",
-            "--agent-socket",
-            agent_sock.to_str().unwrap(),
-        ],
+            &[
+                "--mode",
+                "volatile",
+                "--agent-socket",
+                agent_sock.to_str().unwrap(),
+            ],
+        ),
     );
     let s = ex.wait_verified();
     let verified_after = plug_started.elapsed();
@@ -403,16 +416,7 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
     let mut second = Exporter::start(
         d,
         "second",
-        &[
-            "--file",
-            img_s,
-            "--qmp-socket",
-            qmp_s,
-            "--id",
-            "nv1",
-            "--mode",
-            "volatile",
-        ],
+        &export_args(img_s, qmp_s, "nv1", &["--mode", "volatile"]),
     );
     assert_eq!(
         second.wait(Duration::from_secs(20)),
@@ -437,34 +441,16 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
     assert_eq!(memory_devices(&mut qmp).len(), 1);
 
     // Without --attach the id is taken: refused.
-    let o = nvdimm(&[
-        "--file",
-        img_s,
-        "--qmp-socket",
-        qmp_s,
-        "--id",
-        "nv0",
-        "--mode",
-        "volatile",
-    ]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("--attach"), "{}", text(&o));
+    refused(
+        &export_args(img_s, qmp_s, "nv0", &["--mode", "volatile"]),
+        &["--attach"],
+    );
 
     // --attach guards it again, and ends by itself when QEMU exits.
     let mut ex2 = Exporter::start(
         d,
         "export2",
-        &[
-            "--file",
-            img_s,
-            "--qmp-socket",
-            qmp_s,
-            "--id",
-            "nv0",
-            "--mode",
-            "volatile",
-            "--attach",
-        ],
+        &export_args(img_s, qmp_s, "nv0", &["--mode", "volatile", "--attach"]),
     );
     let s = ex2.wait_verified();
     assert_eq!(s["nvdimm"]["attached"], "re-attached", "{s}");
@@ -576,19 +562,18 @@ fn printed_qemu_args_cold_plug_the_nvdimm() {
     let mut ex = Exporter::start(
         d,
         "attach",
-        &[
-            "--file",
+        &export_args(
             img_s,
-            "--qmp-socket",
             d.join("qmp-export.sock").to_str().unwrap(),
-            "--id",
             "nv0",
-            "--mode",
-            "volatile",
-            "--attach",
-            "--agent-socket",
-            agent_sock.to_str().unwrap(),
-        ],
+            &[
+                "--mode",
+                "volatile",
+                "--attach",
+                "--agent-socket",
+                agent_sock.to_str().unwrap(),
+            ],
+        ),
     );
     let s = ex.wait_verified();
     assert_eq!(s["nvdimm"]["attached"], "re-attached", "{s}");
