@@ -2,7 +2,7 @@
 //! The DAX host lab: a VM that plays the host. Its emulated NVDIMM becomes an fsdax
 //! /dev/pmem0 with a DAX-mounted ext4 or XFS on it, and inside it this very test
 //! binary (built static) drives the static daemon with the in-process vhost-user
-//! frontend of tests/support/frontend.rs. What only a real DAX host can show:
+//! frontend of testkit/src/frontend.rs. What only a real DAX host can show:
 //!
 //! - `auto` chooses `direct`, and the region really is MAP_SYNC (the frontend maps
 //!   the fd it receives with MAP_SHARED_VALIDATE|MAP_SYNC; the daemon's own watch

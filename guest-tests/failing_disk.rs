@@ -6,7 +6,7 @@
 //!
 //! `failing_disk_vm` boots the VM (one boot) and runs [`inside_the_vm`] there; the
 //! static copy of this test binary drives the static daemon with the in-process
-//! frontend of tests/support/frontend.rs. Only the file's extents fail: an error
+//! frontend of testkit/src/frontend.rs. Only the file's extents fail: an error
 //! table over the whole device makes ext4 abort its journal, and then every daemon
 //! sees EIO or EROFS whatever it does. [`inside_the_vm`] is `#[ignore]`d on the
 //! host, where it cannot run. Needs `guest-tests/setup.sh` (skips loudly without;

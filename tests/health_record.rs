@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The health record under real trouble: a real sync failure (the failing disk of
-//! tests/support/failing_disk.rs) while the state directory's own filesystem (a
+//! testkit/src/failing_disk.rs) while the state directory's own filesystem (a
 //! small ext4 on a loop device) is remounted read-only or full; the exit status
 //! while the record is not written; the second copy in another directory; a failed
 //! file moved or hard-linked. Owns these cases; never touches anything outside its

@@ -2,7 +2,7 @@
 //! The daemon's Prometheus metrics, from the real binary over its real sockets: the
 //! `metrics` command counts what a QEMU-like frontend did, and `--metrics-file` is
 //! replaced atomically and parses. Never needs root or promtool (a strict parser of
-//! the format is in tests/support/prom.rs).
+//! the format is in testkit/src/prom.rs).
 
 use vdp_testkit::daemon;
 use vdp_testkit::prom;
