@@ -40,7 +40,7 @@ use std::{
 };
 
 use serde_json::{json, Value};
-use vdp_testkit::daemon::Daemon;
+use vdp_testkit::daemon::{Daemon, Export};
 use vdp_testkit::guest::{
     agent_qemu_args,
     env::num_or,
@@ -491,7 +491,7 @@ fn in_l1() {
     .collect();
 
     let mut l2_guest: Option<Guest> = None;
-    let mut exporter: Option<Exporter> = None;
+    let mut exporter: Option<Export> = None;
     let mut nvdimm_status = Value::Null;
     let t0 = Instant::now();
     let counts = strace_window(&strace, daemon.pid(), &["write"], || {
@@ -502,7 +502,7 @@ fn in_l1() {
             &args,
         );
         relay_until(&mut l2, "VDP-L2-UP", t0 + L2_TIMEOUT);
-        let ex = Exporter::start(&daemon_bin, &nfile, &qmp_path, case, scratch.path());
+        let ex = export_nvdimm(&daemon_bin, &nfile, &qmp_path, case, scratch.path());
         let st = ex.status();
         say(&format!("VDP-L1-EXPORTER {}", st["nvdimm"]));
         nvdimm_status = json!({
@@ -578,7 +578,7 @@ fn in_l1() {
             Instant::now() < deadline,
             "the agent never attached to /dev/pmem1: {:#}\n{}",
             ex.status(),
-            ex.log()
+            ex.log_text()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -600,13 +600,13 @@ fn in_l1() {
     let mut ex = ex;
     let deadline = Instant::now() + Duration::from_secs(30);
     let code = loop {
-        if let Some(st) = ex.child.try_wait().unwrap() {
+        if let Some(st) = ex.exited() {
             break st.code();
         }
         assert!(
             Instant::now() < deadline,
             "the export outlived its VM:\n{}",
-            ex.log()
+            ex.log_text()
         );
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -614,7 +614,7 @@ fn in_l1() {
         code,
         Some(0),
         "the export's exit after its VM:\n{}",
-        ex.log()
+        ex.log_text()
     );
     result["nvdimm"]["exit_after_vm"] = json!(code);
     let bb = l2
@@ -671,80 +671,31 @@ fn relay_lines(lines: &[String]) {
     }
 }
 
-/// `vhost-device-pmem nvdimm` run by L1: hot-plugs the NVDIMM into L2 and guards
-/// its file while L2 runs (killed on drop).
-struct Exporter {
-    child: std::process::Child,
-    control: PathBuf,
-    log: PathBuf,
-}
-
-impl Exporter {
-    /// Starts the export of `nfile` into the L2 QEMU behind `qmp_path` (`direct`, or
-    /// `--mode volatile`) and waits until it says QEMU's mapping is verified.
-    fn start(daemon: &Path, nfile: &Path, qmp_path: &Path, case: Case, dir: &Path) -> Self {
-        let (control, log) = (dir.join("nvdimm.ctl"), dir.join("nvdimm.log"));
-        let mode = match case {
-            Case::Durable => "direct",
-            Case::Volatile => "volatile",
-        };
-        let child = Command::new(daemon)
-            .arg("nvdimm")
-            .arg("--file")
-            .arg(nfile)
-            .arg("--qmp-socket")
-            .arg(qmp_path)
-            .args(["--id", NVDIMM_ID, "--mode", mode, "--control-socket"])
-            .arg(&control)
-            .arg("--agent-socket")
-            .arg(dir.join("agent.sock"))
-            .env("RUST_LOG", "info")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut ex = Self {
-            child,
-            control,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Ok(v) = control::call(&ex.control, &control::Request::Status) {
-                if v["status"]["nvdimm"]["mapping_verified"] == true {
-                    break;
-                }
-            }
-            if let Some(st) = ex.child.try_wait().unwrap() {
-                panic!("the NVDIMM export exited with {st}:\n{}", ex.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the NVDIMM export never verified QEMU's mapping:\n{}",
-                ex.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        ex
-    }
-
-    fn status(&self) -> Value {
-        let v = control::call(&self.control, &control::Request::Status).unwrap();
-        assert_eq!(v["ok"], true, "{v}");
-        v["status"].clone()
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Exporter {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `vhost-device-pmem nvdimm` run by L1 (the kit's [`Export`]): hot-plugs the NVDIMM
+/// `nfile` into the L2 QEMU behind `qmp_path` (`direct`, or `--mode volatile`) and
+/// guards it while L2 runs (killed on drop); returns once it says QEMU's mapping is
+/// verified.
+fn export_nvdimm(daemon: &Path, nfile: &Path, qmp_path: &Path, case: Case, dir: &Path) -> Export {
+    let mode = match case {
+        Case::Durable => "direct",
+        Case::Volatile => "volatile",
+    };
+    let agent = dir.join("agent.sock");
+    let args = [
+        "--file",
+        nfile.to_str().unwrap(),
+        "--qmp-socket",
+        qmp_path.to_str().unwrap(),
+        "--id",
+        NVDIMM_ID,
+        "--mode",
+        mode,
+        "--agent-socket",
+        agent.to_str().unwrap(),
+    ];
+    let mut ex = Export::spawn(daemon, dir, "nvdimm", &args, "info");
+    ex.wait_verified(Duration::from_secs(120));
+    ex
 }
 
 // ---- inside L2 -------------------------------------------------------------------

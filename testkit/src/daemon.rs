@@ -1,12 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Runs the real `vhost-device-pmem` binary for tests: a backing file in a temporary
 //! directory, the daemon as a child process (killed on drop), its log, and its
-//! control socket.
-//!
+//! control socket; and the `nvdimm` export the same way ([`Export`]).
 //!
 //! Owns: the one daemon wrapper ([`Daemon`]) for the host, a guest and a VM that
-//! plays a host, its lifetime and its waits ([`Daemon::wait_status`]). Never
-//! decides what a test asserts.
+//! plays a host, the one export wrapper ([`Export`]), their lifetimes and their
+//! waits ([`Daemon::wait_status`], [`Export::wait_verified`]). Never decides what a
+//! test asserts.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -422,6 +422,136 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `nvdimm` export (the other front end): the one wrapper of the NVDIMM
+/// guest tests and of the nested lab. Dropping it kills the process.
+pub struct Export {
+    child: Child,
+    pub control: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Export {
+    /// `bin nvdimm ARGS --control-socket DIR/NAME.ctl`, its log `DIR/NAME.log` at
+    /// `rust_log`; returns at once (see [`Self::wait_verified`]).
+    pub fn spawn(bin: &Path, dir: &Path, name: &str, args: &[&str], rust_log: &str) -> Self {
+        let control = dir.join(format!("{name}.ctl"));
+        let log = dir.join(format!("{name}.log"));
+        let mut full = vec!["nvdimm"];
+        full.extend_from_slice(args);
+        full.extend(["--control-socket", control.to_str().unwrap()]);
+        let child = spawn_bin(bin, rust_log, &full, &log, |_| {});
+        Self {
+            child,
+            control,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running (its exit status, if not).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The whole answer to `req`, `None` while the control socket does not answer.
+    pub fn call(&self, req: &Request) -> Option<Value> {
+        control::call(&self.control, req).ok()
+    }
+
+    /// The `status` document, `None` while the control socket does not answer.
+    pub fn try_status(&self) -> Option<Value> {
+        Some(self.call(&Request::Status)?["status"].clone())
+    }
+
+    /// The `status` document of an export that answers.
+    pub fn status(&self) -> Value {
+        let v = control::call(&self.control, &Request::Status)
+            .unwrap_or_else(|e| panic!("the export's control socket: {e}\n{}", self.log_text()));
+        assert_eq!(v["ok"], true, "{v}");
+        v["status"].clone()
+    }
+
+    /// The event backlog, as far as it goes within a second.
+    pub fn events(&self) -> Vec<Value> {
+        use std::{
+            io::{BufRead, BufReader},
+            os::unix::net::UnixStream,
+        };
+        let s = UnixStream::connect(&self.control).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        writeln!(
+            &s,
+            "{}",
+            serde_json::json!({"command": "events", "backlog": true})
+        )
+        .unwrap();
+        BufReader::new(&s)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
+    }
+
+    /// Waits until `status` shows QEMU's mapping verified; returns it. Panics if
+    /// the export exits first or `timeout` passes.
+    pub fn wait_verified(&mut self, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_status() {
+                if s["nvdimm"]["mapping_verified"] == true {
+                    return s;
+                }
+            }
+            if let Some(st) = self.exited() {
+                panic!("the NVDIMM export exited with {st}:\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the NVDIMM export never verified QEMU's mapping:\n{}",
+                self.log_text()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the process to end by itself; its exit code (-1: a signal).
+    pub fn wait(&mut self, timeout: Duration) -> i32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.exited() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the export did not exit:\n{}",
+                self.log_text()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM and [`Self::wait`] (20 s).
+    pub fn terminate(&mut self) -> i32 {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        self.wait(Duration::from_secs(20))
+    }
+}
+
+impl Drop for Export {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
