@@ -99,8 +99,9 @@ pub struct Daemon {
 
 /// Where a daemon's sockets and log go and how it runs; see [`Daemon::launch`].
 pub struct Launch<'a> {
-    /// The binary: [`BIN`], or a static one in a VM.
-    pub bin: &'a Path,
+    /// The binary: `None` for [`BIN`] (found only when used: a test running in a
+    /// VM has no cargo target directory), or a static one in a VM.
+    pub bin: Option<&'a Path>,
     pub socket: PathBuf,
     pub control: PathBuf,
     pub log: PathBuf,
@@ -114,7 +115,7 @@ impl<'a> Launch<'a> {
     /// with [`TIMEOUT`].
     pub fn named(dir: &Path, name: &str) -> Self {
         Self {
-            bin: BIN.path(),
+            bin: None,
             socket: dir.join(format!("{name}.sock")),
             control: dir.join(format!("{name}.ctl")),
             log: dir.join(format!("{name}.log")),
@@ -279,7 +280,7 @@ impl Daemon {
     /// `<name>.log` in `dir`, [`GUEST_TIMEOUT`].
     pub fn in_vm(bin: &Path, file: &Path, dir: &Path, name: &str, extra: &[&str]) -> Self {
         let launch = Launch {
-            bin,
+            bin: Some(bin),
             timeout: GUEST_TIMEOUT,
             ..Launch::named(dir, name)
         };
@@ -313,6 +314,7 @@ impl Daemon {
             control.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
+        let bin = bin.unwrap_or_else(|| BIN.path());
         let child = spawn_bin(bin, rust_log, &args, &log, prepare);
         let mut d = Daemon {
             child,
