@@ -18,8 +18,6 @@
 //! [`inside_the_lab`] there (it is `#[ignore]`d on the host, where it cannot run).
 //! Needs `guest-tests/setup.sh` (skips loudly without; fails with VDP_REQUIRE_GUEST=1).
 
-use vdp_testkit::frontend;
-
 use std::{
     fs::{self, File},
     io::Write,
@@ -33,6 +31,7 @@ use std::{
 
 use serde_json::{json, Value};
 use vdp_testkit::daemon::Daemon;
+use vdp_testkit::frontend;
 use vdp_testkit::guest::{
     env::VmEnv,
     fsdax_convert,

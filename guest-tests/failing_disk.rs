@@ -12,8 +12,6 @@
 //! host, where it cannot run. Needs `guest-tests/setup.sh` (skips loudly without;
 //! fails with VDP_REQUIRE_GUEST=1).
 
-use vdp_testkit::frontend;
-
 use std::{
     fs::{self, File, OpenOptions},
     io::Write,
@@ -25,6 +23,7 @@ use std::{
 
 use serde_json::{json, Value};
 use vdp_testkit::daemon::Daemon;
+use vdp_testkit::frontend;
 use vdp_testkit::guest::{env::VmEnv, static_binaries, static_test_binary, Boot, GuestEnv};
 use vhost_device_pmem::blockmap::{self, Extent};
 

@@ -4,8 +4,6 @@
 //! hot-plug, the mapping check, re-attachment and the cold-plug arguments; this host
 //! has no DAX, so the direct path is only seen refusing here.
 
-use vdp_testkit::procfs;
-
 use std::{
     fs,
     io::Write,
@@ -17,6 +15,7 @@ use std::{
 };
 
 use serde_json::{json, Value};
+use vdp_testkit::procfs;
 use vdp_testkit::{
     daemon::Export,
     guest::{self, GuestEnv, Qmp},

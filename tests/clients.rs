@@ -4,8 +4,6 @@
 //! control clients, a second real uid in the control group, and a fake guest
 //! flooding the agent channel.
 
-use vdp_testkit::root;
-
 use std::{
     fs,
     io::{BufRead, BufReader, Read, Write},
@@ -21,6 +19,7 @@ use std::{
 
 use vdp_testkit::daemon::{limit_descriptors, Daemon, Scratch, BIN, MIB2, TIMEOUT};
 use vdp_testkit::frontend::TestFrontend;
+use vdp_testkit::root;
 use vhost_device_pmem::control::{self, Request};
 
 const SIZE: u64 = 2 * MIB2;

@@ -5,9 +5,6 @@
 //! anything outside its temp dirs. Needs root: SKIPPED loudly without it, a failure
 //! with VDP_REQUIRE_ROOT_TESTS=1.
 
-use vdp_testkit::daemon;
-use vdp_testkit::root;
-
 use std::{
     fs::{self, File},
     io::{self, Write},
@@ -17,10 +14,12 @@ use std::{
 };
 
 use serde_json::Value;
+use vdp_testkit::daemon;
 use vdp_testkit::daemon::{Daemon, Scratch};
 use vdp_testkit::failing_disk::{
     health, mapped, physical, prepare, text, write_and_flush, FailingDisk, MIB,
 };
+use vdp_testkit::root;
 use vdp_testkit::root::unavailable;
 use vhost_device_pmem::{blockmap, control};
 

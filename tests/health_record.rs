@@ -7,8 +7,6 @@
 //! temporary directories and mounts. Needs root: SKIPPED loudly without it, a
 //! failure with VDP_REQUIRE_ROOT_TESTS=1.
 
-use vdp_testkit::root;
-
 use std::{
     fs::{self, File},
     path::{Path, PathBuf},
@@ -20,6 +18,7 @@ use vdp_testkit::failing_disk::{
     health, health_of, mapped, prepare, text, write_and_flush, FailingDisk, MIB,
 };
 use vdp_testkit::remountable::LoopFs;
+use vdp_testkit::root;
 use vdp_testkit::root::unavailable;
 use vhost_device_pmem::blockmap;
 

@@ -4,9 +4,6 @@
 //! replaced atomically and parses. Never needs root or promtool (a strict parser of
 //! the format is in testkit/src/prom.rs).
 
-use vdp_testkit::daemon;
-use vdp_testkit::prom;
-
 use std::{
     fs,
     os::unix::fs::MetadataExt,
@@ -15,8 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use vdp_testkit::daemon;
 use vdp_testkit::daemon::{serve_fails, Daemon, Scratch, MIB2};
 use vdp_testkit::frontend::TestFrontend;
+use vdp_testkit::prom;
 use vhost_device_pmem::control::{self, Request};
 
 const P: &str = "vhost_device_pmem_";

@@ -7,8 +7,6 @@
 //!
 //! Owns: these fake monitors. Never needs root or QEMU.
 
-use vdp_testkit::daemon;
-
 use std::{
     fs,
     io::{BufRead, BufReader, Write},
@@ -22,6 +20,7 @@ use std::{
     time::Duration,
 };
 
+use vdp_testkit::daemon;
 use vdp_testkit::daemon::{Scratch, MIB2};
 
 const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 1, "major": 11}, "package": ""}, "capabilities": ["oob"]}}"#;

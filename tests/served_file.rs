@@ -10,9 +10,6 @@
 //!
 //! Owns: these cases. Never needs root.
 
-use vdp_testkit::daemon;
-use vdp_testkit::prom;
-
 use std::{
     fs,
     process::Command,
@@ -22,8 +19,10 @@ use std::{
 };
 
 use serde_json::Value;
+use vdp_testkit::daemon;
 use vdp_testkit::daemon::{Daemon, Scratch, MIB2};
 use vdp_testkit::frontend::TestFrontend;
+use vdp_testkit::prom;
 use vhost_device_pmem::control;
 
 /// Runs a host tool as an operator would; panics with its stderr if it fails.

@@ -4,9 +4,9 @@
 //!
 //! Owns: the signal and peer checks. Never uses a guest.
 
-use vdp_testkit::frontend;
-
 use std::os::unix::net::UnixStream;
+
+use vdp_testkit::frontend;
 
 use vdp_testkit::daemon::{Daemon, Scratch, MIB2};
 use vdp_testkit::frontend::TestFrontend;

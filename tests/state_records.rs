@@ -6,8 +6,6 @@
 //! against the real binary; never touches anything outside its temporary
 //! directories. The other-uid case needs root (skipped loudly without it).
 
-use vdp_testkit::root;
-
 use std::{
     fs,
     os::unix::fs::{MetadataExt, PermissionsExt},
@@ -17,6 +15,7 @@ use std::{
 
 use serde_json::Value;
 use vdp_testkit::daemon::{serve_fails, Daemon, Scratch, BIN, MIB2};
+use vdp_testkit::root;
 
 fn health(file: &Path, args: &[&str]) -> Output {
     Command::new(BIN)

@@ -6,10 +6,6 @@
 //! Never mocks a protocol: a missing tool is a loud skip (a failure under
 //! VDP_REQUIRE_ROOT_TESTS=1).
 
-use vdp_testkit::daemon;
-use vdp_testkit::frontend;
-use vdp_testkit::root;
-
 use std::{
     fs,
     os::unix::{
@@ -22,8 +18,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use vdp_testkit::daemon;
 use vdp_testkit::daemon::{wait_exit, Scratch, BIN, MIB2, TIMEOUT};
+use vdp_testkit::frontend;
 use vdp_testkit::frontend::TestFrontend;
+use vdp_testkit::root;
 use vhost_device_pmem::control::{self, Request};
 
 const ACTIVATE: &str = "systemd-socket-activate";

@@ -8,8 +8,6 @@
 //! (`--print-capabilities`, `serve --fd`). A missing tool or privilege is a loud
 //! skip (a failure under VDP_REQUIRE_ROOT_TESTS=1).
 
-use vdp_testkit::root;
-
 use std::{
     fs,
     io::Read,
@@ -29,6 +27,7 @@ use std::{
 use serde_json::Value;
 use vdp_testkit::daemon::{wait_exit, Daemon, Scratch, BIN, MIB2, TIMEOUT};
 use vdp_testkit::frontend::TestFrontend;
+use vdp_testkit::root;
 use vhost_device_pmem::{
     blockmap::{self, Filesystem},
     control::{self, Request},

@@ -16,9 +16,6 @@
 //! calls use its debug builds' `VDP_SANDBOX_TEST_HOOK` (compiled out of release
 //! builds; those tests say so loudly and stop there in a release test run).
 
-use vdp_testkit::daemon;
-use vdp_testkit::procfs;
-
 use std::{
     ffi::OsString,
     fs::{self, File},
@@ -39,8 +36,10 @@ use std::{
 };
 
 use serde_json::{json, Value};
+use vdp_testkit::daemon;
 use vdp_testkit::daemon::{Scratch, BIN, MIB2, TIMEOUT};
 use vdp_testkit::frontend::TestFrontend;
+use vdp_testkit::procfs;
 use vhost_device_pmem::{
     control::{self, Request},
     sandbox::FILTERS,
