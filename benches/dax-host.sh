@@ -45,7 +45,7 @@ mkdir -p "$out"
 ./guest-tests/setup.sh >&2
 echo "dax-host.sh: $rounds rounds x $ops ops per backend, one nested boot (several minutes)" >&2
 VDP_REQUIRE_GUEST=1 VDP_BENCH_ROUNDS=$rounds VDP_BENCH_OPS=$ops \
-  cargo test --locked --test nested -- --ignored --exact bench_dax_host --nocapture \
+  cargo test --locked --test nested_bench -- --ignored --exact bench_dax_host --nocapture \
   >"$out/run.log" 2>&1 || { tail -40 "$out/run.log" >&2; echo "dax-host.sh: the run failed (log: $out/run.log)" >&2; exit 1; }
 sed -n '/^DAX host benchmark/,/^VDP-BENCH-RAW/p' "$out/run.log" | grep -v '^VDP-BENCH-RAW' >"$out/summary.md"
 grep '^VDP-BENCH-RAW' "$out/run.log" | sed 's/^VDP-BENCH-RAW //' >"$out/raw.json"

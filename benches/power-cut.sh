@@ -96,7 +96,7 @@ if [ "$log_writes" = 1 ]; then
   for mode in datasync volatile; do
     log "log-writes, $mode: $log_records records, every flush point"
     rc=0
-    run_test log_writes_every_flush_point "$WORK/log-writes-$mode.out" \
+    run_test flush_points::log_writes_every_flush_point "$WORK/log-writes-$mode.out" \
       VDP_LOG_WRITES_MODE="$mode" VDP_LOG_WRITES_RECORDS="$log_records" || rc=$?
     line=$(grep -a -o 'VDP-LOG-WRITES .*' "$WORK/log-writes-$mode.out" | sed 's/ inside:.*//' || true)
     if [ -n "$line" ]; then

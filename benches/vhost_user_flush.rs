@@ -16,15 +16,10 @@
 //! idle time before each timed round of that pass (a guest that does not flush back
 //! to back: a file's timestamps then change between flushes, which `fsync` must write).
 //!
-//! The daemon binary is the one cargo builds for this bench (`CARGO_BIN_EXE_*`, set for
-//! benches as for integration tests; the bench profile puts it in `target/release`).
+//! The daemon binary is the one cargo builds for this bench (the test kit's `BIN`: the
+//! binary next to the bench's `deps/`; the bench profile puts it in `target/release`).
 //! Backing files go under `VDP_BENCH_DIR` (default: cargo's `target/tmp`), so the
 //! filesystem measured is the one holding the build tree unless told otherwise.
-
-#[path = "../tests/support/daemon.rs"]
-mod daemon;
-#[path = "../tests/support/frontend.rs"]
-mod frontend;
 
 use std::{
     ffi::CString,
@@ -34,8 +29,10 @@ use std::{
 };
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
-use daemon::{Daemon, Scratch};
-use frontend::TestFrontend;
+use vdp_testkit::{
+    daemon::{Daemon, Scratch},
+    frontend::{self, TestFrontend},
+};
 
 const POLICIES: [&str; 3] = ["fsync", "datasync", "volatile"];
 const IN_FLIGHT: [usize; 3] = [1, 4, 16];

@@ -2,7 +2,7 @@
 //! The DAX host lab: a VM that plays the host. Its emulated NVDIMM becomes an fsdax
 //! /dev/pmem0 with a DAX-mounted ext4 or XFS on it, and inside it this very test
 //! binary (built static) drives the static daemon with the in-process vhost-user
-//! frontend of tests/support/frontend.rs. What only a real DAX host can show:
+//! frontend of testkit/src/frontend.rs. What only a real DAX host can show:
 //!
 //! - `auto` chooses `direct`, and the region really is MAP_SYNC (the frontend maps
 //!   the fd it receives with MAP_SHARED_VALIDATE|MAP_SYNC; the daemon's own watch
@@ -18,10 +18,6 @@
 //! [`inside_the_lab`] there (it is `#[ignore]`d on the host, where it cannot run).
 //! Needs `guest-tests/setup.sh` (skips loudly without; fails with VDP_REQUIRE_GUEST=1).
 
-#[path = "../tests/support/frontend.rs"]
-mod frontend;
-mod harness;
-
 use std::{
     fs::{self, File},
     io::Write,
@@ -33,12 +29,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{
+use serde_json::{json, Value};
+use vdp_testkit::daemon::Daemon;
+use vdp_testkit::frontend;
+use vdp_testkit::guest::{
+    env::VmEnv,
     fsdax_convert,
-    in_vm::{strace_window, vm_flags, SyncMapping, VmDaemon, SYNC_CALLS},
+    in_vm::{strace_window, vm_flags, SyncMapping, SYNC_CALLS},
     lab_boot, static_test_binary, GuestEnv,
 };
-use serde_json::{json, Value};
 use vhost_device_pmem::{
     blockmap::{self, Extent},
     control::{self, Request},
@@ -153,24 +152,17 @@ impl Lab {
     /// The lab's paths; panics outside the lab (the test is `#[ignore]`d, so it runs
     /// only when asked for, and asked for outside the lab it must not pass).
     fn from_env() -> Self {
-        let vars: Vec<Option<String>> = LAB_VARS.iter().map(|v| std::env::var(v).ok()).collect();
-        assert!(
-            vars.iter().any(Option::is_some),
+        let env = VmEnv::load(
+            &LAB_VARS,
             "inside_the_lab runs only inside the DAX host lab VM (dax_lab_ext4 and dax_lab_xfs \
-             boot it and run it there); {} are not set",
-            LAB_VARS.join(", ")
+             boot it and run it there)",
         );
-        let get = |i: usize| {
-            vars[i]
-                .clone()
-                .unwrap_or_else(|| panic!("{} is not set (half a lab environment)", LAB_VARS[i]))
-        };
         Self {
-            fs: get(0),
-            daemon: get(1).into(),
-            file: get(2).into(),
-            strace: get(3).into(),
-            badblocks: get(4).into(),
+            fs: env.get("VDP_LAB_FS"),
+            daemon: env.path("VDP_LAB_DAEMON"),
+            file: env.path("VDP_LAB_FILE"),
+            strace: env.path("VDP_LAB_STRACE"),
+            badblocks: env.path("VDP_LAB_BADBLOCKS"),
         }
     }
 }
@@ -214,7 +206,7 @@ fn inside_the_lab() {
     let inside_sectors = inside.map(|off| device_sector(&extents, off));
     let outside_sector = sector_outside(&extents, &lab.badblocks);
 
-    let mut daemon = VmDaemon::start(&lab.daemon, &lab.file, scratch.path(), "d", &[]);
+    let mut daemon = Daemon::in_vm(&lab.daemon, &lab.file, scratch.path(), "d", &[]);
     let status = daemon.status();
     assert_eq!(status["mode_requested"], "auto", "{status:#}");
     assert_eq!(status["policy"], "direct", "{status:#}");
@@ -229,7 +221,7 @@ fn inside_the_lab() {
         fe.maps.wait_for(1, frontend::TIMEOUT),
         1,
         "{}",
-        daemon.log()
+        daemon.log_text()
     );
     let (region_fd, len) = fe.maps.with(0, |m| (m.file.try_clone().unwrap(), m.len));
     assert_eq!(len, SERVED_SIZE);
@@ -261,7 +253,7 @@ fn inside_the_lab() {
             .iter()
             .any(|f| f.split_whitespace().any(|x| x == "sf")),
         "the daemon's read-only mapping of the file has no sf flag: {daemon_flags:?}\n{}",
-        daemon.log()
+        daemon.log_text()
     );
     result["frontend_map_sync"] = json!(true);
     result["daemon_mapping_sf"] = json!(true);
@@ -435,14 +427,19 @@ fn inside_the_lab() {
     assert_eq!(status["policy"], "datasync", "{status:#}");
     assert_eq!(status["health"], "downgraded", "{status:#}");
     // Steps a-e under another kernel and the lab's glibc: nothing denied.
-    assert_eq!(status["sandbox_denials"], 0, "{status:#}\n{}", daemon.log());
+    assert_eq!(
+        status["sandbox_denials"],
+        0,
+        "{status:#}\n{}",
+        daemon.log_text()
+    );
     drop(writer);
     result["downgrade"] = json!({
         "reason": status["downgraded"],
         "latency_ms": t3.elapsed().as_secs_f64() * 1e3,
     });
 
-    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log());
+    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log_text());
 
     // f. The served file itself goes under `direct`: another file is renamed over
     // it (no open, so no lease break). A change notice sees it at once; the daemon
@@ -457,7 +454,7 @@ fn inside_the_lab() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut daemon = VmDaemon::start(
+    let mut daemon = Daemon::in_vm(
         &lab.daemon,
         &second,
         scratch.path(),
@@ -482,7 +479,7 @@ fn inside_the_lab() {
         "file_problem": status["guard"]["file_problem"],
         "latency_ms": t4.elapsed().as_secs_f64() * 1e3,
     });
-    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log());
+    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log_text());
     println!("VDP-LAB-RESULT {result}");
 }
 

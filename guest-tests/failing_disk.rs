@@ -6,15 +6,11 @@
 //!
 //! `failing_disk_vm` boots the VM (one boot) and runs [`inside_the_vm`] there; the
 //! static copy of this test binary drives the static daemon with the in-process
-//! frontend of tests/support/frontend.rs. Only the file's extents fail: an error
+//! frontend of testkit/src/frontend.rs. Only the file's extents fail: an error
 //! table over the whole device makes ext4 abort its journal, and then every daemon
 //! sees EIO or EROFS whatever it does. [`inside_the_vm`] is `#[ignore]`d on the
 //! host, where it cannot run. Needs `guest-tests/setup.sh` (skips loudly without;
 //! fails with VDP_REQUIRE_GUEST=1).
-
-#[path = "../tests/support/frontend.rs"]
-mod frontend;
-mod harness;
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -25,8 +21,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{in_vm::VmDaemon, static_binaries, static_test_binary, Boot, GuestEnv};
 use serde_json::{json, Value};
+use vdp_testkit::daemon::Daemon;
+use vdp_testkit::frontend;
+use vdp_testkit::guest::{env::VmEnv, static_binaries, static_test_binary, Boot, GuestEnv};
 use vhost_device_pmem::blockmap::{self, Extent};
 
 /// Hard limit for the boot, from QEMU start to power-off (TCG).
@@ -206,24 +204,16 @@ impl Vm {
     /// The VM's paths; panics outside the VM (the test is `#[ignore]`d, so it runs
     /// only when asked for, and asked for outside the VM it must not pass).
     fn from_env() -> Self {
-        let vars: Vec<Option<String>> = VM_VARS.iter().map(|v| std::env::var(v).ok()).collect();
-        assert!(
-            vars.iter().any(Option::is_some),
+        let env = VmEnv::load(
+            &VM_VARS,
             "inside_the_vm runs only inside the failing-disk VM (failing_disk_vm boots it \
-             and runs it there); {} are not set",
-            VM_VARS.join(", ")
+             and runs it there)",
         );
-        let get = |i: usize| -> PathBuf {
-            vars[i]
-                .clone()
-                .unwrap_or_else(|| panic!("{} is not set (half a VM environment)", VM_VARS[i]))
-                .into()
-        };
         Self {
-            daemon: get(0),
-            file: get(1),
-            dmsetup: get(2),
-            disk: get(3),
+            daemon: env.path("VDP_FD_DAEMON"),
+            file: env.path("VDP_FD_FILE"),
+            dmsetup: env.path("VDP_FD_DMSETUP"),
+            disk: env.path("VDP_FD_DISK"),
         }
     }
 
@@ -360,9 +350,9 @@ fn inside_the_vm() {
     r["extents"] = json!(ranges);
 
     let args = ["--mode", "datasync", "--state-dir", state.to_str().unwrap()];
-    let mut daemon = VmDaemon::start(&vm.daemon, &vm.file, scratch.path(), "first", &args);
+    let mut daemon = Daemon::in_vm(&vm.daemon, &vm.file, scratch.path(), "first", &args);
     r["policy"] = daemon.status()["policy"].clone();
-    assert_eq!(r["policy"], "datasync", "{}", daemon.log());
+    assert_eq!(r["policy"], "datasync", "{}", daemon.log_text());
     let mut fe = mapped(&daemon);
 
     // 1. Writes under the file fail.
@@ -407,7 +397,7 @@ fn inside_the_vm() {
     if !out.status.success() {
         r["health_clear_stderr"] = json!(String::from_utf8_lossy(&out.stderr));
     }
-    let mut daemon = VmDaemon::start(&vm.daemon, &vm.file, scratch.path(), "third", &args);
+    let mut daemon = Daemon::in_vm(&vm.daemon, &vm.file, scratch.path(), "third", &args);
     let health = daemon.status()["health"].clone();
     let mut fe = mapped(&daemon);
     let c = pattern(0xc3);
@@ -424,9 +414,9 @@ fn inside_the_vm() {
 }
 
 /// A frontend that went through init and start, with the region mapped.
-fn mapped(d: &VmDaemon) -> frontend::TestFrontend {
+fn mapped(d: &Daemon) -> frontend::TestFrontend {
     let mut fe = frontend::TestFrontend::connect_started(&d.socket)
-        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
     fe.map_region(0).unwrap();
     fe
 }

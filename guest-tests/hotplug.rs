@@ -4,17 +4,17 @@
 //! hot-plug) and q35 (native PCIe hot-plug into a root port). Owns the plug/unplug
 //! sequence and its assertions; never cold-plugs the device.
 
-mod harness;
-
 use std::{
     fs,
     path::Path,
-    thread,
     time::{Duration, Instant},
 };
 
-use harness::{ext4_cat, make_ext4_image, DaemonProc, GuestEnv, Qmp};
 use serde_json::{json, Value};
+use vdp_testkit::{
+    daemon::Daemon,
+    guest::{ext4_cat, make_ext4_image, Boot, GuestEnv, Qmp},
+};
 
 const BOOT: Duration = Duration::from_secs(120);
 const STEP: Duration = Duration::from_secs(90);
@@ -103,6 +103,7 @@ fn unplug(qmp: &mut Qmp, n: u32) -> Value {
         let left = deadline.saturating_duration_since(Instant::now());
         let ev = qmp
             .wait_event("DEVICE_DELETED", left)
+            .unwrap_or_else(|e| panic!("QMP, waiting for DEVICE_DELETED: {e}"))
             .unwrap_or_else(|| panic!("no DEVICE_DELETED for pmem{n}: the guest kept the device"));
         if ev["data"]["device"] == format!("pmem{n}").as_str() {
             break ev;
@@ -111,34 +112,6 @@ fn unplug(qmp: &mut Qmp, n: u32) -> Value {
     qmp.execute("chardev-remove", json!({ "id": format!("vu{n}") }))
         .unwrap_or_else(|e| panic!("chardev-remove vu{n}: {e}"));
     ev
-}
-
-fn wait_log(daemon: &DaemonProc, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !daemon.log_text().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "the daemon never logged {needle:?}:\n{}",
-            daemon.log_text()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn wait_status(daemon: &DaemonProc, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = daemon.status();
-        if ok(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "daemon status never showed {what}: {s}\n{}",
-            daemon.log_text()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// One boot on `-machine pc` without the device: plug it, the guest mounts it with
@@ -185,9 +158,9 @@ fn plug_unplug_plug(env: &GuestEnv, machine: &str, qemu_args: &[&str], bus: Opti
     fs::write(seed.join("hello.txt"), "hello from the host\n").unwrap();
     let img = dir.path().join("pmem.img");
     make_ext4_image(&img, 64 << 20, &seed);
-    let daemon = DaemonProc::start(dir.path(), &img, &[]);
+    let mut daemon = Daemon::for_guest(dir.path(), &img, &[]);
 
-    let opts = harness::Boot {
+    let opts = Boot {
         qemu_args: qemu_args.iter().map(|a| a.to_string()).collect(),
         ..Default::default()
     };
@@ -217,10 +190,7 @@ fn plug_unplug_plug(env: &GuestEnv, machine: &str, qemu_args: &[&str], bus: Opti
     assert_eq!(ev["data"]["device"], "pmem1", "{ev}");
     guest.expect("VDP-GONE", STEP);
     // The daemon logs this line after the sync it makes when the VMM goes away.
-    wait_log(
-        &daemon,
-        "the VMM disconnected; device reset, waiting for the next connection",
-    );
+    daemon.wait_log("the VMM disconnected; device reset, waiting for the next connection");
     let unplugged = t.elapsed();
     let s = daemon.status();
     assert_eq!(s["connected"], false, "{s}");
@@ -259,12 +229,12 @@ fn plug_unplug_plug(env: &GuestEnv, machine: &str, qemu_args: &[&str], bus: Opti
         guest.lines_with("VDP-RESCAN").is_empty(),
         "ACPI hot-plug did not bring the device by itself: the guest needed a PCI rescan"
     );
-    let s = wait_status(&daemon, "the second connection ending", |s| {
+    let s = daemon.wait_status("the second connection ending", |s| {
         s["connections"] == 2 && s["connected"] == false
     });
     eprintln!(
         "hotplug figures ({machine}): boot to /test.sh {booted:?}, first plug to /dev/pmem0 {:?}, unplug to disconnect {unplugged:?}; status {s}",
         plugged - booted
     );
-    assert_eq!(daemon.terminate(), 0);
+    assert_eq!(daemon.terminate(), Some(0));
 }

@@ -4,8 +4,6 @@
 //! daemon, and the guest finds the seeded bytes on /dev/pmem0. Owns only that path;
 //! it never installs libvirt (guest-tests/libvirt-root.sh prepares the root).
 
-mod harness;
-
 use std::{
     fs,
     io::Write,
@@ -15,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{DaemonProc, GuestEnv};
+use vdp_testkit::{daemon::Daemon, guest::GuestEnv};
 
 const MARKER: &[u8; 16] = b"VDP-LIBVIRT-OK!!";
 const IMAGE_SIZE: u64 = 64 << 20;
@@ -111,7 +109,7 @@ fn libvirt_starts_the_domain_and_the_guest_reads_pmem0() {
     assert_eq!(initrd, dir.path().join("initrd"));
     fs::copy(&env.kernel, dir.path().join("vmlinuz")).unwrap();
 
-    let daemon = DaemonProc::start(dir.path(), &img, &[]);
+    let mut daemon = Daemon::for_guest(dir.path(), &img, &[]);
 
     // The embedded driver's state (capability cache included) stays in the root
     // between runs; its qemu.conf logs QEMU's stdio to a file (no virtlogd) and runs

@@ -3,8 +3,6 @@
 //! guest's badblocks through the guest agent, a read of it fails cleanly while its
 //! neighbours read fine, and the range outlives a daemon restart and a guest reboot.
 
-mod harness;
-
 use std::{
     fs,
     path::Path,
@@ -12,7 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{make_ext4_image, run, Boot, DaemonProc, GuestEnv};
+use vdp_testkit::{
+    daemon::Daemon,
+    guest::{make_ext4_image, run, Boot, GuestEnv},
+};
+use vhost_device_pmem::control::Request;
 
 const BOOT: Duration = Duration::from_secs(120);
 
@@ -64,7 +66,7 @@ fn a_bad_range_reaches_the_guest_and_survives_restarts() {
     let bad = offset_of_block(&img, 5);
     let agent_sock = dir.path().join("agent.sock");
     let agent_arg = agent_sock.display().to_string();
-    let daemon = DaemonProc::start(dir.path(), &img, &["--agent-socket", &agent_arg]);
+    let mut daemon = Daemon::for_guest(dir.path(), &img, &["--agent-socket", &agent_arg]);
 
     let mut guest = env.boot_with(
         dir.path(),
@@ -74,9 +76,10 @@ fn a_bad_range_reaches_the_guest_and_survives_restarts() {
     );
     guest.expect("VDP-MOUNTED", BOOT);
     let injected = Instant::now();
-    let answer = daemon.call_with(serde_json::json!({
-        "command": "badblocks-inject", "offset": bad, "length": 512
-    }));
+    let answer = daemon.call(&Request::BadblocksInject {
+        offset: bad,
+        length: 512,
+    });
     assert_eq!(answer["ok"], true, "{answer}");
     let seen = guest.expect("VDP-BB", Duration::from_secs(30));
     eprintln!(
@@ -95,11 +98,11 @@ fn a_bad_range_reaches_the_guest_and_survives_restarts() {
     guest.expect("VDP-READ 6 ok G", Duration::ZERO);
     let status = daemon.status();
     assert_eq!(status["agent"]["device"], "/dev/pmem0", "{status}");
-    assert_eq!(daemon.terminate(), 0);
+    assert_eq!(daemon.terminate(), Some(0));
 
     // A new daemon on the same file still knows the range, and a new guest gets it.
-    let daemon = DaemonProc::start(dir.path(), &img, &["--agent-socket", &agent_arg]);
-    let list = daemon.call_with(serde_json::json!({"command": "badblocks-list"}));
+    let mut daemon = Daemon::for_guest(dir.path(), &img, &["--agent-socket", &agent_arg]);
+    let list = daemon.call(&Request::BadblocksList);
     assert_eq!(
         list["ranges"],
         serde_json::json!([{"offset": bad, "length": 512}]),
@@ -115,5 +118,5 @@ fn a_bad_range_reaches_the_guest_and_survives_restarts() {
     assert_eq!(seen.trim(), format!("VDP-BB {} 1;", bad / 512));
     assert_eq!(guest.finish(BOOT), 0);
     guest.expect("VDP-READ 5 eio", Duration::ZERO);
-    assert_eq!(daemon.terminate(), 0);
+    assert_eq!(daemon.terminate(), Some(0));
 }

@@ -4,28 +4,30 @@
 //! hot-plug, the mapping check, re-attachment and the cold-plug arguments; this host
 //! has no DAX, so the direct path is only seen refusing here.
 
-mod harness;
-#[path = "../tests/support/procfs.rs"]
-mod procfs;
-
 use std::{
     fs,
-    io::{BufRead, BufReader, Write},
+    io::Write,
     os::unix::{fs::FileExt, net::UnixStream},
-    path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    path::Path,
+    process::{Command, Output},
     thread,
     time::{Duration, Instant},
 };
 
-use harness::{GuestEnv, Qmp, DAEMON};
 use serde_json::{json, Value};
+use vdp_testkit::procfs;
+use vdp_testkit::{
+    daemon::Export,
+    guest::{self, GuestEnv, Qmp},
+    BIN,
+};
 use vhost_device_pmem::{
     app::nvdimm::{
         self,
         mapping::{self, FileId},
     },
     config::NvdimmMode,
+    control::Request,
 };
 
 const BOOT: Duration = Duration::from_secs(180);
@@ -73,11 +75,31 @@ fn seeded(path: &Path, size: u64) {
 
 /// `vhost-device-pmem nvdimm ARGS` run to its end.
 fn nvdimm(args: &[&str]) -> Output {
-    Command::new(DAEMON)
+    Command::new(BIN)
         .arg("nvdimm")
         .args(args)
         .output()
         .expect("run vhost-device-pmem nvdimm")
+}
+
+/// `--file FILE --qmp-socket QMP --id ID` and then `extra`: what every export of
+/// these tests says.
+fn export_args<'a>(file: &'a str, qmp: &'a str, id: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--file", file, "--qmp-socket", qmp, "--id", id];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Runs an export with `args` that must be refused at start (exit 1, its output
+/// containing every one of `says`); returns the output.
+fn refused(args: &[&str], says: &[&str]) -> String {
+    let o = nvdimm(args);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{args:?}: {t}");
+    for needle in says {
+        assert!(t.contains(needle), "{args:?} does not say {needle:?}: {t}");
+    }
+    t
 }
 
 fn text(o: &Output) -> String {
@@ -88,137 +110,34 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// A long-running export.
-struct Exporter {
-    child: Child,
-    control: PathBuf,
-    log: PathBuf,
+/// A long-running export of `args` (the kit's [`Export`], at `debug`).
+fn export(dir: &Path, name: &str, args: &[&str]) -> Export {
+    Export::spawn(BIN.path(), dir, name, args, "debug")
 }
 
-impl Exporter {
-    fn start(dir: &Path, name: &str, args: &[&str]) -> Self {
-        let control = dir.join(format!("{name}.sock"));
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(DAEMON)
-            .arg("nvdimm")
-            .args(args)
-            .arg("--control-socket")
-            .arg(&control)
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Self {
-            child,
-            control,
-            log,
-        }
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn call(&self, command: &str) -> Option<Value> {
-        let s = UnixStream::connect(&self.control).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        writeln!(&s, "{}", json!({ "command": command })).ok()?;
-        let mut line = String::new();
-        BufReader::new(&s).read_line(&mut line).ok()?;
-        serde_json::from_str(&line).ok()
-    }
-
-    fn status(&self) -> Option<Value> {
-        Some(self.call("status")?["status"].clone())
-    }
-
-    /// The event backlog, as far as it goes within a second.
-    fn events(&self) -> Vec<Value> {
-        let s = UnixStream::connect(&self.control).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-        writeln!(&s, "{}", json!({"command": "events", "backlog": true})).unwrap();
-        BufReader::new(&s)
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str(&l).ok())
-            .collect()
-    }
-
-    /// Waits until `status` shows QEMU's mapping verified; returns it.
-    fn wait_verified(&mut self) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(s) = self.status() {
-                if s["nvdimm"]["mapping_verified"] == true {
-                    return s;
-                }
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("the export exited ({st}):\n{}", self.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the export never verified the mapping:\n{}",
-                self.log_text()
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Waits for the process to end by itself; its exit code.
-    fn wait(&mut self, timeout: Duration) -> i32 {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code().unwrap_or(-1);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the export did not exit:\n{}",
-                self.log_text()
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// The export runs under `--seccomp enforce` (the default): `status` says so
-    /// and every thread has the filters (mode 2, the allow-list, the kill list and
-    /// clone3's ENOSYS filter), and no call was denied; returns the thread count.
-    fn assert_sandboxed(&self, status: &Value) -> usize {
-        assert_eq!(status["seccomp"], "enforce", "{status}");
-        assert_eq!(status["sandbox_denials"], 0, "{status}");
-        assert!(
-            self.log_text().contains("seccomp sandbox on (enforce)"),
-            "{}",
-            self.log_text()
+/// The export runs under `--seccomp enforce` (the default): `status` says so and
+/// every thread has the filters (mode 2, the allow-list, the kill list and clone3's
+/// ENOSYS filter), and no call was denied; returns the thread count.
+fn assert_sandboxed(ex: &Export, status: &Value) -> usize {
+    assert_eq!(status["seccomp"], "enforce", "{status}");
+    assert_eq!(status["sandbox_denials"], 0, "{status}");
+    assert!(
+        ex.log_text().contains("seccomp sandbox on (enforce)"),
+        "{}",
+        ex.log_text()
+    );
+    let threads = procfs::thread_modes(ex.pid());
+    for (name, mode, filters) in &threads {
+        assert_eq!(
+            (mode.as_str(), filters.as_str()),
+            (
+                "2",
+                vhost_device_pmem::sandbox::FILTERS.to_string().as_str()
+            ),
+            "{name}: {threads:?}"
         );
-        let threads = procfs::thread_modes(self.child.id());
-        for (name, mode, filters) in &threads {
-            assert_eq!(
-                (mode.as_str(), filters.as_str()),
-                (
-                    "2",
-                    vhost_device_pmem::sandbox::FILTERS.to_string().as_str()
-                ),
-                "{name}: {threads:?}"
-            );
-        }
-        threads.len()
     }
-
-    fn terminate(&mut self) -> i32 {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.wait(Duration::from_secs(20))
-    }
-}
-
-impl Drop for Exporter {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    threads.len()
 }
 
 fn memory_devices(qmp: &mut Qmp) -> Vec<Value> {
@@ -251,36 +170,30 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
     let agent_sock = d.join("agent.sock");
     let started = Instant::now();
     let (mut guest, mut qmp) =
-        env.boot_for_nvdimm(d, SCRIPT, &harness::Boot::default().with_agent(&agent_sock));
+        env.boot_for_nvdimm(d, SCRIPT, &guest::Boot::default().with_agent(&agent_sock));
     guest.expect("VDP-WAIT", BOOT);
     let booted = started.elapsed();
     let export_qmp = d.join("qmp-export.sock");
     let qmp_s = export_qmp.to_str().unwrap();
 
     // (b) A missing file is refused, and not created (QEMU would create it).
-    let missing = d.join("missing.img");
-    let o = nvdimm(&[
-        "--file",
-        missing.to_str().unwrap(),
-        "--qmp-socket",
-        qmp_s,
-        "--id",
-        "nv0",
-        "--mode",
-        "volatile",
-    ]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("no such file"), "{}", text(&o));
-    assert!(!missing.exists());
-
     // (a) Direct mode on a page-cache file is refused naming DAX; nothing plugged.
-    let o = nvdimm(&["--file", img_s, "--qmp-socket", qmp_s, "--id", "nv0"]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    let t = text(&o);
-    assert!(
-        t.contains("needs DAX") && t.contains("never durable"),
-        "{t}"
-    );
+    let missing = d.join("missing.img");
+    let missing_s = missing.to_str().unwrap();
+    let refusals: [(Vec<&str>, &[&str]); 2] = [
+        (
+            export_args(missing_s, qmp_s, "nv0", &["--mode", "volatile"]),
+            &["no such file"],
+        ),
+        (
+            export_args(img_s, qmp_s, "nv0", &[]),
+            &["needs DAX", "never durable"],
+        ),
+    ];
+    for (args, says) in &refusals {
+        refused(args, says);
+    }
+    assert!(!missing.exists());
     assert!(
         memory_devices(&mut qmp).is_empty(),
         "a refusal plugged something"
@@ -288,23 +201,22 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
 
     // (c) Volatile: hot-plugged, mapped, verified.
     let plug_started = Instant::now();
-    let mut ex = Exporter::start(
+    let mut ex = export(
         d,
         "export1",
-        &[
-            "--file",
+        &export_args(
             img_s,
-            "--qmp-socket",
             qmp_s,
-            "--id",
             "nv0",
-            "--mode",
-            "volatile",
-            "--agent-socket",
-            agent_sock.to_str().unwrap(),
-        ],
+            &[
+                "--mode",
+                "volatile",
+                "--agent-socket",
+                agent_sock.to_str().unwrap(),
+            ],
+        ),
     );
-    let s = ex.wait_verified();
+    let s = ex.wait_verified(Duration::from_secs(60));
     let verified_after = plug_started.elapsed();
     let nv = &s["nvdimm"];
     assert_eq!(nv["qemu_pid"], guest.pid(), "{s}");
@@ -332,7 +244,7 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
         .unwrap_or_else(|| panic!("no nvdimm-mapped event: {ev:?}"));
     assert_eq!(mapped["qemu_pid"], guest.pid());
     assert_eq!(mapped["sf"], false);
-    let stats = ex.call("stats").unwrap();
+    let stats = ex.call(&Request::Stats).unwrap();
     assert_eq!(stats["ok"], true, "{stats}");
     assert_eq!(
         stats["stats"]["syncs"], 0,
@@ -369,7 +281,7 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
     // the agent, which found the NVDIMM by its guest-physical address.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let s = ex.status().unwrap();
+        let s = ex.status();
         if s["agent"]["device"] == "/dev/pmem0" {
             assert_eq!(s["agent"]["data_offset"], 0, "a raw namespace: {s}");
             break;
@@ -383,8 +295,8 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
     }
     // The QMP session, the plug, the mapping check, the guard, the media-error
     // sources and the agent channel all ran under the filter, on every thread.
-    let threads = ex.assert_sandboxed(&ex.status().unwrap());
-    assert!(threads >= 5, "{:?}", procfs::thread_modes(ex.child.id()));
+    let threads = assert_sandboxed(&ex, &ex.status());
+    assert!(threads >= 5, "{:?}", procfs::thread_modes(ex.pid()));
     let inject = Instant::now();
     let c = UnixStream::connect(&ex.control).unwrap();
     writeln!(
@@ -399,19 +311,10 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
 
     // (d) A second export of the same file is refused (serve's lock, exit 75), at
     // once: one that got past the lock would hot-plug and run on.
-    let mut second = Exporter::start(
+    let mut second = export(
         d,
         "second",
-        &[
-            "--file",
-            img_s,
-            "--qmp-socket",
-            qmp_s,
-            "--id",
-            "nv1",
-            "--mode",
-            "volatile",
-        ],
+        &export_args(img_s, qmp_s, "nv1", &["--mode", "volatile"]),
     );
     assert_eq!(
         second.wait(Duration::from_secs(20)),
@@ -436,38 +339,20 @@ fn nvdimm_export_refuses_non_dax_hot_plugs_volatile_and_re_attaches() {
     assert_eq!(memory_devices(&mut qmp).len(), 1);
 
     // Without --attach the id is taken: refused.
-    let o = nvdimm(&[
-        "--file",
-        img_s,
-        "--qmp-socket",
-        qmp_s,
-        "--id",
-        "nv0",
-        "--mode",
-        "volatile",
-    ]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("--attach"), "{}", text(&o));
+    refused(
+        &export_args(img_s, qmp_s, "nv0", &["--mode", "volatile"]),
+        &["--attach"],
+    );
 
     // --attach guards it again, and ends by itself when QEMU exits.
-    let mut ex2 = Exporter::start(
+    let mut ex2 = export(
         d,
         "export2",
-        &[
-            "--file",
-            img_s,
-            "--qmp-socket",
-            qmp_s,
-            "--id",
-            "nv0",
-            "--mode",
-            "volatile",
-            "--attach",
-        ],
+        &export_args(img_s, qmp_s, "nv0", &["--mode", "volatile", "--attach"]),
     );
-    let s = ex2.wait_verified();
+    let s = ex2.wait_verified(Duration::from_secs(60));
     assert_eq!(s["nvdimm"]["attached"], "re-attached", "{s}");
-    ex2.assert_sandboxed(&s);
+    assert_sandboxed(&ex2, &s);
     assert_eq!(s["nvdimm"]["qemu_pid"], guest.pid());
     assert!(
         s["guard"]["lease"]
@@ -542,7 +427,7 @@ fn printed_qemu_args_cold_plug_the_nvdimm() {
         "-device".to_string(),
         "nvdimm,id=nv1,memdev=mem-nv1".to_string(),
     ]);
-    let opts = harness::Boot {
+    let opts = guest::Boot {
         qemu_args,
         ..Default::default()
     };
@@ -572,26 +457,25 @@ fn printed_qemu_args_cold_plug_the_nvdimm() {
     if let Some(w) = guest.console.iter().find(|l| l.contains("persistence")) {
         eprintln!("QEMU said: {w}");
     }
-    let mut ex = Exporter::start(
+    let mut ex = export(
         d,
         "attach",
-        &[
-            "--file",
+        &export_args(
             img_s,
-            "--qmp-socket",
             d.join("qmp-export.sock").to_str().unwrap(),
-            "--id",
             "nv0",
-            "--mode",
-            "volatile",
-            "--attach",
-            "--agent-socket",
-            agent_sock.to_str().unwrap(),
-        ],
+            &[
+                "--mode",
+                "volatile",
+                "--attach",
+                "--agent-socket",
+                agent_sock.to_str().unwrap(),
+            ],
+        ),
     );
-    let s = ex.wait_verified();
+    let s = ex.wait_verified(Duration::from_secs(60));
     assert_eq!(s["nvdimm"]["attached"], "re-attached", "{s}");
-    ex.assert_sandboxed(&s);
+    assert_sandboxed(&ex, &s);
     // Two NVDIMMs of the same size: only the guest-physical address tells the
     // agent which one is this export's (by size alone it refuses to guess).
     let nv0_addr = devs.iter().find(|d| d["data"]["id"] == "nv0").unwrap()["data"]["addr"]
@@ -600,7 +484,7 @@ fn printed_qemu_args_cold_plug_the_nvdimm() {
     assert_eq!(s["nvdimm"]["guest_address"], nv0_addr);
     let deadline = Instant::now() + Duration::from_secs(60);
     let device = loop {
-        let s = ex.status().unwrap();
+        let s = ex.status();
         if let Some(d) = s["agent"]["device"].as_str() {
             break d.trim_start_matches("/dev/").to_string();
         }
@@ -652,12 +536,12 @@ fn direct_takes_a_prepared_dax_file_in_the_lab() {
         .unwrap()
         .set_len(512 << 20)
         .unwrap();
-    let mut boot = harness::Boot::default()
+    let mut boot = guest::Boot::default()
         .with_host_tools(&["mkfs.ext4"])
         .with_host_files(&["/etc/mke2fs.conf"]);
     boot.add_file(
         "vdp/vhost-device-pmem",
-        &harness::static_binaries().join("vhost-device-pmem"),
+        &guest::static_binaries().join("vhost-device-pmem"),
     );
     let script = format!(
         r#"
@@ -677,7 +561,7 @@ sed 's/^/VDP-ARG /' /tmp/a2
 grep -h verdict /tmp/e2 | sed 's/^/VDP-LOG /'
 umount /mnt/lab
 "#,
-        harness::fsdax_convert(0)
+        guest::fsdax_convert(0)
     );
     let mut guest = env.boot_lab(dir.path(), &nvdimm_img, &script, &boot);
     let rc = guest.finish(Duration::from_secs(300));

@@ -3,11 +3,12 @@
 //! virtio-pmem device. Needs `guest-tests/setup.sh` to have run (CI does); without it
 //! each test says loudly that it skipped, and fails when VDP_REQUIRE_GUEST=1.
 
-mod harness;
-
 use std::{collections::BTreeMap, fs, time::Duration};
 
-use harness::{ext4_cat, make_ext4_image, md5_hex, DaemonProc, GuestEnv};
+use vdp_testkit::{
+    daemon::Daemon,
+    guest::{ext4_cat, make_ext4_image, md5_hex, GuestEnv},
+};
 
 const BOOT: Duration = Duration::from_secs(120);
 const IMAGE_SIZE: u64 = 64 << 20;
@@ -35,7 +36,7 @@ fn guest_mounts_with_dax_reads_seed_and_its_fsync_reaches_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let img = seeded_image(dir.path());
     let head = md5_hex(&fs::read(&img).unwrap()[..8192]);
-    let daemon = DaemonProc::start(dir.path(), &img, &[]);
+    let mut daemon = Daemon::for_guest(dir.path(), &img, &[]);
     let status = daemon.status();
     assert_eq!(
         status["policy"], "datasync",
@@ -92,7 +93,7 @@ umount /mnt/p || exit 12
         log.contains("the region is live in the guest's address space"),
         "{log}"
     );
-    assert_eq!(daemon.terminate(), 0);
+    assert_eq!(daemon.terminate(), Some(0));
 }
 
 const PATTERN: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
@@ -106,7 +107,7 @@ fn every_acknowledged_record_survives_a_killed_vmm() {
     };
     let dir = tempfile::tempdir().unwrap();
     let img = seeded_image(dir.path());
-    let daemon = DaemonProc::start(dir.path(), &img, &[]);
+    let mut daemon = Daemon::for_guest(dir.path(), &img, &[]);
 
     let mut guest = env.boot(
         dir.path(),
@@ -157,7 +158,7 @@ done
     let status = daemon.status();
     assert_eq!(status["connected"], false, "{status}");
     assert!(status["last_disconnect"].is_string(), "{status}");
-    assert_eq!(daemon.terminate(), 0);
+    assert_eq!(daemon.terminate(), Some(0));
 }
 
 /// The daemon outlives a VMM that is killed and serves the next boot on the same
@@ -170,7 +171,7 @@ fn the_daemon_serves_a_second_boot_after_the_vmm_is_killed() {
     };
     let dir = tempfile::tempdir().unwrap();
     let img = seeded_image(dir.path());
-    let daemon = DaemonProc::start(dir.path(), &img, &[]);
+    let mut daemon = Daemon::for_guest(dir.path(), &img, &[]);
 
     let mut first = env.boot(
         dir.path(),
@@ -201,5 +202,5 @@ umount /mnt/p
     assert_eq!(ext4_cat(&img, "/second.txt", dir.path()), "second\n");
     let status = daemon.status();
     assert_eq!(status["connections"], 2, "{status}");
-    assert_eq!(daemon.terminate(), 0);
+    assert_eq!(daemon.terminate(), Some(0));
 }

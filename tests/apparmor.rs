@@ -8,8 +8,7 @@
 //! Owns: those checks. Never loads a profile into the kernel. A missing
 //! `apparmor_parser` is a loud skip (a failure under VDP_REQUIRE_ROOT_TESTS=1).
 
-#[path = "support/root.rs"]
-mod root;
+use vdp_testkit::root;
 
 use std::{fs, path::Path, process::Command};
 

@@ -4,13 +4,6 @@
 //! control clients, a second real uid in the control group, and a fake guest
 //! flooding the agent channel.
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/frontend.rs"]
-mod frontend;
-#[path = "support/root.rs"]
-mod root;
-
 use std::{
     fs,
     io::{BufRead, BufReader, Read, Write},
@@ -24,8 +17,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use daemon::{limit_descriptors, Daemon, Scratch, BIN, MIB2, TIMEOUT};
-use frontend::TestFrontend;
+use vdp_testkit::daemon::{limit_descriptors, Daemon, Scratch, BIN, MIB2, TIMEOUT};
+use vdp_testkit::frontend::TestFrontend;
+use vdp_testkit::root;
 use vhost_device_pmem::control::{self, Request};
 
 const SIZE: u64 = 2 * MIB2;

@@ -6,12 +6,10 @@
 //! Every command in the tree runs in a private mount namespace (its /proc and /dev
 //! vanish with it), so nothing is ever mounted in the host's namespace.
 
-#[path = "support/frontend.rs"]
-mod frontend;
-#[path = "support/root.rs"]
-mod root;
+use vdp_testkit::frontend;
+use vdp_testkit::root;
 
-use frontend::TestFrontend;
+use vdp_testkit::frontend::TestFrontend;
 
 use std::{
     fs,
@@ -488,7 +486,7 @@ fn package_installs_runs_and_upgrades_without_touching_a_serving_daemon() {
 #[test]
 fn generate_docs_writes_a_page_per_subcommand_and_completions() {
     let out = tempfile::tempdir().unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_vhost-device-pmem"))
+    let o = Command::new(vdp_testkit::BIN)
         .arg("generate-docs")
         .arg("--out")
         .arg(out.path())
@@ -543,7 +541,7 @@ fn generate_docs_writes_a_page_per_subcommand_and_completions() {
             "{f} offers the hidden subcommand"
         );
     }
-    let help = Command::new(env!("CARGO_BIN_EXE_vhost-device-pmem"))
+    let help = Command::new(vdp_testkit::BIN)
         .arg("--help")
         .output()
         .unwrap();

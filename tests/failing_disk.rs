@@ -5,15 +5,6 @@
 //! anything outside its temp dirs. Needs root: SKIPPED loudly without it, a failure
 //! with VDP_REQUIRE_ROOT_TESTS=1.
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/failing_disk.rs"]
-mod failing;
-#[path = "support/frontend.rs"]
-mod frontend;
-#[path = "support/root.rs"]
-mod root;
-
 use std::{
     fs::{self, File},
     io::{self, Write},
@@ -22,10 +13,14 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use daemon::{Daemon, Scratch};
-use failing::{health, mapped, physical, prepare, text, write_and_flush, FailingDisk, MIB};
-use root::unavailable;
 use serde_json::Value;
+use vdp_testkit::daemon;
+use vdp_testkit::daemon::{Daemon, Scratch};
+use vdp_testkit::failing_disk::{
+    health, mapped, physical, prepare, text, write_and_flush, FailingDisk, MIB,
+};
+use vdp_testkit::root;
+use vdp_testkit::root::unavailable;
 use vhost_device_pmem::{blockmap, control};
 
 /// The served file.

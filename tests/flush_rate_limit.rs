@@ -7,12 +7,9 @@
 //!
 //! Owns: the end-to-end checks of the limit. Never needs root.
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/frontend.rs"]
-mod frontend;
-#[path = "support/prom.rs"]
-mod prom;
+use vdp_testkit::daemon;
+use vdp_testkit::frontend;
+use vdp_testkit::prom;
 
 use std::time::{Duration, Instant};
 

@@ -1,33 +1,25 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The health record under real trouble: a real sync failure (the failing disk of
-//! tests/support/failing_disk.rs) while the state directory's own filesystem (a
+//! testkit/src/failing_disk.rs) while the state directory's own filesystem (a
 //! small ext4 on a loop device) is remounted read-only or full; the exit status
 //! while the record is not written; the second copy in another directory; a failed
 //! file moved or hard-linked. Owns these cases; never touches anything outside its
 //! temporary directories and mounts. Needs root: SKIPPED loudly without it, a
 //! failure with VDP_REQUIRE_ROOT_TESTS=1.
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/failing_disk.rs"]
-mod failing;
-#[path = "support/frontend.rs"]
-mod frontend;
-#[path = "support/remountable.rs"]
-mod loopfs;
-#[path = "support/root.rs"]
-mod root;
-
 use std::{
     fs::{self, File},
     path::{Path, PathBuf},
 };
 
-use daemon::{Daemon, Scratch};
-use failing::{health, health_of, mapped, prepare, text, write_and_flush, FailingDisk, MIB};
-use loopfs::LoopFs;
-use root::unavailable;
 use serde_json::Value;
+use vdp_testkit::daemon::{Daemon, Scratch};
+use vdp_testkit::failing_disk::{
+    health, health_of, mapped, prepare, text, write_and_flush, FailingDisk, MIB,
+};
+use vdp_testkit::remountable::LoopFs;
+use vdp_testkit::root;
+use vdp_testkit::root::unavailable;
 use vhost_device_pmem::blockmap;
 
 const FILE_SIZE: u64 = 16 * MIB;

@@ -9,11 +9,6 @@
 //! Owns: these cases. Needs root, loop devices, mkfs.ext4 and strace: without them
 //! a test prints SKIPPED, unless VDP_REQUIRE_ROOT_TESTS=1.
 
-#[path = "support/loopfs.rs"]
-mod loopfs;
-#[path = "support/root.rs"]
-mod root;
-
 use std::{
     fs::{self, File, OpenOptions},
     io::Write,
@@ -24,10 +19,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use loopfs::LoopFs;
-use root::prerequisites;
+use vdp_testkit::loopfs::LoopFs;
+use vdp_testkit::root::prerequisites;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-pmem");
+use vdp_testkit::BIN;
 const MIB: u64 = 1 << 20;
 
 fn small_ext4() -> LoopFs {
@@ -138,7 +133,7 @@ fn space_gone_after_the_check_truncates_the_file_back_to_its_original_size() {
             "inject=ftruncate:signal=SIGSTOP:when=1",
             "-o",
             trace.to_str().unwrap(),
-            BIN,
+            &*BIN,
             "prepare",
             img.to_str().unwrap(),
             "--size",

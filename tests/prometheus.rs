@@ -8,14 +8,10 @@
 //! Owns: those checks. Never runs a Prometheus server. A missing `promtool` is a
 //! loud skip (a failure under VDP_REQUIRE_ROOT_TESTS=1).
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/frontend.rs"]
-mod frontend;
-#[path = "support/prom.rs"]
-mod prom;
-#[path = "support/root.rs"]
-mod root;
+use vdp_testkit::daemon;
+use vdp_testkit::frontend;
+use vdp_testkit::prom;
+use vdp_testkit::root;
 
 use std::{
     fs,

@@ -7,9 +7,6 @@
 //!
 //! Owns: these fake monitors. Never needs root or QEMU.
 
-#[path = "support/daemon.rs"]
-mod daemon;
-
 use std::{
     fs,
     io::{BufRead, BufReader, Write},
@@ -23,7 +20,8 @@ use std::{
     time::Duration,
 };
 
-use daemon::{Scratch, MIB2};
+use vdp_testkit::daemon;
+use vdp_testkit::daemon::{Scratch, MIB2};
 
 const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 1, "major": 11}, "package": ""}, "capabilities": ["oob"]}}"#;
 

@@ -6,20 +6,15 @@
 //!
 //! Never reaches into the daemon for the bite: the child is a plain process.
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/frontend.rs"]
-mod frontend;
-#[path = "support/procfs.rs"]
-mod procfs;
-
 use std::{
     os::unix::process::ExitStatusExt,
     process::{Command, Output},
 };
 
-use daemon::{Daemon, Scratch, MIB2};
-use frontend::TestFrontend;
+use vdp_testkit::daemon;
+use vdp_testkit::daemon::{Daemon, Scratch, MIB2};
+use vdp_testkit::frontend::TestFrontend;
+use vdp_testkit::procfs;
 use vhost_device_pmem::sandbox::{self, Profile, SeccompMode};
 
 /// The child's environment variable: `MODE:CALL`, MODE `enforce`, `log` or `off`

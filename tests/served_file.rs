@@ -10,13 +10,6 @@
 //!
 //! Owns: these cases. Never needs root.
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/frontend.rs"]
-mod frontend;
-#[path = "support/prom.rs"]
-mod prom;
-
 use std::{
     fs,
     process::Command,
@@ -25,9 +18,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use daemon::{Daemon, Scratch, MIB2};
-use frontend::TestFrontend;
 use serde_json::Value;
+use vdp_testkit::daemon;
+use vdp_testkit::daemon::{Daemon, Scratch, MIB2};
+use vdp_testkit::frontend::TestFrontend;
+use vdp_testkit::prom;
 use vhost_device_pmem::control;
 
 /// Runs a host tool as an operator would; panics with its stderr if it fails.

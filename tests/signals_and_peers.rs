@@ -4,15 +4,12 @@
 //!
 //! Owns: the signal and peer checks. Never uses a guest.
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/frontend.rs"]
-mod frontend;
-
 use std::os::unix::net::UnixStream;
 
-use daemon::{Daemon, Scratch, MIB2};
-use frontend::TestFrontend;
+use vdp_testkit::frontend;
+
+use vdp_testkit::daemon::{Daemon, Scratch, MIB2};
+use vdp_testkit::frontend::TestFrontend;
 
 #[test]
 fn hup_usr1_usr2_alrm_and_pipe_never_end_the_daemon_and_term_still_does() {

@@ -13,10 +13,8 @@
 //! Owns: that check, and the helper that connects as the other uid (this test
 //! binary, copied where that uid may run it). Never touches the host's /run.
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/root.rs"]
-mod root;
+use vdp_testkit::daemon;
+use vdp_testkit::root;
 
 use std::{
     collections::BTreeMap,

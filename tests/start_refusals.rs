@@ -8,13 +8,6 @@
 //! Owns: these cases. The `--seal` case needs root, loop devices and mkfs.xfs:
 //! without them it prints SKIPPED, unless VDP_REQUIRE_ROOT_TESTS=1.
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/loopfs.rs"]
-mod loopfs;
-#[path = "support/root.rs"]
-mod root;
-
 use std::{
     fs,
     os::unix::fs::symlink,
@@ -22,7 +15,10 @@ use std::{
     process::{Command, Stdio},
 };
 
-use daemon::{serve_fails, Daemon, Scratch, MIB2};
+use vdp_testkit::daemon;
+use vdp_testkit::daemon::{serve_fails, Daemon, Scratch, MIB2};
+use vdp_testkit::loopfs;
+use vdp_testkit::root;
 
 /// Asserts `serve` with `args` refused to start, saying `option` names the
 /// backing file, and `file` still holds `data`.

@@ -6,11 +6,6 @@
 //! against the real binary; never touches anything outside its temporary
 //! directories. The other-uid case needs root (skipped loudly without it).
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/root.rs"]
-mod root;
-
 use std::{
     fs,
     os::unix::fs::{MetadataExt, PermissionsExt},
@@ -18,8 +13,9 @@ use std::{
     process::{Command, Output},
 };
 
-use daemon::{serve_fails, Daemon, Scratch, BIN, MIB2};
 use serde_json::Value;
+use vdp_testkit::daemon::{serve_fails, Daemon, Scratch, BIN, MIB2};
+use vdp_testkit::root;
 
 fn health(file: &Path, args: &[&str]) -> Output {
     Command::new(BIN)

@@ -6,13 +6,6 @@
 //! Never mocks a protocol: a missing tool is a loud skip (a failure under
 //! VDP_REQUIRE_ROOT_TESTS=1).
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/frontend.rs"]
-mod frontend;
-#[path = "support/root.rs"]
-mod root;
-
 use std::{
     fs,
     os::unix::{
@@ -25,8 +18,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use daemon::{wait_exit, Scratch, BIN, MIB2, TIMEOUT};
-use frontend::TestFrontend;
+use vdp_testkit::daemon;
+use vdp_testkit::daemon::{wait_exit, Scratch, BIN, MIB2, TIMEOUT};
+use vdp_testkit::frontend;
+use vdp_testkit::frontend::TestFrontend;
+use vdp_testkit::root;
 use vhost_device_pmem::control::{self, Request};
 
 const ACTIVATE: &str = "systemd-socket-activate";
@@ -66,7 +62,7 @@ impl Activated {
             cmd.arg("-E").arg(format!("{k}={v}"));
         }
         // No --socket-path and no --control-socket: the inherited sockets stand in.
-        cmd.args([BIN, "serve", "--mode", "fsync", "--file"])
+        cmd.args([&*BIN, "serve", "--mode", "fsync", "--file"])
             .arg(file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

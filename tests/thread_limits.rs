@@ -9,11 +9,6 @@
 //! Owns: this case. Needs root (setpriv to another uid): without it the test
 //! prints SKIPPED, unless VDP_REQUIRE_ROOT_TESTS=1.
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/root.rs"]
-mod root;
-
 use std::{
     fs,
     io::{BufRead, BufReader},
@@ -24,9 +19,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use daemon::{Scratch, MIB2};
 use serde_json::Value;
 use std::os::unix::process::CommandExt;
+use vdp_testkit::daemon;
+use vdp_testkit::daemon::{Scratch, MIB2};
+use vdp_testkit::root;
 use vhost_device_pmem::control::{self, Request};
 
 /// The names of the threads of `pid`.

@@ -1,18 +1,16 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The daemon binary driven over its real vhost-user socket by a QEMU-like frontend.
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/frontend.rs"]
-mod frontend;
-
 use std::{fs, os::unix::fs::MetadataExt, os::unix::net::UnixListener};
 
-use daemon::{serve_fails, Daemon, Scratch, MIB2};
-use frontend::{
+use vdp_testkit::daemon::{serve_fails, Daemon, Scratch, MIB2};
+use vdp_testkit::frontend::{
     TestFrontend, VIRTIO_F_VERSION_1, VIRTIO_PMEM_F_SHMEM_REGION, VIRTIO_PMEM_REQ_TYPE_FLUSH,
     VIRTIO_RING_F_EVENT_IDX,
 };
+
+use vdp_testkit::daemon;
+use vdp_testkit::frontend;
 use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 
 const SIZE: u64 = 2 * MIB2;

@@ -302,10 +302,10 @@ fn histogram(o: &mut Out, name: &str, help: &str, h: &LatencyBuckets) {
     o.sample(&format!("{name}_count"), &[], &h.count.to_string());
 }
 
-/// The tests' strict parser of the format, shared with the binary tests.
+/// The tests' strict parser of the format, from the test kit (shared with the
+/// binary tests).
 #[cfg(test)]
-#[path = "../../tests/support/prom.rs"]
-mod prom;
+use vdp_testkit::prom;
 
 #[cfg(test)]
 mod tests {

@@ -160,6 +160,28 @@ impl Qmp {
         self.exchange(command, arguments, deadline, "a command and its answer")
     }
 
+    /// Waits up to `timeout` for event `name` and takes it out of [`Self::events`]
+    /// (one that already arrived counts); `Ok(None)` if none came in time. Other
+    /// events that arrive meanwhile are kept (within the bounds).
+    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Option<Value>, QmpError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+                if let Some(len) = self.event_sizes.remove(i) {
+                    self.event_bytes -= len;
+                }
+                return Ok(self.events.remove(i));
+            }
+            match self.read(deadline, "waiting for an event") {
+                Ok((msg, len)) if msg.get("event").is_some() => self.keep_event(msg, len),
+                // An answer to nothing pending: skip it.
+                Ok(_) => {}
+                Err(QmpError::Timeout { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     fn exchange(
         &mut self,
         command: &str,
@@ -392,6 +414,42 @@ mod tests {
         );
         // The pid of the other end of a socket pair is this process.
         assert_eq!(q.peer_pid().unwrap(), std::process::id());
+    }
+
+    #[test]
+    fn waits_for_a_named_event_keeping_the_others() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut w = theirs.try_clone().unwrap();
+        let peer = thread::spawn(move || {
+            let mut r = BufReader::new(theirs);
+            writeln!(w, "{GREETING}").unwrap();
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let req: Value = serde_json::from_str(&line).unwrap();
+            writeln!(w, r#"{{"return": {{}}, "id": {}}}"#, req["id"]).unwrap();
+            writeln!(w, r#"{{"event": "ACPI_DEVICE_OST", "data": {{}}}}"#).unwrap();
+            writeln!(
+                w,
+                r#"{{"event": "DEVICE_DELETED", "data": {{"device": "pmem1"}}}}"#
+            )
+            .unwrap();
+            r
+        });
+        let mut q = Qmp::over(ours, Duration::from_secs(5)).unwrap();
+        let ev = q
+            .wait_event("DEVICE_DELETED", Duration::from_secs(5))
+            .unwrap()
+            .expect("the event");
+        assert_eq!(ev["data"]["device"], "pmem1");
+        assert_eq!(q.events.len(), 1);
+        assert_eq!(q.events[0]["event"], "ACPI_DEVICE_OST");
+        // One that already arrived counts; then nothing more comes.
+        let ev = q.wait_event("ACPI_DEVICE_OST", Duration::from_millis(100));
+        assert!(ev.unwrap().is_some());
+        assert_eq!((q.events.len(), q.event_bytes), (0, 0));
+        let none = q.wait_event("DEVICE_DELETED", Duration::from_millis(100));
+        assert!(none.unwrap().is_none());
+        drop(peer.join().unwrap());
     }
 
     #[test]

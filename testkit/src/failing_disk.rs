@@ -5,9 +5,6 @@
 //! Owns that fixture (always torn down), `prepare` through the binary and the
 //! physical offset of a file byte, and what the tests around it share (a mapped
 //! frontend, a store and a flush, `health`). Never touches anything outside its temp dirs.
-//! Include it with `#[path = "support/failing_disk.rs"] mod failing;` next to
-//! `mod root;`, `mod daemon;` and `mod frontend;`.
-#![allow(dead_code)]
 
 use std::{
     fs::{self, File, OpenOptions},

@@ -2,9 +2,8 @@
 //! What the sandbox tests read of a process in /proc: the seccomp state of each of
 //! its threads. Reads only; never decides what a test asserts.
 //!
-//! Include it with `#[path = "support/procfs.rs"] mod procfs;` (from guest-tests,
-//! `#[path = "../tests/support/procfs.rs"]`).
-#![allow(dead_code)]
+//!
+//! Owns: the parsing of /proc/PID/task/*/status. Never writes to /proc.
 
 /// `(Name:, Seccomp:, Seccomp_filters:)` of every thread of `pid`, from
 /// /proc/PID/task/*/status (a thread that ended meanwhile is left out).

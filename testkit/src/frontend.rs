@@ -7,8 +7,9 @@
 //! does. Message order follows QEMU: `connect` is vhost_user_backend_init +
 //! vhost_dev_init, [`TestFrontend::start`] is vhost_dev_start.
 //!
-//! Include it with `#[path = "support/frontend.rs"] mod frontend;`.
-#![allow(dead_code)]
+//!
+//! Owns: the frontend side of the vhost-user protocol and the guest RAM it
+//! gives. Never decides what a test asserts.
 
 use std::{
     fs::File,

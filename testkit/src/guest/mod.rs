@@ -4,9 +4,10 @@
 //! tree) and host-side image tools. Owns process lifetimes (everything is killed on
 //! drop) and timeouts; never decides what a test asserts.
 
-#![allow(dead_code)] // each test binary uses a different part
-
+mod boot;
+pub mod env;
 pub mod in_vm;
+pub mod nested;
 pub mod records;
 
 use std::{
@@ -24,9 +25,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
+/// The QMP client of the tests is the library's (`nvdimm`'s): one client.
+pub use vhost_device_pmem::app::nvdimm::qmp::{Qmp, QmpError};
 
-pub const DAEMON: &str = env!("CARGO_BIN_EXE_vhost-device-pmem");
+pub use boot::{
+    agent_qemu_args, fsdax_convert, lab_boot, static_binaries, static_test_binary, Boot,
+};
+
+use crate::BIN;
 
 /// Guests are booted one at a time: the machine has two cores and TCG uses them.
 static BOOT_LOCK: Mutex<()> = Mutex::new(());
@@ -221,7 +227,7 @@ impl GuestEnv {
         .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
         .args(&opts.qemu_args);
         let guest = Guest::spawn(cmd, dir.join("console.log"));
-        let qmp = Qmp::connect(&qmp_path, Duration::from_secs(20));
+        let qmp = connect_qmp(&qmp_path);
         (guest, qmp)
     }
 
@@ -286,7 +292,7 @@ impl GuestEnv {
         ))
         .args(&opts.qemu_args);
         let guest = Guest::spawn(cmd, dir.join("console.log"));
-        let qmp = Qmp::connect(&qmp_path, Duration::from_secs(20));
+        let qmp = connect_qmp(&qmp_path);
         (guest, qmp)
     }
 
@@ -344,226 +350,6 @@ impl GuestEnv {
         }
         cmd
     }
-}
-
-/// Shell that turns NVDIMM region `n`'s raw namespace (`namespaceN.0`) into an fsdax
-/// one (struct pages kept on the NVDIMM, 4 KiB alignment) through sysfs, as `ndctl
-/// create-namespace -m fsdax` would, so /dev/pmemN supports DAX mounts and MAP_SYNC;
-/// then prints `VDP-FSDAX <sectors> sectors` and `VDP-DATAOFF<n> <bytes>`, the data
-/// offset of the fsdax device in the NVDIMM (the pfn device's data start minus the
-/// namespace's start). Exits 20 if the conversion fails. Region 0 is the lab's
-/// NVDIMM ([`GuestEnv::boot_lab`]).
-pub fn fsdax_convert(n: impl std::fmt::Display) -> String {
-    format!(
-        r#"
-nd=/sys/bus/nd/devices
-echo namespace{n}.0 > /sys/bus/nd/drivers/nd_pmem/unbind || exit 20
-cat /proc/sys/kernel/random/uuid > $nd/pfn{n}.0/uuid || exit 20
-echo pmem > $nd/pfn{n}.0/mode || exit 20
-echo 4096 > $nd/pfn{n}.0/align || exit 20
-echo namespace{n}.0 > $nd/pfn{n}.0/namespace || exit 20
-echo pfn{n}.0 > /sys/bus/nd/drivers/nd_pmem/bind || exit 20
-[ -b /dev/pmem{n} ] || mdev -s
-[ -b /dev/pmem{n} ] || exit 20
-echo "VDP-FSDAX $(cat /sys/block/pmem{n}/size) sectors"
-echo "VDP-DATAOFF{n} $(( $(cat $nd/pfn{n}.0/resource) - $(cat $nd/namespace{n}.0/resource) ))"
-"#
-    )
-}
-
-/// The DAX lab's filesystem `fs_name` (`ext4` or `xfs`): a [`Boot`] with its mkfs,
-/// strace and the static daemon as /vdp/vhost-device-pmem, and the shell command that
-/// makes the filesystem (the device goes after it).
-pub fn lab_boot(fs_name: &str) -> (Boot, String) {
-    let (mkfs, args, configs): (&str, &str, &[&str]) = match fs_name {
-        "ext4" => (
-            "mkfs.ext4",
-            "-q -F -b 4096 -E nodiscard",
-            &["/etc/mke2fs.conf"],
-        ),
-        "xfs" => ("mkfs.xfs", "-q -f", &[]),
-        other => panic!("the lab has no filesystem {other}"),
-    };
-    let mut boot = Boot::default()
-        .with_host_tools(&[mkfs, "strace"])
-        .with_host_files(configs);
-    boot.add_file(
-        "vdp/vhost-device-pmem",
-        &static_binaries().join("vhost-device-pmem"),
-    );
-    (boot, format!("/usr/bin/{mkfs} {args}"))
-}
-
-/// Extras for one boot.
-#[derive(Default)]
-pub struct Boot {
-    /// Files put in the guest (mode 0755), e.g. a static binary: a bare name in its
-    /// root, a path (`usr/bin/strace`) at that path.
-    pub files: Vec<(String, Vec<u8>)>,
-    pub qemu_args: Vec<String>,
-}
-
-impl Boot {
-    /// Adds the static guest agent as /agent and a virtio-serial port whose host side
-    /// is the daemon's agent socket.
-    pub fn with_agent(mut self, agent_socket: &Path) -> Self {
-        let dir = static_binaries();
-        self.files.push((
-            "agent".into(),
-            fs::read(dir.join("vhost-device-pmem-agent")).unwrap(),
-        ));
-        self.qemu_args.extend(agent_qemu_args(agent_socket));
-        self
-    }
-
-    /// Adds a virtio-blk disk backed by the raw image `image` (the first one added
-    /// is /dev/vda in the guest, the next /dev/vdb, ...). `cache=writeback`: what the
-    /// guest wrote reaches the image file on the host as it writes, so killing the VM
-    /// keeps its disk and loses only its own page cache, like a power cut.
-    pub fn with_disk(mut self, image: &Path) -> Self {
-        let n = self
-            .qemu_args
-            .iter()
-            .filter(|a| a.starts_with("virtio-blk-pci,"))
-            .count();
-        self.qemu_args.extend([
-            "-drive".into(),
-            format!(
-                "file={},if=none,id=disk{n},format=raw,cache=writeback",
-                image.display()
-            ),
-            "-device".into(),
-            format!("virtio-blk-pci,drive=disk{n}"),
-        ]);
-        self
-    }
-
-    /// Adds host programs, each as `/usr/bin/NAME` in the guest, with the shared
-    /// libraries `ldd` lists for it (at their host paths) and the dynamic loader. The
-    /// guest's shell is busybox, whose applets win over PATH: call them by full path.
-    pub fn with_host_tools(mut self, tools: &[&str]) -> Self {
-        for tool in tools {
-            let path = find_host_tool(tool);
-            self.add_file(&format!("usr/bin/{tool}"), &path);
-            for lib in shared_libraries(&path) {
-                self.add_file(&lib.display().to_string(), &lib);
-            }
-        }
-        self
-    }
-
-    /// Adds host files (e.g. a tool's configuration) at their host paths.
-    pub fn with_host_files(mut self, paths: &[&str]) -> Self {
-        for p in paths {
-            self.add_file(p, Path::new(p));
-        }
-        self
-    }
-
-    /// Adds a file to the guest at `guest` (a path in the guest's root), read from
-    /// `host`; a path already added is kept.
-    pub fn add_file(&mut self, guest: &str, host: &Path) {
-        let guest = guest.trim_start_matches('/').to_string();
-        if self.files.iter().any(|(n, _)| *n == guest) {
-            return;
-        }
-        let data = fs::read(host).unwrap_or_else(|e| panic!("{}: {e}", host.display()));
-        self.files.push((guest, data));
-    }
-}
-
-/// QEMU arguments for the guest agent's virtio-serial port, its host side the
-/// daemon's (or export's) agent socket, reconnecting until that socket exists.
-pub fn agent_qemu_args(agent_socket: &Path) -> Vec<String> {
-    vec![
-        "-device".into(),
-        "virtio-serial-pci".into(),
-        "-chardev".into(),
-        format!(
-            "socket,id=agent0,path={},reconnect-ms=500",
-            agent_socket.display()
-        ),
-        "-device".into(),
-        "virtserialport,chardev=agent0,name=org.vhost-device-pmem.0".into(),
-    ]
-}
-
-/// The dynamic loader every dynamically linked x86_64 program names.
-const LOADER: &str = "/lib64/ld-linux-x86-64.so.2";
-
-/// A program on the host by name: PATH first, then the sbin directories (tests may
-/// run without them in PATH).
-fn find_host_tool(name: &str) -> PathBuf {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file());
-    found.unwrap_or_else(|| panic!("host tool {name} not found (setup.sh installs it)"))
-}
-
-/// The shared libraries of a host program as `ldd` resolves them, and the loader.
-fn shared_libraries(program: &Path) -> Vec<PathBuf> {
-    let out = run(Command::new("ldd").arg(program));
-    let mut libs = vec![PathBuf::from(LOADER)];
-    for line in out.lines() {
-        let line = line.trim();
-        assert!(!line.contains("not found"), "{}: {line}", program.display());
-        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
-        // "/lib64/ld-linux-x86-64.so.2 (0x...)"; linux-vdso has no file.
-        let file = line.split(" => ").last().unwrap_or(line);
-        if let Some(path) = file
-            .split_whitespace()
-            .next()
-            .filter(|p| p.starts_with('/'))
-        {
-            let path = PathBuf::from(path);
-            if !libs.contains(&path) {
-                libs.push(path);
-            }
-        }
-    }
-    libs
-}
-
-/// Builds (if needed) and returns the directory of the static daemon and agent.
-pub fn static_binaries() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-tests/build-static.sh");
-    let out = run(&mut Command::new(script));
-    PathBuf::from(out.trim())
-}
-
-/// The target the static binaries are built for.
-const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
-
-/// Builds (if needed) a statically linked executable of the integration test
-/// `test` (a `[[test]]` name) and returns its path, so the test itself can run in a
-/// guest, e.g. next to the static daemon in the DAX host lab. Release build in
-/// target/static, like guest-tests/build-static.sh; cargo's JSON messages name the
-/// executable.
-pub fn static_test_binary(test: &str) -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = run(Command::new(cargo)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .args(["test", "--locked", "--no-run", "--release", "--target"])
-        .arg(STATIC_TARGET)
-        .args(["--target-dir", "target/static", "--test", test])
-        .arg("--message-format=json"));
-    let exe = out
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == test)
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .unwrap_or_else(|| panic!("cargo named no executable for test {test}"));
-    let kind = run(Command::new("file").arg("-L").arg(&exe));
-    assert!(
-        kind.contains("statically linked") || kind.contains("static-pie linked"),
-        "{} is not static: {kind}",
-        exe.display()
-    );
-    exe
 }
 
 fn parse_env(text: &str) -> HashMap<String, String> {
@@ -740,103 +526,6 @@ impl Drop for Guest {
     }
 }
 
-/// The daemon under test, run as its real binary.
-pub struct DaemonProc {
-    child: Child,
-    pub socket: PathBuf,
-    pub control: PathBuf,
-    pub log: PathBuf,
-}
-
-impl DaemonProc {
-    pub fn start(dir: &Path, file: &Path, extra: &[&str]) -> Self {
-        let socket = dir.join("vu.sock");
-        let control = dir.join("ctl.sock");
-        let log = dir.join("daemon.log");
-        let child = Command::new(DAEMON)
-            .arg("serve")
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--file")
-            .arg(file)
-            .arg("--control-socket")
-            .arg(&control)
-            .args(extra)
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start daemon");
-        let d = Self {
-            child,
-            socket,
-            control,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !(d.socket.exists() && d.control.exists()) {
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not listen within 20 s:\n{}",
-                d.log_text()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    pub fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub fn call(&self, command: &str) -> Value {
-        let v = self.call_with(serde_json::json!({ "command": command }));
-        assert_eq!(v["ok"], true, "{v}");
-        v
-    }
-
-    /// Sends any control request and returns the answer, whatever it says.
-    pub fn call_with(&self, req: Value) -> Value {
-        let stream = std::os::unix::net::UnixStream::connect(&self.control).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        writeln!(&stream, "{req}").unwrap();
-        let mut line = String::new();
-        BufReader::new(&stream).read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap()
-    }
-
-    pub fn status(&self) -> Value {
-        self.call("status")["status"].clone()
-    }
-
-    pub fn stats(&self) -> Value {
-        self.call("stats")["stats"].clone()
-    }
-
-    /// SIGTERM and wait; returns the exit code.
-    pub fn terminate(mut self) -> i32 {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code().unwrap_or(-1);
-            }
-            assert!(Instant::now() < deadline, "daemon ignored SIGTERM");
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for DaemonProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Runs a host command, panicking with its output if it fails.
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -869,7 +558,7 @@ pub fn make_ext4_image(path: &Path, size: u64, seed_dir: &Path) {
         .arg(seed_dir)
         .arg(path));
     fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
-    run(Command::new(DAEMON).arg("prepare").arg(path));
+    run(Command::new(BIN).arg("prepare").arg(path));
 }
 
 /// Reads a file out of an ext4 image after replaying its journal on a copy (the
@@ -912,94 +601,18 @@ pub fn md5_hex(data: &[u8]) -> String {
         .to_string()
 }
 
-/// A QMP client on QEMU's monitor socket: greeting, capabilities negotiation,
-/// commands and asynchronous events (kept in arrival order until waited for).
-pub struct Qmp {
-    reader: BufReader<std::os::unix::net::UnixStream>,
-    writer: std::os::unix::net::UnixStream,
-    events: Vec<Value>,
-}
-
-impl Qmp {
-    /// Connects (retrying while QEMU creates the socket), reads the greeting and
-    /// leaves capabilities negotiation mode.
-    pub fn connect(path: &Path, timeout: Duration) -> Self {
-        let deadline = Instant::now() + timeout;
-        let stream = loop {
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "QMP {}: {e}", path.display());
-                    thread::sleep(Duration::from_millis(50));
-                }
+/// Connects to QEMU's monitor at `path` with the library's client, retrying for
+/// 20 s while QEMU creates the socket; every command then has 30 s.
+pub fn connect_qmp(path: &Path) -> Qmp {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match Qmp::connect(path, Duration::from_secs(30)) {
+            Ok(qmp) => return qmp,
+            Err(e @ QmpError::Connect { .. }) => {
+                assert!(Instant::now() < deadline, "{e}");
+                thread::sleep(Duration::from_millis(50));
             }
-        };
-        let mut qmp = Self {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-            events: Vec::new(),
-        };
-        let greeting = qmp.read(deadline).expect("QMP greeting");
-        assert!(
-            greeting.get("QMP").is_some(),
-            "not a QMP greeting: {greeting}"
-        );
-        qmp.execute("qmp_capabilities", serde_json::json!({}))
-            .unwrap_or_else(|e| panic!("qmp_capabilities: {e}"));
-        qmp
-    }
-
-    /// One JSON message, or `None` at `deadline`.
-    fn read(&mut self, deadline: Instant) -> Option<Value> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return None;
-        }
-        self.reader.get_ref().set_read_timeout(Some(left)).unwrap();
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => panic!("QEMU closed its QMP socket"),
-            Ok(_) => Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))),
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                None
-            }
-            Err(e) => panic!("QMP read: {e}"),
-        }
-    }
-
-    /// Runs a command; `Ok(return value)` or `Err(the error object)`. Events that
-    /// arrive meanwhile are kept for [`Self::wait_event`].
-    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, Value> {
-        let req = serde_json::json!({ "execute": command, "arguments": arguments });
-        writeln!(self.writer, "{req}").unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let msg = self
-                .read(deadline)
-                .unwrap_or_else(|| panic!("no answer to QMP {command} within 30 s"));
-            if let Some(ret) = msg.get("return") {
-                return Ok(ret.clone());
-            }
-            if let Some(err) = msg.get("error") {
-                return Err(err.clone());
-            }
-            self.events.push(msg);
-        }
-    }
-
-    /// Waits for event `name` (one that already arrived counts) and returns it, or
-    /// `None` if it does not come within `timeout`.
-    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Option<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
-                return Some(self.events.remove(i));
-            }
-            let msg = self.read(deadline)?;
-            self.events.push(msg);
+            Err(e) => panic!("{e}"),
         }
     }
 }

@@ -3,8 +3,9 @@
 //! there, the loud skip (or, with VDP_REQUIRE_ROOT_TESTS=1, the failure) when they
 //! are not, and running a host command.
 //!
-//! Include it with `#[path = "support/root.rs"] mod root;`.
-#![allow(dead_code)]
+//!
+//! Owns: the prerequisite checks and the skip-or-fail rule. Never installs
+//! anything.
 
 use std::{
     io::Write,

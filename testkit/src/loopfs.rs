@@ -3,9 +3,9 @@
 //! of a chosen size, mounted under a temporary directory in /var/tmp. Dropping it
 //! unmounts, detaches and deletes, whatever state construction reached.
 //!
-//! Include it with `#[path = "support/loopfs.rs"] mod loopfs;` next to
-//! `support/root.rs` (as `mod root`).
-#![allow(dead_code)]
+//!
+//! Owns: that filesystem, torn down on drop. Never touches anything outside its
+//! temporary directory.
 
 use std::{
     fs::{self, File},

@@ -3,9 +3,7 @@
 //! directory, a loop device, a mount; remounted read-only and back, or filled up.
 //!
 //! Owns that filesystem (always unmounted and detached on drop). Never touches
-//! anything outside its temporary directory. Include it with
-//! `#[path = "support/remountable.rs"] mod loopfs;` next to `mod root;`.
-#![allow(dead_code)]
+//! anything outside its temporary directory.
 
 use std::{
     fs::{self, File},
