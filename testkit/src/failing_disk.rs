@@ -24,7 +24,7 @@ use vhost_device_pmem::{
 use crate::{
     daemon::{self, Daemon},
     frontend::TestFrontend,
-    root::run,
+    root::{attach_loop, run},
 };
 
 pub const MIB: u64 = 1 << 20;
@@ -80,24 +80,8 @@ impl FailingDisk {
             f.write_all(&chunk).unwrap();
         }
         drop(f);
-        let mut last = String::new();
-        for _ in 0..10 {
-            // Parallel tests may race for the same free device: retry.
-            match run("losetup", &["-f", "--show", image.to_str().unwrap()]) {
-                Ok(out) => {
-                    d.loopdev = Some(String::from_utf8_lossy(&out.stdout).trim().to_string());
-                    break;
-                }
-                Err(e) => {
-                    last = e;
-                    thread::sleep(Duration::from_millis(200));
-                }
-            }
-        }
-        let dev = d
-            .loopdev
-            .clone()
-            .ok_or_else(|| format!("a loop device ({last})"))?;
+        let dev = attach_loop(&image)?;
+        d.loopdev = Some(dev.clone());
         // 4 KiB blocks (the page size); nodiscard keeps the image's pages.
         run(
             "mkfs.ext4",

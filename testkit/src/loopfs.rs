@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use crate::root::run;
+use crate::root::{attach_loop, run};
 
 pub struct LoopFs {
     dir: tempfile::TempDir,
@@ -37,25 +37,8 @@ impl LoopFs {
         };
         let image = m.dir.path().join("image");
         File::create(&image).unwrap().set_len(mib << 20).unwrap();
-        let img = image.to_str().unwrap().to_string();
-        let mut last = String::new();
-        for _ in 0..10 {
-            // Parallel tests may race for the same free device: retry.
-            match run("losetup", &["-f", "--show", &img]) {
-                Ok(out) => {
-                    m.loopdev = Some(String::from_utf8_lossy(&out.stdout).trim().to_string());
-                    break;
-                }
-                Err(e) => {
-                    last = e;
-                    thread::sleep(Duration::from_millis(200));
-                }
-            }
-        }
-        let dev = m
-            .loopdev
-            .clone()
-            .unwrap_or_else(|| panic!("losetup: {last}"));
+        let dev = attach_loop(&image).unwrap_or_else(|e| panic!("losetup: {e}"));
+        m.loopdev = Some(dev.clone());
         let mut args: Vec<&str> = mkfs_args.to_vec();
         args.push(&dev);
         run(mkfs, &args).unwrap_or_else(|e| panic!("{e}"));

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use crate::root::run;
+use crate::root::{attach_loop, run};
 
 /// ext4 on a loop device, mounted in a temporary directory.
 pub struct LoopFs {
@@ -37,24 +37,8 @@ impl LoopFs {
         };
         let image = fs.dir.path().join("image");
         File::create(&image).unwrap().set_len(mib << 20).unwrap();
-        let mut last = String::new();
-        for _ in 0..10 {
-            // Parallel tests may race for the same free device: retry.
-            match run("losetup", &["-f", "--show", image.to_str().unwrap()]) {
-                Ok(out) => {
-                    fs.loopdev = Some(String::from_utf8_lossy(&out.stdout).trim().to_string());
-                    break;
-                }
-                Err(e) => {
-                    last = e;
-                    thread::sleep(Duration::from_millis(200));
-                }
-            }
-        }
-        let dev = fs
-            .loopdev
-            .clone()
-            .ok_or_else(|| format!("a loop device ({last})"))?;
+        let dev = attach_loop(&image)?;
+        fs.loopdev = Some(dev.clone());
         run("mkfs.ext4", &["-q", "-F", "-m", "0", "-b", "4096", &dev])
             .unwrap_or_else(|e| panic!("{e}"));
         let mnt = fs.mnt();

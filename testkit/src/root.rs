@@ -1,8 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What the root-only tests share: whether root, loop devices and the tools are
 //! there, the loud skip (or, with VDP_REQUIRE_ROOT_TESTS=1, the failure) when they
-//! are not, and running a host command.
-//!
+//! are not, running a host command, and attaching an image to a loop device.
 //!
 //! Owns: the prerequisite checks and the skip-or-fail rule. Never installs
 //! anything.
@@ -11,6 +10,8 @@ use std::{
     io::Write,
     path::Path,
     process::{Command, Output},
+    thread,
+    time::Duration,
 };
 
 /// Whether `name` is a program in PATH or the sbin/bin directories.
@@ -77,4 +78,22 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<Output, String> {
         ));
     }
     Ok(out)
+}
+
+/// Attaches `image` to the first free loop device and returns the device's path.
+/// Parallel tests may race for the same free device, so a refusal is retried (ten
+/// times, 200 ms apart); the last refusal is the error.
+pub fn attach_loop(image: &Path) -> Result<String, String> {
+    let image = image.to_str().ok_or("the image's path is not UTF-8")?;
+    let mut last = String::new();
+    for _ in 0..10 {
+        match run("losetup", &["-f", "--show", image]) {
+            Ok(out) => return Ok(String::from_utf8_lossy(&out.stdout).trim().to_string()),
+            Err(e) => {
+                last = e;
+                thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    Err(format!("a loop device for {image} ({last})"))
 }

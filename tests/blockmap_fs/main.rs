@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use vdp_testkit::root::{prerequisites, run};
+use vdp_testkit::root::{attach_loop, prerequisites, run};
 use vhost_device_pmem::{
     blockmap::{self, ProblemKind},
     control, sys,
@@ -76,25 +76,8 @@ impl Mounted {
         let image = m.dir.path().join("image");
         // XFS wants at least 300 MiB.
         File::create(&image).unwrap().set_len(512 * MIB).unwrap();
-        let img = image.to_str().unwrap().to_string();
-        let mut last = String::new();
-        for _ in 0..10 {
-            // Parallel tests may race for the same free device: retry.
-            match run("losetup", &["-f", "--show", &img]) {
-                Ok(out) => {
-                    m.loopdev = Some(String::from_utf8_lossy(&out.stdout).trim().to_string());
-                    break;
-                }
-                Err(e) => {
-                    last = e;
-                    thread::sleep(Duration::from_millis(200));
-                }
-            }
-        }
-        let dev = m
-            .loopdev
-            .clone()
-            .unwrap_or_else(|| panic!("losetup: {last}"));
+        let dev = attach_loop(&image).unwrap_or_else(|e| panic!("losetup: {e}"));
+        m.loopdev = Some(dev.clone());
         match fs {
             Fs::Ext4 => sh("mkfs.ext4", &["-q", "-F", &dev]),
             Fs::Xfs => sh("mkfs.xfs", &["-q", "-f", "-m", "reflink=1", &dev]),
