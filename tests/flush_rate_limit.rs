@@ -13,7 +13,7 @@ use vdp_testkit::prom;
 
 use std::time::{Duration, Instant};
 
-use daemon::{serve_fails, Daemon, Scratch, MIB2};
+use daemon::{serve_fails_on, Daemon, Scratch, MIB2};
 use frontend::{TestFrontend, VIRTIO_PMEM_REQ_TYPE_FLUSH};
 use serde_json::Value;
 use vhost_device_pmem::control::{self, Request};
@@ -152,16 +152,8 @@ fn zero_or_nonsense_is_refused_with_exit_status_2() {
     let file = s.backing_file("pmem.img", 2 * MIB2);
     let sock = s.path("r.sock");
     for bad in ["0", "10,0", "-5", "fast", "10,5,1", "1.5", "2000000"] {
-        let (status, log) = serve_fails(
-            &s,
-            &[
-                "--socket-path",
-                sock.to_str().unwrap(),
-                "--file",
-                file.to_str().unwrap(),
-                &format!("--flush-rate-limit={bad}"),
-            ],
-        );
+        let (status, log) =
+            serve_fails_on(&s, &sock, &file, &[&format!("--flush-rate-limit={bad}")]);
         assert_eq!(status.code(), Some(2), "{bad}: {log}");
         assert!(log.contains("flush rate limit"), "{bad}: {log}");
         assert!(!sock.exists(), "{bad}: bound before refusing");
@@ -169,17 +161,7 @@ fn zero_or_nonsense_is_refused_with_exit_status_2() {
     for bad in ["0", "\"10,0\"", "\"fast\""] {
         let toml = s.path("bad.toml");
         std::fs::write(&toml, format!("flush-rate-limit = {bad}\n")).unwrap();
-        let (status, log) = serve_fails(
-            &s,
-            &[
-                "--socket-path",
-                sock.to_str().unwrap(),
-                "--file",
-                file.to_str().unwrap(),
-                "--config",
-                toml.to_str().unwrap(),
-            ],
-        );
+        let (status, log) = serve_fails_on(&s, &sock, &file, &["--config", toml.to_str().unwrap()]);
         assert_eq!(status.code(), Some(2), "{bad}: {log}");
         assert!(log.contains("bad.toml"), "{bad}: {log}");
         assert!(log.contains("flush rate limit"), "{bad}: {log}");

@@ -16,7 +16,7 @@ use std::{
 };
 
 use vdp_testkit::daemon;
-use vdp_testkit::daemon::{serve_fails, Daemon, Scratch, MIB2};
+use vdp_testkit::daemon::{serve_fails, serve_fails_on, Daemon, Scratch, MIB2};
 use vdp_testkit::loopfs;
 use vdp_testkit::root;
 
@@ -183,16 +183,7 @@ fn a_file_left_immutable_by_a_killed_sealing_daemon_is_refused_naming_chattr() {
     d.signal(libc::SIGKILL);
     drop(d);
     let sock = s.path("again.sock");
-    let (status, log) = serve_fails(
-        &s,
-        &[
-            "--socket-path",
-            sock.to_str().unwrap(),
-            "--file",
-            file.to_str().unwrap(),
-            "--seal",
-        ],
-    );
+    let (status, log) = serve_fails_on(&s, &sock, &file, &["--seal"]);
     let hint = format!("chattr -i {}", file.display());
     let cleared = root::run("chattr", &["-i", file.to_str().unwrap()]);
     assert!(!status.success(), "{log}");

@@ -14,7 +14,7 @@ use std::{
 };
 
 use serde_json::Value;
-use vdp_testkit::daemon::{serve_fails, Daemon, Scratch, BIN, MIB2};
+use vdp_testkit::daemon::{serve_fails, serve_fails_on, Daemon, Scratch, BIN, MIB2};
 use vdp_testkit::root;
 
 fn health(file: &Path, args: &[&str]) -> Output {
@@ -245,17 +245,7 @@ fn state_and_socket_directories_others_can_write_are_refused() {
     fs::rename(&inside, &file).unwrap();
     // A socket directory: refused, nothing bound there.
     let sock = shared.join("vu.sock");
-    let (status, log) = serve_fails(
-        &s,
-        &[
-            "--socket-path",
-            sock.to_str().unwrap(),
-            "--file",
-            file.to_str().unwrap(),
-            "--mode",
-            "fsync",
-        ],
-    );
+    let (status, log) = serve_fails_on(&s, &sock, &file, &["--mode", "fsync"]);
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(
         log.contains("socket directory") && log.contains("--allow-shared-socket-dir"),

@@ -3,7 +3,7 @@
 
 use std::{fs, os::unix::fs::MetadataExt, os::unix::net::UnixListener};
 
-use vdp_testkit::daemon::{serve_fails, Daemon, Scratch, MIB2};
+use vdp_testkit::daemon::{serve_fails, serve_fails_on, Daemon, Scratch, MIB2};
 use vdp_testkit::frontend::{
     TestFrontend, VIRTIO_F_VERSION_1, VIRTIO_PMEM_F_SHMEM_REGION, VIRTIO_PMEM_REQ_TYPE_FLUSH,
     VIRTIO_RING_F_EVENT_IDX,
@@ -333,15 +333,7 @@ fn a_second_daemon_on_the_same_file_is_refused() {
     let s = Scratch::new();
     let (d, file) = daemon(&s, &["--mode", "fsync"]);
     let other = s.path("other.sock");
-    let (status, log) = serve_fails(
-        &s,
-        &[
-            "--socket-path",
-            other.to_str().unwrap(),
-            "--file",
-            file.to_str().unwrap(),
-        ],
-    );
+    let (status, log) = serve_fails_on(&s, &other, &file, &[]);
     // 75: the status the service unit does not restart (docs/operations.md).
     assert_eq!(status.code(), Some(75), "{log}");
     assert!(log.contains(file.to_str().unwrap()), "{log}");
@@ -358,15 +350,7 @@ fn bad_file_sizes_are_refused_and_left_untouched() {
         let file = s.backing_file(&format!("bad-{size}.img"), size);
         let before = fs::read(&file).unwrap();
         let sock = s.path("bad.sock");
-        let (status, log) = serve_fails(
-            &s,
-            &[
-                "--socket-path",
-                sock.to_str().unwrap(),
-                "--file",
-                file.to_str().unwrap(),
-            ],
-        );
+        let (status, log) = serve_fails_on(&s, &sock, &file, &[]);
         assert_eq!(status.code(), Some(1), "{size}: {log}");
         assert!(log.contains("2 MiB"), "{size}: {log}");
         let after = fs::read(&file).unwrap();

@@ -205,6 +205,24 @@ pub fn serve_fails(scratch: &Scratch, args: &[&str]) -> (ExitStatus, String) {
     (status, fs::read_to_string(&log).unwrap())
 }
 
+/// As [`serve_fails`], for the common case: `serve --socket-path SOCK --file FILE`
+/// and `extra`.
+pub fn serve_fails_on(
+    scratch: &Scratch,
+    sock: &Path,
+    file: &Path,
+    extra: &[&str],
+) -> (ExitStatus, String) {
+    let mut args = vec![
+        "--socket-path",
+        sock.to_str().unwrap(),
+        "--file",
+        file.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    serve_fails(scratch, &args)
+}
+
 impl Daemon {
     /// Serves `file` on `<name>.sock` with control socket `<name>.ctl`, plus `extra`
     /// flags; returns once the control socket answers.
