@@ -406,6 +406,9 @@ fn in_l1_bench() {
             panic!("L2 never finished the benchmark");
         };
         let Some(at) = line.find("VDP-") else {
+            // Every other line of L2's console too, so that a boot that stalls
+            // leaves what L2 last said in the run's log.
+            say(&format!("L2: {line}"));
             continue;
         };
         let marker = &line[at..];
