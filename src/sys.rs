@@ -16,6 +16,11 @@ use std::{
     },
 };
 
+use rustix::time::{
+    timerfd_create, timerfd_settime, Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags,
+    Timespec,
+};
+
 // linux/fs.h inode flags (FS_IOC_GETFLAGS / FS_IOC_SETFLAGS take an int).
 pub const FS_IMMUTABLE_FL: libc::c_int = 0x0000_0010;
 pub const FS_NOCOW_FL: libc::c_int = 0x0080_0000;
@@ -247,33 +252,27 @@ pub struct Timer {
 
 impl Timer {
     pub fn new() -> io::Result<Self> {
-        // SAFETY: plain flags; the result is checked.
-        let fd = check(unsafe {
-            libc::timerfd_create(
-                libc::CLOCK_MONOTONIC,
-                libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
-            )
-        })?;
-        // SAFETY: timerfd_create returned a new descriptor that nothing else owns.
-        Ok(Self {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = timerfd_create(
+            TimerfdClockId::Monotonic,
+            TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK,
+        )?;
+        Ok(Self { fd })
     }
 
     fn set(&self, after: std::time::Duration) -> io::Result<()> {
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: after.as_secs().min(i64::MAX as u64) as libc::time_t,
-                tv_nsec: after.subsec_nanos() as libc::c_long,
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let spec = Itimerspec {
+            it_interval: zero,
+            it_value: Timespec {
+                tv_sec: i64::try_from(after.as_secs()).unwrap_or(i64::MAX),
+                tv_nsec: after.subsec_nanos().into(),
             },
         };
-        // SAFETY: valid descriptor and itimerspec; no old value asked for.
-        check(unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) })
-            .map(drop)
+        timerfd_settime(&self.fd, TimerfdTimerFlags::empty(), &spec)?;
+        Ok(())
     }
 
     /// Expires once, `after` from now (at least a nanosecond: a zero would disarm
@@ -290,13 +289,10 @@ impl Timer {
     /// Reads the expiry count, so the descriptor is no longer readable; 0 if it had
     /// not expired (never blocks).
     pub fn consume(&self) -> u64 {
-        let mut n = 0u64;
-        // SAFETY: valid descriptor; the buffer is the 8 bytes timerfd writes.
-        let r = unsafe { libc::read(self.fd.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
-        if r == 8 {
-            n
-        } else {
-            0
+        let mut n = [0u8; 8];
+        match rustix::io::read(&self.fd, &mut n) {
+            Ok(8) => u64::from_ne_bytes(n),
+            _ => 0,
         }
     }
 
