@@ -10,5 +10,7 @@ cd "$(dirname "$0")/.."
 ./guest-tests/setup.sh
 VDP_LIBVIRT_ROOT=$(./guest-tests/libvirt-root.sh)
 export VDP_LIBVIRT_ROOT VDP_REQUIRE_LIBVIRT=1
+VDP_OPERATOR_IMAGE=$(./guest-tests/operator-host.sh)
+export VDP_OPERATOR_IMAGE
 export VDP_REQUIRE_GUEST=1 VDP_REQUIRE_ROOT_TESTS=1
 cargo test --locked -- --test-threads=2

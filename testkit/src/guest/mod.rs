@@ -315,6 +315,54 @@ impl GuestEnv {
 
     /// [`Self::qemu`] on machine type `machine` (`q35`, `pc`).
     fn qemu_machine(&self, initrd: &Path, machine: &str, machine_opts: &str) -> Command {
+        self.qemu_booting(
+            initrd,
+            machine,
+            machine_opts,
+            "console=ttyS0 quiet panic=-1 loglevel=4",
+        )
+    }
+
+    /// Boots a whole system: the guest kernel with `memory` of RAM, the raw image
+    /// `root` as /dev/vda (`snapshot=on`: what the guest writes goes to a temporary
+    /// file, the image stays as it is, so one cached image serves every run), then
+    /// `args` (more disks: /dev/vdb, ...). Its initramfs is the base one with
+    /// `/boot-root.sh` as its init (`rdinit=`): it loads the base modules, mounts
+    /// /dev/vda and hands over to the image's systemd, which reads `cmdline` (its
+    /// `systemd.*` settings) from the kernel command line.
+    pub fn boot_system(
+        &self,
+        dir: &Path,
+        root: &Path,
+        memory: &str,
+        cmdline: &str,
+        args: &[String],
+    ) -> Guest {
+        let initrd = self.initrd_with(dir, "", &[("boot-root.sh", BOOT_ROOT.as_bytes())]);
+        let append = format!(
+            "console=ttyS0 panic=-1 loglevel=4 rdinit=/boot-root.sh systemd.show_status=error {cmdline}"
+        );
+        let mut cmd = self.qemu_booting(&initrd, "q35", "memory-backend=mem", &append);
+        cmd.args(["-object"])
+            .arg(format!("memory-backend-ram,id=mem,size={memory}"))
+            .args(["-m", memory, "-drive"])
+            .arg(format!(
+                "file={},if=none,id=root,format=raw,snapshot=on",
+                root.display()
+            ))
+            .args(["-device", "virtio-blk-pci,drive=root"])
+            .args(args);
+        Guest::spawn(cmd, dir.join("console.log"))
+    }
+
+    /// [`Self::qemu_machine`] with the kernel command line `append`.
+    fn qemu_booting(
+        &self,
+        initrd: &Path,
+        machine: &str,
+        machine_opts: &str,
+        append: &str,
+    ) -> Command {
         let root = &self.qemu_root;
         let mut cmd = Command::new(root.join("lib64/ld-linux-x86-64.so.2"));
         cmd.arg("--library-path")
@@ -344,13 +392,36 @@ impl GuestEnv {
             .arg(&self.kernel)
             .arg("-initrd")
             .arg(initrd)
-            .args(["-append", "console=ttyS0 quiet panic=-1 loglevel=4"]);
+            .args(["-append", append]);
         if self.accel == "kvm" {
             cmd.args(["-cpu", "host"]);
         }
         cmd
     }
 }
+
+/// The init of [`GuestEnv::boot_system`]'s initramfs: the base modules (virtio_blk
+/// among them), then the root disk, then the image's own init.
+const BOOT_ROOT: &str = r#"#!/bin/sh
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+while read -r m; do
+  insmod "/lib/modules/$m" 2>/dev/null
+done </etc/modules
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+mkdir -p /newroot
+if ! mount -t ext4 -o rw /dev/vda /newroot; then
+  echo "VDP-NO-ROOT: no file system to mount on /dev/vda"
+  echo "VDP-RESULT 90"
+  poweroff -f
+fi
+umount /proc /sys
+mount --move /dev /newroot/dev
+exec switch_root /newroot /usr/lib/systemd/systemd
+"#;
 
 fn parse_env(text: &str) -> HashMap<String, String> {
     text.lines()
