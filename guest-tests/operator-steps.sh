@@ -73,6 +73,11 @@ ev boot timeout 600 systemctl start multi-user.target
 ev1 default-target systemctl get-default
 ev1 pid1 cat /proc/1/comm
 ev1 apparmor-enabled cat /sys/module/apparmor/parameters/enabled
+# Does this kernel mediate a connect to a unix socket by its path? AppArmor's
+# af_unix mediation (Ubuntu's kernels; upstream Linux 6.17, for policy of its new
+# ABI) shows as features/network*/af_unix; without it only the compiled profile
+# below can show the package's rules.
+ev1 aa-af-unix sh -c 'ls -d /sys/kernel/security/apparmor/features/network*/af_unix 2>/dev/null || echo none'
 ev1 os-release sh -c '. /etc/os-release; echo "$PRETTY_NAME"'
 ev1 libvirt-version dpkg-query -W -f '${Version}' libvirt-daemon-system
 ev1 qemu-version dpkg-query -W -f '${Version}' qemu-system-x86
@@ -117,6 +122,10 @@ Q1=$(vmm_pid)
 ev1 vmm1 ps -o pid=,user:32=,comm= -p "$Q1"
 ev1 vmm1-label cat "/proc/$Q1/attr/current"
 ev aa-status aa-status
+# The profile libvirt compiled for this domain, its includes expanded: the rules
+# of the package's abstractions/libvirt-qemu.d file must be in it.
+PROFILE=$(sed 's/ (enforce)$//' "/proc/$Q1/attr/current")
+ev aa-domain sh -c "apparmor_parser -p '/etc/apparmor.d/libvirt/$PROFILE' | grep -F /run/vhost-device-pmem/"
 wait_l2 VDP-L2-DONE 900 || fail "the nested guest did not finish (first boot)"
 ev1 status1 vhost-device-pmem status --control-socket "$CONTROL" --json
 ev1 taint grep -c 'is tainted: custom-argv' /var/log/libvirt/qemu/vm0.log

@@ -337,6 +337,37 @@ fn judge(r: &Report, vm: &Guest) {
         aa.contains(&format!("/usr/bin/qemu-system-x86_64 ({q1}) {profile}")),
         "aa-status does not list QEMU ({q1}) confined by {profile}:\n{aa}"
     );
+    // The package's rules are in the profile libvirt compiled for this domain (the
+    // include chain TEMPLATE -> abstractions/libvirt-qemu -> libvirt-qemu.d), and
+    // nothing of it reaches control.sock.
+    let rules: Vec<&str> = r.all("aa-domain").iter().map(|l| l.trim()).collect();
+    for want in [
+        "/run/vhost-device-pmem/*/vhost-user.sock rw,",
+        "/run/vhost-device-pmem/*/agent.sock rw,",
+    ] {
+        assert!(
+            rules.contains(&want),
+            "{want:?} not in {profile}'s compiled profile: {rules:?}"
+        );
+    }
+    assert!(
+        !rules
+            .iter()
+            .any(|l| l.contains("control.sock") && !l.starts_with('#')),
+        "a rule of {profile} reaches control.sock: {rules:?}"
+    );
+    // Whether the kernel itself checked QEMU's connect against them.
+    let af_unix = r.one("aa-af-unix");
+    if af_unix == "none" {
+        eprintln!(
+            "operator host: NOTE: this kernel's AppArmor does not mediate unix sockets \
+             (no features/network*/af_unix: Linux before 6.17, no Ubuntu patches), \
+             so QEMU's connect was not checked against the rules; they are checked \
+             in the compiled profile only"
+        );
+    } else {
+        eprintln!("operator host: the kernel mediates unix sockets ({af_unix}): QEMU's connect was checked against the rules");
+    }
     assert!(
         r.one("taint").parse::<u32>().unwrap() >= 1,
         "no custom-argv taint in the domain log"
