@@ -241,3 +241,78 @@ fn a_metrics_file_not_named_prom_or_not_writable_is_refused() {
         "{log}"
     );
 }
+
+/// docs/reference.md's metrics example is what the daemon prints: every line of it
+/// (but the one standing for the histogram's middle) is in the real output, in the
+/// same order, every metric the daemon prints is in the example and in the table,
+/// and the figures above the example (lines, bytes, series) are the real ones.
+#[test]
+fn the_reference_shows_the_metrics_the_daemon_prints() {
+    let doc =
+        fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/reference.md")).unwrap();
+    let intro = "Example (`--mode fsync --metrics-instance vm0-pmem0`, no VMM connected yet; ";
+    let at = doc
+        .find(intro)
+        .expect("the metrics example in docs/reference.md");
+    let rest = &doc[at + intro.len()..];
+    let head = rest[..rest.find(';').unwrap()].replace('\n', " ");
+    let figures: Vec<&str> = head.split(", ").collect();
+    let block = &rest[rest.find("```\n").unwrap() + 4..];
+    let example: Vec<&str> = block[..block.find("```").unwrap()].lines().collect();
+    // The names in the first column: `vhost_device_pmem_NAME{label=…}`, and
+    // `..._NAME` for a second one in the same row.
+    let table: Vec<&str> = doc
+        .lines()
+        .filter(|l| l.starts_with("| `vhost_device_pmem_"))
+        .flat_map(|l| l.split('|').nth(1).unwrap().split('`').skip(1).step_by(2))
+        .filter_map(|n| {
+            n.strip_prefix("vhost_device_pmem_")
+                .or_else(|| n.strip_prefix("..._"))
+        })
+        .map(|n| n.split('{').next().unwrap())
+        .collect();
+
+    let s = Scratch::new();
+    let file = s.backing_file("pmem.img", 2 * MIB2);
+    let d = Daemon::start(
+        &s,
+        "d",
+        &file,
+        &["--mode", "fsync", "--metrics-instance", "vm0-pmem0"],
+    );
+    let (text, m) = cli_metrics(&d);
+    let real: Vec<&str> = text.lines().collect();
+
+    let mut from = 0;
+    for line in example.iter().filter(|l| !l.starts_with('…')) {
+        let found = real[from..].iter().position(|r| r == line);
+        let Some(i) = found else {
+            panic!("docs/reference.md's example line {line:?} is not (in this order) in what the daemon prints:\n{text}");
+        };
+        from += i + 1;
+    }
+    for line in real.iter().filter(|l| l.starts_with("# HELP ")) {
+        assert!(
+            example.contains(line),
+            "docs/reference.md's example lacks {line:?}"
+        );
+        let family = line["# HELP vhost_device_pmem_".len()..]
+            .split(' ')
+            .next()
+            .unwrap();
+        assert!(
+            table.contains(&family),
+            "docs/reference.md's metrics table lacks vhost_device_pmem_{family}"
+        );
+    }
+    let kb = format!("{:.1} KB", text.len() as f64 / 1000.0);
+    assert_eq!(
+        figures,
+        [
+            format!("{} lines", real.len()).as_str(),
+            kb.as_str(),
+            format!("{} series per daemon", m.samples.len()).as_str(),
+        ],
+        "the figures above docs/reference.md's metrics example"
+    );
+}

@@ -73,8 +73,8 @@ pub fn host_options(config: &Config) -> HostOptions {
         metrics: config.metrics_file.clone().map(|path| MetricsOptions {
             path,
             interval: std::time::Duration::from_secs(config.metrics_interval),
-            instance: config.metrics_instance.clone(),
         }),
+        metrics_instance: config.metrics_instance.clone(),
         seccomp: config.seccomp,
         profile: Profile::Serve,
         other_paths: vec![("--socket-path", config.socket_path.clone())],

@@ -72,6 +72,9 @@ pub struct HostOptions {
     pub control_clients: ControlClients,
     pub scrub: Option<Scrub>,
     pub metrics: Option<MetricsOptions>,
+    /// The `instance` label of every series (`--metrics-instance`), in the metrics
+    /// file and the `metrics` answer alike; `None`: the backing file's canonical path.
+    pub metrics_instance: Option<String>,
     pub seccomp: SeccompMode,
     pub profile: Profile,
     /// The health record's second copy, and whether identity-less records are
@@ -115,13 +118,11 @@ pub struct Scrub {
     pub rate: u64,
 }
 
-/// `--metrics-file`, `--metrics-interval`, `--metrics-instance`.
+/// `--metrics-file`, `--metrics-interval`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MetricsOptions {
     pub path: PathBuf,
     pub interval: Duration,
-    /// `None`: the backing file's canonical path.
-    pub instance: Option<String>,
 }
 
 /// The export's own live state, which the report reads.
@@ -438,7 +439,7 @@ impl Host {
             media: self.shared.media.clone(),
             events: self.shared.events.clone(),
             metrics_instance: metrics_instance(
-                self.options.metrics.as_ref(),
+                self.options.metrics_instance.as_deref(),
                 &self.shared.region.path,
             )
             .into(),
@@ -689,8 +690,8 @@ impl Shared {
 
 /// The `instance` label of the metrics: `--metrics-instance`, or the backing file's
 /// canonical path (as opened; the path given if it cannot be resolved).
-fn metrics_instance(m: Option<&MetricsOptions>, file: &Path) -> String {
-    m.and_then(|m| m.instance.clone()).unwrap_or_else(|| {
+fn metrics_instance(name: Option<&str>, file: &Path) -> String {
+    name.map(str::to_owned).unwrap_or_else(|| {
         std::fs::canonicalize(file)
             .unwrap_or_else(|_| file.to_path_buf())
             .display()

@@ -238,6 +238,7 @@ pub fn host_options(config: &NvdimmConfig) -> HostOptions {
         control_clients: ControlClients::default(),
         scrub: None,
         metrics: None,
+        metrics_instance: None,
         seccomp: config.seccomp,
         profile: Profile::Nvdimm,
         other_paths: Vec::new(),
